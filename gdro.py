@@ -458,6 +458,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
     args = parse_args(argv)
     if args.group_size < 2 or args.group_size > args.images_per_prompt:
         raise SystemExit(f"error: --group-size {args.group_size} must be in [2, --images-per-prompt {args.images_per_prompt}]")
@@ -489,6 +490,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache, args, device)
     print(f"LoRA saved to {lora_dir} (load with pipe.load_lora_weights({str(lora_dir)!r}))")
+    return lora_dir
 
 if __name__ == "__main__":
     main()
