@@ -113,7 +113,7 @@ def build_tiny_pipeline(family="sd3", seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if family == "sd3":
-            return StableDiffusion3Pipeline(
+            pipe = StableDiffusion3Pipeline(
                 transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
                     num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
@@ -122,8 +122,8 @@ def build_tiny_pipeline(family="sd3", seed=0):
                 text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
                 text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
                 text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
-        if family == "flux":
-            return FluxPipeline(
+        elif family == "flux":
+            pipe = FluxPipeline(
                 transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
                     guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
@@ -132,7 +132,12 @@ def build_tiny_pipeline(family="sd3", seed=0):
                 vae=AutoencoderKL(**vae_kw, scaling_factor=0.3611, shift_factor=0.1159),
                 text_encoder=CLIPTextModel(clip), tokenizer=clip_tok,
                 text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tok)
-    raise ValueError(f"unknown family {family!r}: expected 'sd3' or 'flux'")
+        else:
+            raise ValueError(f"unknown family {family!r}: expected 'sd3' or 'flux'")
+    for module in pipe.components.values():  # models built from configs start in train mode (dropout on)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
 
 def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
     """The pipeline named by `model` (hub id or local folder), or the tiny one; returns (pipe, family)."""
@@ -277,6 +282,7 @@ def shard_path(cache_dir, i):
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     """Phase 1: the frozen base model draws args.images_per_prompt images per prompt, the reward scores them."""
     n = args.images_per_prompt
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
     for i in tqdm(todo, desc="rollout cache", unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
         cond, uncond = encode_prompt(pipe, family, prompts[i])
@@ -374,6 +380,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
     """Phase 2: GDRO on the cache. Only the LoRA is trained; the reference is the adapter switched off."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
+    torch.manual_seed(args.seed)  # LoRA init (A random, B zero: the policy starts as the reference) follows --seed
     transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
     params = [p for p in transformer.parameters() if p.requires_grad]
