@@ -37,7 +37,8 @@ from tqdm import tqdm
 # The paper's OCR setting (beta 12, tau 0.05, gamma 0.5, k 6 of 16 cached images, lr 3e-4, LoRA 32, 512 px).
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
+    p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl")
     p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="SD3/SD3.5 or FLUX.1: hub id or local folder")
@@ -392,8 +393,9 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
     generator = torch.Generator().manual_seed(args.seed)  # CPU generator: groups, t and eps; saved in checkpoints
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     start, last_ckpt = 0, None
-    if args.resume and sorted(ckpt_dir.glob("step_*/state.pt")):
-        last_ckpt = sorted(ckpt_dir.glob("step_*/state.pt"))[-1].parent
+    found = sorted(ckpt_dir.glob("step_*/state.pt"))
+    if args.resume and found:
+        last_ckpt = found[-1].parent
         start = load_checkpoint(last_ckpt, transformer, optimizer, generator)
         print(f"resumed from {last_ckpt} (step {start})")
     metrics_path = out / "metrics.jsonl"
@@ -477,6 +479,8 @@ def main(argv=None):
     prompts = read_prompts(args.prompts, args.reward, args.max_prompts)  # bad input fails before heavy work
     out, cache_dir = Path(args.out), Path(args.out) / "cache"
     out.mkdir(parents=True, exist_ok=True)
+    if not args.resume and any((out / "checkpoints").glob("step_*/state.pt")):
+        raise SystemExit(f"error: {out / 'checkpoints'} holds a run; continue it with --resume, or use another --out")
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)

@@ -251,14 +251,22 @@ def test_prompts_without_quoted_text_are_named_by_line_for_the_ocr_reward(tmp_pa
         gdro.main(["--prompts", str(tmp_path / "p.txt"), "--tiny", "--out", str(tmp_path / "o")])
 
 
+def test_an_existing_run_is_not_overwritten_without_resume(workdir):
+    out = workdir / "e2e_flux"
+    if not out.exists():
+        run(workdir, out, "--family", "flux")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(workdir, out, "--family", "flux")
+
+
 def test_a_cache_made_another_way_is_refused(workdir):
     out = workdir / "e2e_flux"
     if not out.exists():
         run(workdir, out, "--family", "flux")
     with pytest.raises(SystemExit, match="resolution=64"):
-        run(workdir, out, "--family", "flux", "--resolution", "32")
+        run(workdir, out, "--family", "flux", "--resolution", "32", "--resume")
     with pytest.raises(SystemExit, match="family='flux'"):
-        run(workdir, out, "--family", "sd3")
+        run(workdir, out, "--family", "sd3", "--resume")
 
 
 def test_a_bad_custom_reward_is_a_one_line_error(workdir, tmp_path):
