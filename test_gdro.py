@@ -111,6 +111,24 @@ def test_training_noise_levels_follow_the_schedulers_shift():
 
 # ----------------------------------------------------------------------------- the pipeline, both families
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_velocity_is_the_velocity_the_sampler_follows(family):
+    # one Euler step from t = 1 to t = 0 is x_0 = x_1 - v(x_1, 1): the pipeline's v must be gdro.velocity's
+    pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
+    cond, uncond = gdro.encode_prompt(pipe, fam, 'a shop sign that reads "Open"')
+    seen = {}
+
+    def keep_first_input(module, args, kwargs):
+        seen.setdefault("x1", kwargs["hidden_states"])
+
+    pipe.transformer.register_forward_pre_hook(keep_first_input, with_kwargs=True)
+    guidance = 1.0 if fam == "sd3" else 3.5  # SD3 without CFG, so the step is one transformer call
+    x0 = gdro.generate(pipe, cond, uncond, [11], 1, guidance, 64)
+    with torch.no_grad():
+        v = gdro.velocity(pipe.transformer, fam, seen["x1"], torch.ones(1), cond, guidance)
+    torch.testing.assert_close(x0, seen["x1"] - v, rtol=1e-4, atol=1e-4)
+
 BRIGHTNESS = '''
 import numpy as np
 def brightness(images, prompts):
