@@ -172,8 +172,9 @@ def encode_prompt(pipe, family, prompt):
 
 @torch.no_grad()
 def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
-    """Latents of len(seeds) images of one prompt from the pipeline's own sampler, in the transformer's layout
-    (FLUX: packed). One CPU generator per image, so an image depends on its seed only, not on the batching."""
+    """Latents of len(seeds) images from the pipeline's own sampler, in the transformer's layout (FLUX: packed).
+    cond/uncond hold one prompt (batch 1, broadcast) or one row per seed. One CPU generator per image, so an
+    image depends on its seed only, not on the batching."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     embeds = {k: v.expand(len(seeds), *v.shape[1:]) for k, v in {**cond, **uncond}.items()}  # one row per image
     return pipe(**embeds, generator=generators, height=resolution,

@@ -1,0 +1,364 @@
+"""Evaluate GDRO: OCR accuracy and the reward-hacking-aware corrected score, base vs GDRO side by side.
+
+The base model and the base + LoRA draw images from the SAME seeds at the evaluation sampler settings (more steps
+than the rollouts). EasyOCR scores every image (reward_ocr.py), then a UnifiedReward judge (Qwen2.5-VL) rates
+alignment, coherence and style from 1 to 5. A LoRA that hacks the OCR reward (huge text, lost detail, broken
+style) raises the reward r but lowers the judge's mean u, so the paper's corrected score r * (u - 3) + 0.2 falls.
+
+    python eval.py --prompts ocr_test.txt --lora runs/ocr/lora --out runs/ocr/eval
+    python eval.py --prompts ocr_test.txt --checkpoints runs/ocr/checkpoints --out runs/ocr/eval   # trend over steps
+    python eval.py --prompts ocr_test.txt --tiny --lora runs/t/lora --judge none --out runs/t/eval  # CPU, seconds
+
+Writes OUT/report.json (+ the same as a table), OUT/scores.jsonl (every image: its OCR reward, judge scores and
+the judge's answer), OUT/images/SET/PPPP_J.png, OUT/grid.png; with --checkpoints also OUT/trend.json and trend.png.
+"""
+import argparse
+import functools
+import gc
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+import gdro
+
+# ----------------------------------------------------------------------------- config
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: OCR reward, judge scores, corrected score.")
+    p.add_argument("--prompts", required=True, help="test prompt file, one prompt per line, target text in double quotes")
+    p.add_argument("--lora", default=None, help="LoRA folder to compare with the base model (gdro.py's OUT/lora)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 reproduces the base images exactly")
+    p.add_argument("--checkpoints", default=None, help="gdro.py's OUT/checkpoints: evaluate every step_* for the trend")
+    p.add_argument("--out", default="runs/eval", help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
+    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="SD3/SD3.5 or FLUX.1: hub id or local folder")
+    p.add_argument("--tiny", action="store_true", help="tiny random model of the same classes, no download; shrinks the run for CPU")
+    p.add_argument("--family", default="sd3", choices=["sd3", "flux"], help="model family of --tiny (a real --model says its own)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt and per model")
+    p.add_argument("--resolution", type=int, default=512, help="image height and width in pixels (gdro.py trains at 512)")
+    p.add_argument("--steps", type=int, default=40, help="ODE sampler steps (the evaluation setting; rollouts use fewer)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX); default: the family's usual")
+    p.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
+    p.add_argument("--seed", type=int, default=10**6, help="image j of prompt i uses seed+i*n+j; far from gdro.py's rollout seeds")
+    p.add_argument("--judge", default="CodeGoat24/UnifiedReward-2.0-qwen-7b", help="UnifiedReward (Qwen2.5-VL) hub id or local folder, or 'none'")
+    p.add_argument("--judge-batch", type=int, default=8, help="images per judge call")
+    p.add_argument("--judge-max-new-tokens", type=int, default=256, help="longest judge answer, in tokens")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.tiny:  # shrink the run for CPU like gdro.py's --tiny; every flag given explicitly still wins
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        shrunk = {k: v for k, v in TINY_EVAL.items() if "--" + k.replace("_", "-") not in given}
+        vars(args).update(shrunk)
+        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+    return args
+
+TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what gdro.py's save_lora writes into every LoRA folder
+
+# ----------------------------------------------------------------------------- inputs (checked before heavy work)
+
+def find_checkpoints(folder):
+    """{step: folder} of gdro.py's OUT/checkpoints/step_NNNNNN (its .step_*.tmp folders are unfinished; skipped)."""
+    if not Path(folder).is_dir():
+        raise SystemExit(f"error: checkpoints folder {folder} not found")
+    found = {int(m.group(1)): d for d in Path(folder).iterdir()
+             if (m := re.fullmatch(r"step_(\d+)", d.name)) and (d / LORA_FILE).is_file()}
+    if not found:
+        raise SystemExit(f"error: {folder} has no step_* checkpoint holding {LORA_FILE}")
+    return dict(sorted(found.items()))
+
+def check_judge(name):
+    """Resolve the judge's config now (cheap), so a bad --judge fails before the images are generated."""
+    from transformers import AutoConfig
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load judge {name!r}: {str(e).strip().splitlines()[0]} (or use --judge none)")
+    if model_type != "qwen2_5_vl":
+        raise SystemExit(f"error: judge {name!r} is a {model_type!r} model; expected a Qwen2.5-VL UnifiedReward model")
+
+# ----------------------------------------------------------------------------- generation and OCR
+
+def image_name(i, j):
+    return f"{i:04d}_{j}.png"
+
+def set_lora(pipe, folder, scale):
+    """Make the pipeline the base model (folder None) or base + that LoRA: the previous LoRA is unloaded first, so
+    the transformer is exactly the base again and adapters never stack."""
+    pipe.unload_lora_weights()
+    if folder is None:
+        return
+    from diffusers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # hide diffusers' notes on the text encoders (gdro.py trains none); checked below
+    try:
+        pipe.load_lora_weights(str(folder), adapter_name="gdro")
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: cannot load LoRA {folder} into this model: {str(e).strip().splitlines()[0]}")
+    finally:
+        logging.set_verbosity(verbosity)
+    from peft.utils import get_peft_model_state_dict
+    loaded = set(get_peft_model_state_dict(pipe.transformer, adapter_name="gdro"))
+    missed = {k.removeprefix("transformer.") for k in load_file(Path(folder) / LORA_FILE)} - loaded
+    if missed:  # diffusers only warns when a LoRA key has no layer to go to; a partial LoRA is a wrong evaluation
+        raise SystemExit(f"error: {len(missed)} tensors of {folder} fit no layer of this transformer, e.g. "
+                         f"{sorted(missed)[0]} (a LoRA of another model or family?)")
+    pipe.set_adapters("gdro", scale)
+
+@functools.cache
+def load_ocr():
+    """EasyOCR loads once per process (~8 s on CPU), however often main() runs."""
+    from reward_ocr import OcrReward
+    return OcrReward()
+
+def same_weights(a, b):
+    """Do two LoRA folders hold the same tensors? (gdro.py's last checkpoint is its final LoRA.)"""
+    x, y = load_file(Path(a) / LORA_FILE), load_file(Path(b) / LORA_FILE)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+def generate_set(pipe, family, prompts, args, folder, ocr, desc):
+    """Image j of prompt i from seed args.seed + i*n + j, saved as folder/PPPP_J.png; returns their OCR rewards in
+    that order. Batches mix prompts; each image has its own generator, so it depends only on its seed."""
+    n = args.images_per_prompt
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    rewards, bar = [], tqdm(total=len(jobs), desc=desc, unit="image")
+    for b in range(0, len(jobs), args.batch):
+        batch = jobs[b:b + args.batch]
+        enc = {i: gdro.encode_prompt(pipe, family, prompts[i]) for i, _ in batch}
+        cond, uncond = ({k: torch.cat([enc[i][side][k] for i, _ in batch]) for k in enc[batch[0][0]][side]}
+                        for side in (0, 1))  # one row per image; gdro.generate leaves a full batch as it is
+        latents = gdro.generate(pipe, cond, uncond, [args.seed + i * n + j for i, j in batch], args.steps,
+                                args.guidance, args.resolution)
+        images = gdro.decode(pipe, family, latents, args.resolution)
+        for (i, j), image in zip(batch, images):
+            image.save(folder / image_name(i, j))
+        rewards += [float(r) for r in ocr(images, [prompts[i] for i, _ in batch])]
+        bar.update(len(batch))
+    bar.close()
+    return rewards
+
+# ----------------------------------------------------------------------------- the judge (UnifiedReward 2.0)
+# The pointwise prompt the judge was trained on; keep it exact. {prompt} is the generation prompt.
+
+JUDGE_PROMPT = """You are presented with a generated image and its associated text caption. Your task is to analyze the image across multiple dimensions in relation to the caption. Specifically:
+Provide overall assessments for the image along the following axes (each rated from 1 to 5):
+- Alignment Score: How well the image matches the caption in terms of content.
+- Coherence Score: How logically consistent the image is (absence of visual glitches, object distortions, etc.).
+- Style Score: How aesthetically appealing the image looks, regardless of caption accuracy.
+
+Output your evaluation using the format below:
+
+Alignment Score (1-5): X
+Coherence Score (1-5): Y
+Style Score (1-5): Z
+
+Your task is provided as follows:
+Text Caption: [{prompt}]"""
+
+AXES = ("alignment", "coherence", "style")
+# "Alignment Score (1-5): 2.69", also "**Alignment Score (1-5):** 4" or "alignment score: 4"; a number must follow
+SCORE_RE = {a: re.compile(rf"{a}\s+score\s*(?:\(\s*1\s*-\s*5\s*\))?[\s*:]*(\d+(?:\.\d+)?)", re.I) for a in AXES}
+
+def parse_judge(answer):
+    """{'alignment', 'coherence', 'style'} -> float from the judge's answer, or None when any score is missing or
+    outside 1-5 (an unparsed answer is counted and reported, never scored)."""
+    scores = {}
+    for axis, pattern in SCORE_RE.items():
+        m = pattern.search(answer or "")
+        if m is None or not 1 <= float(m.group(1)) <= 5:
+            return None
+        scores[axis] = float(m.group(1))
+    return scores
+
+def load_judge(name, device):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(name)
+    processor.tokenizer.padding_side = "left"  # batched generation: every row's answer starts right after its prompt
+    return model, processor
+
+@torch.no_grad()
+def judge_answers(model, processor, images, prompts, max_new_tokens=256):
+    """The judge's answers for a batch: per image one user message, the image first, then JUDGE_PROMPT. Greedy."""
+    messages = [[{"role": "user", "content": [{"type": "image"},
+                                              {"type": "text", "text": JUDGE_PROMPT.replace("{prompt}", p)}]}]
+                for p in prompts]
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt").to(model.device)
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+def judge_set(model, processor, folder, prompts, args, desc):
+    """The judge's answers for every image of one set, read back from folder in generate_set's order."""
+    n, answers = args.images_per_prompt, []
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    for b in tqdm(range(0, len(jobs), args.judge_batch), desc=desc, unit="batch"):
+        batch = jobs[b:b + args.judge_batch]
+        images = [Image.open(folder / image_name(i, j)).convert("RGB") for i, j in batch]
+        answers += judge_answers(model, processor, images, [prompts[i] for i, _ in batch], args.judge_max_new_tokens)
+    return answers
+
+# ----------------------------------------------------------------------------- scores and report
+
+def corrected_score(r, u):
+    """The paper's reward-hacking-aware score: r * (u - 3) + 0.2, with r the mean task reward (in [0, 1]) and u the
+    mean judge score (in [1, 5]). A neutral judge (u = 3) gives 0.2 whatever r is: reward counts only as much as
+    the judge likes the images, and a judge below 3 turns more reward into a lower score."""
+    return r * (u - 3) + 0.2
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+def summarize(rewards, scores):
+    """One set's report entry. scores is None without a judge, else per image a dict of AXES or None (unparsed)."""
+    r, judge, corrected = mean(rewards), None, None
+    if scores is not None:
+        parsed = [s for s in scores if s is not None]
+        judge = {a: mean([s[a] for s in parsed]) for a in AXES}
+        judge["mean"] = mean([sum(s.values()) / len(AXES) for s in parsed])  # u: per image the mean of the three
+        judge["unparsed"] = len(scores) - len(parsed)
+        corrected = None if judge["mean"] is None else corrected_score(r, judge["mean"])
+    return {"ocr_reward": r, "n_images": len(rewards), "judge": judge, "corrected_score": corrected}
+
+def print_table(entries):
+    fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}"
+    print(f"{'':<12}" + "".join(f"{h:>10}" for h in ("OCR", "align", "coher", "style", "judge u", "unparsed",
+                                                    "corrected", "images")))
+    for name, e in entries.items():
+        j = e["judge"] or {}
+        cells = [e["ocr_reward"], j.get("alignment"), j.get("coherence"), j.get("style"), j.get("mean"),
+                 j.get("unparsed"), e["corrected_score"], e["n_images"]]
+        print(f"{name:<12}" + "".join(fmt(v) for v in cells))
+
+def draw_grid(path, images_dir, names, rewards, n_prompts, n, tile=256, rows=8):
+    """The first image of the first 8 prompts, one row each; one column per set (base, lora); captioned tiles."""
+    font, cap = ImageFont.load_default(size=16), 24
+    rows = min(rows, n_prompts)
+    grid = Image.new("RGB", (tile * len(names), rows * (tile + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(names):
+        for i in range(rows):
+            x, y = c * tile, i * (tile + cap)
+            grid.paste(Image.open(images_dir / name / image_name(i, 0)).convert("RGB").resize((tile, tile)), (x, y))
+            draw.text((x + 6, y + tile + 3), f"{name}  OCR {rewards[name][i * n]:.2f}", fill="black", font=font)
+    grid.save(path)
+
+def draw_trend(path, points, W=720, H=440, L=70, R=150, T=30, B=60):
+    """A line chart of the OCR reward and the corrected score (when judged) against the training step."""
+    series = {name: [(p["step"], p[key]) for p in points if p[key] is not None]
+              for name, key in (("OCR reward", "ocr_reward"), ("corrected score", "corrected_score"))}
+    series = {k: v for k, v in series.items() if v}
+    values = [v for pts in series.values() for _, v in pts] + [0.0, 1.0]  # always show the reward's [0, 1]
+    lo, hi = min(values), max(values)
+    steps = [p["step"] for p in points]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    px = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
+    py = lambda v: H - B - (v - lo) / (hi - lo) * (H - T - B)
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    d.line([(L, T), (L, H - B), (W - R, H - B)], fill="black", width=1)  # y axis, x axis
+    for k in range(6):  # y ticks
+        v = lo + (hi - lo) * k / 5
+        d.line([(L - 4, py(v)), (L, py(v))], fill="black")
+        d.text((L - 8, py(v)), f"{v:.2f}", fill="black", font=font, anchor="rm")
+    for s in steps[:: max(1, len(steps) // 10)]:  # x ticks, at most ~10
+        d.line([(px(s), H - B), (px(s), H - B + 4)], fill="black")
+        d.text((px(s), H - B + 8), str(s), fill="black", font=font, anchor="mt")
+    d.text(((L + W - R) / 2, H - 18), "training step", fill="black", font=font, anchor="mm")
+    d.text((L, T - 14), "score", fill="black", font=font, anchor="mm")
+    for k, ((name, pts), rgb) in enumerate(zip(series.items(), ((31, 119, 180), (214, 39, 40)))):
+        xy = [(px(s), py(v)) for s, v in pts]
+        if len(xy) > 1:
+            d.line(xy, fill=rgb, width=2)
+        for x, y in xy:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
+        d.line([(W - R + 12, T + 10 + 20 * k), (W - R + 32, T + 10 + 20 * k)], fill=rgb, width=2)  # legend
+        d.text((W - R + 38, T + 10 + 20 * k), name, fill="black", font=font, anchor="lm")
+    img.save(path)
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    """The whole evaluation: python eval.py ARGS, or eval.main([ARGS...]); returns the report dict."""
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        raise SystemExit("error: no CUDA GPU found; a real model needs one. Try the whole evaluation on CPU with --tiny")
+    prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)  # bad input fails before heavy work
+    if args.lora is not None and not (Path(args.lora) / LORA_FILE).is_file():
+        raise SystemExit(f"error: LoRA folder {args.lora} not found (expected {LORA_FILE} in it)")
+    checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
+    if min(args.images_per_prompt, args.batch, args.judge_batch) < 1:
+        raise SystemExit("error: --images-per-prompt, --batch and --judge-batch must be at least 1")
+    if args.judge != "none":
+        check_judge(args.judge)
+
+    # every set of images: the base, each checkpoint (the trend), the LoRA; all from the same seeds
+    sets = {"base": None, **{f"step_{s:06d}": d for s, d in checkpoints.items()}}
+    if args.lora is not None:
+        sets["lora"] = Path(args.lora)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe, family = gdro.load_pipeline(args.model, args.tiny, args.family, device, dtype)
+    args.guidance = gdro.DEFAULT_GUIDANCE[family] if args.guidance is None else args.guidance
+    for folder in sets.values():  # a LoRA that does not fit this model fails now, not after the base images
+        set_lora(pipe, folder, args.lora_scale)
+    out, images_dir = Path(args.out), Path(args.out) / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**vars(args), "family": family}, indent=2))
+    ocr = load_ocr()
+    rewards, twins = {}, {}
+    for name, folder in sets.items():
+        twin = next((m for m in rewards if folder and sets[m] and same_weights(sets[m], folder)), None)
+        if twin:  # the final LoRA is the last checkpoint: same weights, same seeds, same images; reuse them
+            twins[name], rewards[name] = twin, rewards[twin]
+            shutil.copytree(images_dir / twin, images_dir / name, dirs_exist_ok=True)
+            continue
+        set_lora(pipe, folder, args.lora_scale)
+        rewards[name] = generate_set(pipe, family, prompts, args, images_dir / name, ocr, f"generate + OCR {name}")
+
+    # the judge comes after the generator is freed, so each of them fits the GPU in turn
+    del pipe
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    answers = {name: None for name in sets}
+    if args.judge != "none":
+        model, processor = load_judge(args.judge, device)
+        for name in sets:
+            answers[name] = answers[twins[name]] if name in twins else \
+                judge_set(model, processor, images_dir / name, prompts, args, f"judge {name}")
+    scores = {name: None if a is None else [parse_judge(x) for x in a] for name, a in answers.items()}
+
+    entries = {name: summarize(rewards[name], scores[name]) for name in sets}
+    report = {k: entries[k] for k in ("base", "lora") if k in entries}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    n = args.images_per_prompt
+    with open(out / "scores.jsonl", "w") as f:
+        for name in sets:
+            for k, r in enumerate(rewards[name]):
+                i, j = divmod(k, n)
+                f.write(json.dumps({"set": name, "prompt_index": i, "seed": args.seed + k, "prompt": prompts[i],
+                                    "image": f"images/{name}/{image_name(i, j)}", "ocr_reward": r,
+                                    "judge": None if scores[name] is None else scores[name][k],
+                                    "judge_answer": None if answers[name] is None else answers[name][k]}) + "\n")
+    print_table(entries)
+    draw_grid(out / "grid.png", images_dir, list(report), rewards, len(prompts), n)
+    if checkpoints:  # the reward-hacking trend: the base model is step 0
+        trend = [{"step": 0, "name": "base", **entries["base"]}]
+        trend += [{"step": s, "name": f"step_{s:06d}", **entries[f"step_{s:06d}"]} for s in checkpoints]
+        (out / "trend.json").write_text(json.dumps(trend, indent=2))
+        draw_trend(out / "trend.png", trend)
+    print(f"wrote {out / 'report.json'}, {out / 'grid.png'}" + (f", {out / 'trend.png'}" if checkpoints else ""))
+    return report
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Tests of eval.py: the report, same-seed base vs LoRA images, the judge's parser and plumbing, the corrected score.
+
+Tiny random models only (no download): one tiny GDRO run makes a LoRA with a cheap reward, a tiny random
+Qwen2.5-VL stands in for the UnifiedReward judge. Run: pytest -q test_eval.py
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+import eval as gdro_eval
+import gdro
+
+PROMPTS = ['A shop sign that reads "Open"', 'A coffee mug that says "Hello World"', 'A road sign "Stop" at dusk']
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny GDRO run (mean-brightness reward): checkpoints at steps 2 and 4, the final LoRA."""
+    d = tmp_path_factory.mktemp("eval")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (d / "bright.py").write_text("import numpy as np\n"
+                                 "def bright(images, prompts):\n"
+                                 "    return [float(np.asarray(im).mean()) / 255 for im in images]\n")
+    lora = gdro.main(["--prompts", str(d / "prompts.txt"), "--tiny", "--out", str(d / "run"),
+                      "--reward", f"{d / 'bright.py'}:bright", "--max-prompts", "2", "--images-per-prompt", "2",
+                      "--group-size", "2", "--max-steps", "4", "--save-every", "2", "--lr", "3e-2"])
+    return {"dir": d, "prompts": d / "prompts.txt", "lora": lora, "checkpoints": d / "run" / "checkpoints"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+    out = run["dir"] / "eval"
+    report = gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--lora", str(run["lora"]),
+                             "--checkpoints", str(run["checkpoints"]), "--judge", "none", "--out", str(out)])
+    return report, out
+
+
+def build_tiny_judge():
+    """A tiny random Qwen2.5-VL and its processor, built in memory: a character-level tokenizer with Qwen's
+    special tokens and a minimal chat template, a small image processor (a 64 px image -> 4 image tokens)."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    vocab = {t: i for i, t in enumerate(special + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=special[1:])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% endif %}")
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56}),
+        video_processor=Qwen2VLVideoProcessor(), tokenizer=tokenizer, chat_template=template)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
+                         bos_token_id=0, eos_token_id=vocab["<|im_end|>"], pad_token_id=0),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    model, processor = build_tiny_judge()
+    folder = tmp_path_factory.mktemp("judge")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor, folder
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+# ----------------------------------------------------------------------------- report, images, grid, trend
+
+
+def test_report_has_the_documented_keys_and_sane_values(evaluated):
+    report, out = evaluated
+    assert json.loads((out / "report.json").read_text()) == report
+    assert set(report) == {"base", "lora"}
+    for entry in report.values():
+        assert set(entry) == {"ocr_reward", "n_images", "judge", "corrected_score"}
+        assert entry["n_images"] == 3  # --tiny keeps up to 4 prompts, the file has 3; 1 image each
+        assert 0.0 <= entry["ocr_reward"] <= 1.0
+        assert entry["judge"] is None and entry["corrected_score"] is None  # --judge none
+    for name in ("base", "lora", "step_000002", "step_000004"):
+        assert sorted(p.name for p in (out / "images" / name).iterdir()) == ["0000_0.png", "0001_0.png", "0002_0.png"]
+    assert pixels(out / "images" / "base" / "0000_0.png").shape == (64, 64, 3)  # --tiny's resolution
+    lines = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 * 3 and {l["seed"] for l in lines} == {10**6, 10**6 + 1, 10**6 + 2}
+    assert Image.open(out / "grid.png").size == (2 * 256, 3 * (256 + 24))  # base | lora, one row per prompt
+    trend = json.loads((out / "trend.json").read_text())
+    assert [p["step"] for p in trend] == [0, 2, 4] and trend[0]["ocr_reward"] == report["base"]["ocr_reward"]
+    assert Image.open(out / "trend.png").size[0] > 0
+
+
+def test_the_final_lora_is_the_last_checkpoint_and_changes_the_images(evaluated):
+    _, out = evaluated
+    for k in range(3):
+        name = f"000{k}_0.png"
+        assert np.array_equal(pixels(out / "images" / "lora" / name), pixels(out / "images" / "step_000004" / name))
+    assert any(not np.array_equal(pixels(out / "images" / "lora" / f"000{k}_0.png"),
+                                  pixels(out / "images" / "base" / f"000{k}_0.png")) for k in range(3))
+
+
+def test_same_seeds_lora_at_scale_0_equals_base_and_the_judge_counts_garbage(run, evaluated, tiny_judge):
+    """Through the CLI with a local judge folder: LoRA scaled to 0 gives exactly the base images (same seeds, adapter
+    unloaded/loaded cleanly), base images are reproducible across runs, and the tiny random judge's garbage answers
+    are counted as unparsed, never scored."""
+    out = run["dir"] / "eval_scale0"
+    report = gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--max-prompts", "2", "--lora",
+                             str(run["lora"]), "--lora-scale", "0", "--judge", str(tiny_judge[2]),
+                             "--judge-max-new-tokens", "12", "--out", str(out)])
+    for k in range(2):
+        name = f"000{k}_0.png"
+        base = pixels(out / "images" / "base" / name)
+        assert np.array_equal(base, pixels(out / "images" / "lora" / name))
+        assert np.array_equal(base, pixels(evaluated[1] / "images" / "base" / name))
+    for entry in report.values():
+        assert entry["n_images"] == 2
+        assert entry["judge"] == {"alignment": None, "coherence": None, "style": None, "mean": None, "unparsed": 2}
+        assert entry["corrected_score"] is None
+    lines = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    assert all(isinstance(l["judge_answer"], str) and l["judge"] is None for l in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "missing.txt"], "prompt file"),
+    (["--lora", "missing_lora"], "LoRA folder"),
+    (["--checkpoints", "missing_ckpts"], "checkpoints folder"),
+])
+def test_bad_input_fails_with_one_line_before_heavy_work(run, argv, message):
+    base = ["--prompts", str(run["prompts"]), "--tiny", "--judge", "none", "--out", str(run["dir"] / "bad")]
+    with pytest.raises(SystemExit, match=f"^error: .*{message}") as e:
+        gdro_eval.main(base + argv)
+    assert "\n" not in str(e.value.code)
+    assert not (run["dir"] / "bad").exists()
+
+
+def test_a_lora_of_another_family_is_refused_before_generating(run):
+    out = run["dir"] / "bad_family"
+    with pytest.raises(SystemExit, match="^error: .* fit no layer of this transformer"):
+        gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--family", "flux", "--lora", str(run["lora"]),
+                        "--judge", "none", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_real_model_without_cuda_is_refused(run):
+    with pytest.raises(SystemExit, match="^error: no CUDA"):
+        gdro_eval.main(["--prompts", str(run["prompts"]), "--judge", "none"])
+
+# ----------------------------------------------------------------------------- the judge
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Alignment Score (1-5): 4\nCoherence Score (1-5): 3\nStyle Score (1-5): 5", (4, 3, 5)),
+    ("The sign is legible but the gate is warped.\n\nAlignment Score (1-5): 2.69\nCoherence Score (1-5): 3.5\n"
+     "Style Score (1-5): 3.25", (2.69, 3.5, 3.25)),
+    ("Style Score (1-5): 1\nAlignment Score (1-5): 5\nCoherence Score (1-5): 2", (5, 2, 1)),  # reordered
+    ("**Alignment Score (1-5):** 4.0\n**Coherence Score (1-5)**: 4\n**Style score:** 3", (4, 4, 3)),  # markdown
+    ("Alignment Score (1-5): 4\nStyle Score (1-5): 3", None),  # coherence missing
+    ("Alignment Score (1-5): X\nCoherence Score (1-5): Y\nStyle Score (1-5): Z", None),  # the template echoed
+    ("Alignment Score (1-5): 7\nCoherence Score (1-5): 3\nStyle Score (1-5): 3", None),  # outside 1-5
+    ('8pgr1KSo"jZ4"jZ4 Ga/!4', None),  # garbage
+    ("", None),
+])
+def test_parse_judge(answer, expected):
+    got = gdro_eval.parse_judge(answer)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == dict(zip(("alignment", "coherence", "style"), map(float, expected)))
+
+
+def test_corrected_score_and_summary_on_hand_made_numbers():
+    assert gdro_eval.corrected_score(0.8, 4.0) == pytest.approx(1.0)  # 0.8 * 1 + 0.2
+    assert gdro_eval.corrected_score(0.37, 3.0) == pytest.approx(0.2)  # a neutral judge ignores the reward
+    assert gdro_eval.corrected_score(1.0, 1.0) == pytest.approx(-1.8)  # hacked: full reward, the judge hates it
+    assert gdro_eval.corrected_score(0.5, 4.5) == pytest.approx(0.95)
+    scores = [{"alignment": 4.0, "coherence": 5.0, "style": 3.0}, None, {"alignment": 2.0, "coherence": 3.0, "style": 4.0}]
+    s = gdro_eval.summarize([1.0, 0.5, 0.0], scores)
+    assert s["ocr_reward"] == pytest.approx(0.5) and s["n_images"] == 3
+    assert s["judge"] == pytest.approx({"alignment": 3.0, "coherence": 4.0, "style": 3.5, "mean": 3.5, "unparsed": 1})
+    assert s["corrected_score"] == pytest.approx(0.5 * (3.5 - 3) + 0.2)
+    assert gdro_eval.summarize([0.3], None) == {"ocr_reward": 0.3, "n_images": 1, "judge": None, "corrected_score": None}
+
+
+def test_judge_prompt_is_the_trained_format():
+    p = gdro_eval.JUDGE_PROMPT
+    assert p.startswith("You are presented with a generated image and its associated text caption.")
+    assert "Alignment Score (1-5): X\nCoherence Score (1-5): Y\nStyle Score (1-5): Z\n" in p
+    assert p.endswith("Your task is provided as follows:\nText Caption: [{prompt}]")
+
+
+def test_judge_plumbing_on_a_tiny_random_qwen25_vl(tiny_judge, monkeypatch):
+    model, processor, _ = tiny_judge
+    processor.tokenizer.padding_side = "left"
+    seen = []
+    template = processor.apply_chat_template
+    monkeypatch.setattr(processor, "apply_chat_template", lambda m, **kw: seen.append(m) or template(m, **kw))
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    prompts = ['A sign that reads "Open"', 'A much longer prompt: a neon sign that says "Closed", rainy night']
+    answers = gdro_eval.judge_answers(model, processor, images, prompts, max_new_tokens=8)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    for messages, prompt in zip(seen, prompts):  # one user message: the image first, then the exact text
+        assert [m["role"] for m in messages] == ["user"]
+        assert messages[0]["content"] == [{"type": "image"},
+                                          {"type": "text", "text": gdro_eval.JUDGE_PROMPT.replace("{prompt}", prompt)}]
+    # greedy and left-padded: a batch answers as each image alone does
+    assert answers == [gdro_eval.judge_answers(model, processor, [im], [p], 8)[0] for im, p in zip(images, prompts)]
+    assert [gdro_eval.parse_judge(a) for a in answers] == [None, None]  # a random model writes garbage
