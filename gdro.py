@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -282,16 +283,13 @@ def shard_path(cache_dir, i):
     return Path(cache_dir) / f"prompt_{i:06d}.safetensors"
 
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
-    """Phase 1: the frozen base model draws args.images_per_prompt images per prompt, the reward scores them."""
+    """Phase 1: the frozen base model draws args.images_per_prompt images per prompt, the reward scores them.
+    Scoring and writing prompt i run in a worker thread while prompt i+1 generates: OCR would otherwise leave
+    the GPU idle for about as long as it generates (bench.py). A shard exists only once scored and written."""
     n = args.images_per_prompt
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
-    for i in tqdm(todo, desc="rollout cache", unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
-        cond, uncond = encode_prompt(pipe, family, prompts[i])
-        seeds = [args.seed + i * n + j for j in range(n)]
-        x0 = torch.cat([generate(pipe, cond, uncond, seeds[j:j + args.rollout_batch], args.steps, args.guidance,
-                                 args.resolution) for j in range(0, n, args.rollout_batch)])
-        images = decode(pipe, family, x0, args.resolution)
+
+    def score_and_save(i, x0, seeds, cond, images):
         rewards = [float(r) for r in reward_fn(images, [prompts[i]] * n)]
         if len(rewards) != n or not all(math.isfinite(r) for r in rewards):
             raise SystemExit(f"error: the reward returned {rewards} for {n} images of prompt {i}; expected {n} finite numbers")
@@ -300,6 +298,21 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
         tmp = shard_path(cache_dir, i).with_suffix(".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, tmp, metadata={"prompt": prompts[i]})
         os.replace(tmp, shard_path(cache_dir, i))
+
+    todo = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
+    with ThreadPoolExecutor(max_workers=1) as scorer:
+        scoring = None
+        for i in tqdm(todo, desc="rollout cache", unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
+            cond, uncond = encode_prompt(pipe, family, prompts[i])
+            seeds = [args.seed + i * n + j for j in range(n)]
+            x0 = torch.cat([generate(pipe, cond, uncond, seeds[j:j + args.rollout_batch], args.steps, args.guidance,
+                                     args.resolution) for j in range(0, n, args.rollout_batch)])
+            images = decode(pipe, family, x0, args.resolution)
+            if scoring is not None:
+                scoring.result()  # at most one prompt in flight; re-raises the worker's error here
+            scoring = scorer.submit(score_and_save, i, x0, seeds, cond, images)
+        if scoring is not None:
+            scoring.result()
 
 def load_cache(cache_dir, prompts):
     """The whole cache as stacked CPU tensors: x0 [P, n, ...], rewards [P, n], and the conditioning [P, ...]."""
@@ -378,6 +391,8 @@ def load_checkpoint(ckpt, transformer, optimizer, generator):
     generator.set_state(state["rng"])
     return state["step"]
 
+METRICS = ("loss", "rank_acc", "grad_norm", "err_policy", "err_ref")  # metrics.jsonl, means over --log-every steps
+
 def train(transformer, family, pipeline_class, scheduler_config, cache, args, device):
     """Phase 2: GDRO on the cache. Only the LoRA is trained; the reference is the adapter switched off."""
     from peft import LoraConfig
@@ -425,17 +440,17 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
             x_t = ((1 - t_) * x0 + t_ * eps).flatten(0, 1)  # x_t = (1 - t) x0 + t eps, fresh noise on cached x0
             v = (eps - x0).flatten(0, 1)  # target velocity
             t = t.repeat_interleave(k)
-            cond = {name: c[prompt_idx].repeat_interleave(k, 0).to(device) for name, c in cond_all.items()}
-            with autocast:
-                with torch.no_grad():
-                    transformer.disable_adapters()  # the reference: same weights, adapter off, no second copy
+            cond = {name: c[prompt_idx].to(device).repeat_interleave(k, 0) for name, c in cond_all.items()}
+            with autocast:  # policy first: on a GPU, the host's adapter switching below overlaps its kernels
+                v_policy = velocity(transformer, family, x_t, t, cond, args.guidance)
+                with torch.no_grad():  # the reference: the same weights with the adapter off, no second copy
+                    transformer.disable_adapters()
                     v_ref = velocity(transformer, family, x_t, t, cond, args.guidance)
                     transformer.enable_adapters()
-                v_policy = velocity(transformer, family, x_t, t, cond, args.guidance)
             err_policy = (v_policy.float() - v).pow(2).flatten(1).mean(1).view(B, k)  # fp32, mean over elements
             err_ref = (v_ref.float() - v).pow(2).flatten(1).mean(1).view(B, k)
             loss = gdro_loss(err_policy, err_ref, rewards, args.beta, args.tau, args.gamma, args.normalize_rewards)
-            if not torch.isfinite(loss):
+            if not math.isfinite(loss.item()):  # the one host-device sync per step
                 raise SystemExit(f"error: non-finite loss at step {step}; stopped. Last good checkpoint: {last_ckpt}")
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -445,13 +460,12 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
             # did the implicit reward put (one of) the best image(s) first?
             s = -(err_policy - err_ref).detach()
             top1 = (rewards.gather(1, s.argmax(1, keepdim=True)) == rewards.max(1, keepdim=True).values).float()
-            window.append({"loss": loss.item(), "rank_acc": top1.mean().item(), "grad_norm": grad_norm.item(),
-                           "err_policy": err_policy.mean().item(), "err_ref": err_ref.mean().item()})
-            bar.set_postfix(loss=f"{loss.item():.4f}", rank_acc=f"{sum(w['rank_acc'] for w in window) / len(window):.2f}")
+            window.append(torch.stack([loss, top1.mean(), grad_norm, err_policy.mean(), err_ref.mean()]).detach())
             done = step + 1
             if done % args.log_every == 0 or done == args.max_steps:
-                line = {"step": done, **{m: sum(w[m] for w in window) / len(window) for m in window[0]},
+                line = {"step": done, **dict(zip(METRICS, torch.stack(window).mean(0).tolist())),
                         "lr": args.lr, "time_s": round(time.time() - t0, 2)}
+                bar.set_postfix(loss=f"{line['loss']:.4f}", rank_acc=f"{line['rank_acc']:.2f}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
                 window = []
