@@ -39,7 +39,6 @@ REAL = {  # the transformers of SD3.5-Medium and FLUX.1-dev (their diffusers con
         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
         guidance_embeds=True, axes_dims_rope=(16, 56, 56)), dict(x=(1024, 64), prompt_embeds=(512, 4096), pooled_prompt_embeds=(768,))),
 }
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # as gdro.train
 PIPELINE = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}  # gdro.train saves the LoRA with it
 
 
@@ -215,7 +214,7 @@ def step_flops(model, family, shapes, k=6):
         x, t = torch.randn(k, *shapes["x"]), torch.rand(k)
         cond = {name: torch.randn(k, *shapes[name]) for name in ("prompt_embeds", "pooled_prompt_embeds")}
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    transformer.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian", target_modules=gdro.LORA_TARGETS))
     flops = {}
     for name, switch in (("ref", transformer.disable_adapters), ("fwd", transformer.enable_adapters)):
         switch()
@@ -252,7 +251,7 @@ def measure_ocr(n_images, gen_s_per_image, device):
     scores = reward(images, [f'a sign that says "{text}"' for text in texts])
     s = since(t0, device)[0] / len(images)
     print(f"ocr: {s:.2f} s per 512-px image on {device} (scores {scores}); the bench model generates an image in "
-          f"{gen_s_per_image:.2f} s. Serial in build_cache; a worker scoring prompt i while prompt i+1 generates hides it")
+          f"{gen_s_per_image:.2f} s. build_cache scores prompt i in a worker while prompt i+1 generates, hiding it")
     return s
 
 

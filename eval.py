@@ -51,13 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--judge-batch", type=int, default=8, help="images per judge call")
     p.add_argument("--judge-max-new-tokens", type=int, default=256, help="longest judge answer, in tokens")
     argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
-    if args.tiny:  # shrink the run for CPU like gdro.py's --tiny; every flag given explicitly still wins
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        shrunk = {k: v for k, v in TINY_EVAL.items() if "--" + k.replace("_", "-") not in given}
-        vars(args).update(shrunk)
-        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
-    return args
+    return gdro.shrink_if_tiny(p.parse_args(argv), argv, TINY_EVAL)
 
 TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what gdro.py's save_lora writes into every LoRA folder

@@ -72,16 +72,19 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of rollouts (image j of prompt i uses seed+i*n+j) and of training")
     argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
-    if args.tiny:  # shrink the run for CPU; every flag given explicitly still wins
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        shrunk = {k: v for k, v in TINY_RUN.items() if "--" + k.replace("_", "-") not in given}
-        vars(args).update(shrunk)
-        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
-    return args
+    return shrink_if_tiny(p.parse_args(argv), argv, TINY_RUN)
 
 TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, rollout_batch=8,
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
+
+def shrink_if_tiny(args, argv, tiny_settings):
+    """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
+    if args.tiny:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
+        vars(args).update(shrunk)
+        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+    return args
 
 # ----------------------------------------------------------------------------- models
 # Two families, side by side. What differs: how prompts are encoded (SD3: two CLIPs + T5 and real CFG;
@@ -391,6 +394,8 @@ def load_checkpoint(ckpt, transformer, optimizer, generator):
     generator.set_state(state["rng"])
     return state["step"]
 
+# the attention projections of the image and text streams (SD3 joint blocks, FLUX double and single blocks)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 METRICS = ("loss", "rank_acc", "grad_norm", "err_policy", "err_ref")  # metrics.jsonl, means over --log-every steps
 
 def train(transformer, family, pipeline_class, scheduler_config, cache, args, device):
@@ -399,7 +404,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
     transformer.requires_grad_(False)
     torch.manual_seed(args.seed)  # LoRA init (A random, B zero: the policy starts as the reference) follows --seed
     transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
+                                       target_modules=LORA_TARGETS))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # LoRA weights and AdamW state in fp32; the frozen base stays in bf16 on CUDA
