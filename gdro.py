@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -262,10 +261,10 @@ def read_prompts(path, reward, max_prompts=None):
 # group: x0 [n, ...] (clean latents), rewards [n], seeds [n], and its text conditioning. Each shard is written
 # to a temporary name and renamed, so an interrupted build resumes at the first missing shard.
 
-def cache_manifest(args, family):
+def cache_manifest(args, family, scheduler):
     return {"model": "tiny-" + family if args.tiny else args.model, "family": family, "resolution": args.resolution,
             "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
-            "sampler": "FlowMatchEulerDiscreteScheduler (ODE)", "reward": args.reward, "seed": args.seed}
+            "sampler": type(scheduler).__name__, "reward": args.reward, "seed": args.seed}
 
 def check_manifest(cache_dir, manifest):
     """Write the manifest of a new cache, or refuse a cache that was made another way."""
@@ -501,15 +500,17 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume and any((out / "checkpoints").glob("step_*/state.pt")):
         raise SystemExit(f"error: {out / 'checkpoints'} holds a run; continue it with --resume, or use another --out")
+    cache_complete = all(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
+    reward_fn = None if cache_complete else load_reward(args.reward)
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)
     args.family = family
     args.guidance = DEFAULT_GUIDANCE[family] if args.guidance is None else args.guidance
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    check_manifest(cache_dir, cache_manifest(args, family))
-    if any(not shard_path(cache_dir, i).exists() for i in range(len(prompts))):
-        build_cache(pipe, family, prompts, load_reward(args.reward), cache_dir, args)
+    check_manifest(cache_dir, cache_manifest(args, family, pipe.scheduler))
+    if not cache_complete:
+        build_cache(pipe, family, prompts, reward_fn, cache_dir, args)
     cache = load_cache(cache_dir, prompts)
     print(f"cache: {len(prompts)} prompts x {args.images_per_prompt} images, mean reward {cache['rewards'].mean():.4f}")
 
