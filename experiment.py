@@ -16,7 +16,9 @@ Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md.
 """
 import argparse
 import json
+import multiprocessing
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ TOY = {"resolution": 32, "images-per-prompt": 32, "steps": 4, "group-size": 6, "
 ABLATIONS = [  # (row label, changes to TOY)
     ("GDRO, toy defaults (k=6, beta=12, tau=0.05, gamma=0.5)", {}),
     ("group size k = 2", {"group-size": 2}),
+    ("group size k = 2, 36 groups per step (as many images as k = 6)", {"group-size": 2, "groups-per-step": 36}),
     ("gamma = 0 (no top-1 stabiliser)", {"gamma": 0.0}),
     ("tau = 0 (hard ranking, Eq. 12)", {"tau": 0.0}),
     ("tau = 0.5 (softer target)", {"tau": 0.5}),
@@ -149,7 +152,8 @@ def run(out, settings, n_seeds, base=None, cache_from=None):
     base = base or base_samples(settings, n_seeds)
     lora, train_s = train(out, settings, cache_from)
     results = {"settings": settings, "train_s": round(train_s, 1), **evaluate(lora, base, settings, n_seeds)}
-    log = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    metrics = Path(out) / "metrics.jsonl"  # gdro's log; none with --max-steps 0
+    log = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if log:  # gdro's own rank_acc on training groups (top-1 of k, chance 1/k), last half of training
         results["rank_acc_train_log"] = float(np.mean([m["rank_acc"] for m in log[len(log) // 2:]]))
     return results
@@ -165,17 +169,30 @@ def show(results):
           f"pairwise {a['pairwise']:.2f} (chance 0.50)")
 
 
-def ablations(out, settings, n_seeds, seeds):
-    """Every ABLATIONS row for each seed (a seed gives its own cache and training noise); one markdown table."""
-    rows, base = {label: [] for label, _ in ABLATIONS}, base_samples(settings, n_seeds)  # base: seed-independent
-    for seed in seeds:
-        s0, first = {**settings, "seed": seed}, None
-        for i, (label, change) in enumerate(ABLATIONS):
-            print(f"\n=== seed {seed}, ablation {i + 1}/{len(ABLATIONS)}: {label}", flush=True)
-            folder = Path(out) / f"seed{seed}" / f"row{i}"
-            rows[label].append(run(folder, {**s0, **change}, n_seeds, base, cache_from=first))
-            first = first or folder  # every row trains on the first row's rollout cache
-            show(rows[label][-1])
+def ablation_seed(out, settings, n_seeds, base, threads):
+    """Every ABLATIONS row for one seed (its own cache; every row trains on the first row's rollout cache)."""
+    torch.set_num_threads(threads)
+    results, first = [], None
+    for i, (label, change) in enumerate(ABLATIONS):
+        print(f"\n=== seed {settings['seed']}, ablation {i + 1}/{len(ABLATIONS)}: {label}", flush=True)
+        folder = Path(out) / f"seed{settings['seed']}" / f"row{i}"
+        results.append(run(folder, {**settings, **change}, n_seeds, base, cache_from=first))
+        first = first or folder
+        print(f"--- seed {settings['seed']}, {label}:")
+        show(results[-1])
+    return results
+
+
+def ablations(out, settings, n_seeds, seeds, jobs, threads):
+    """The ABLATIONS rows for each seed (seeds in parallel processes with jobs > 1); one markdown table."""
+    base = base_samples(settings, n_seeds)  # the base model's fresh images do not depend on the seed
+    todo = [(out, {**settings, "seed": seed}, n_seeds, base, threads) for seed in seeds]
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(seeds))) as pool:
+            per_seed = pool.starmap(ablation_seed, todo)
+    else:
+        per_seed = [ablation_seed(*t) for t in todo]
+    rows = {label: [res[i] for res in per_seed] for i, (label, _) in enumerate(ABLATIONS)}
     (Path(out) / "ablations.json").write_text(json.dumps(rows, indent=2))
     fmt = lambda vals, f: " / ".join(f.format(v) for v in vals)
     lines = ["| setting | held-out effect size | held-out prompts improved | training-prompt effect size "
@@ -193,13 +210,16 @@ def ablations(out, settings, n_seeds, seeds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Does GDRO learn? The tiny model, a toy colour reward, held-out seeds and prompts.")
-    p.add_argument("--out", default="runs/experiment", help="run folder (results.json, ablations.md, gdro's outputs)")
+    p.add_argument("--out", default=None, help="run folder (default runs/experiment, or runs/ablations with --ablations)")
     p.add_argument("--ablations", action="store_true", help="run the ablation table instead of the main experiment")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation runs (each: its own cache)")
     p.add_argument("--eval-seeds", type=int, default=24, help="held-out seeds per prompt for the fresh images")
+    p.add_argument("--jobs", type=int, default=2, help="ablations: seeds run in this many processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
     p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE", help="override a TOY gdro flag, e.g. max-steps=0")
     args = p.parse_args(argv)
+    args.out = args.out or ("runs/ablations" if args.ablations else "runs/experiment")
+    args.command = " ".join(["python experiment.py", *(sys.argv[1:] if argv is None else argv)])
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -217,9 +237,8 @@ def run_cli(args, p):
         settings[key] = value.lower() in ("1", "true", "yes") if isinstance(TOY[key], bool) else type(TOY[key])(value)
     t0 = time.time()
     if args.ablations:
-        table = ablations(args.out, settings, args.eval_seeds, args.seeds)
-        print(f"\n{table}\n\n(python experiment.py --ablations --seeds {' '.join(map(str, args.seeds))}; "
-              f"{time.time() - t0:.0f} s)")
+        table = ablations(args.out, settings, args.eval_seeds, args.seeds, args.jobs, args.threads)
+        print(f"\n{table}\n\n({args.command}; {time.time() - t0:.0f} s)")
         return table
     results = run(args.out, settings, args.eval_seeds)
     results["total_s"] = round(time.time() - t0, 1)
