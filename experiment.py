@@ -74,7 +74,6 @@ def train(out, settings, cache_from=None):
     (out / "prompts.txt").write_text("\n".join(prompts(TRAIN_TEMPLATES)) + "\n")
     if cache_from is not None:
         shutil.copytree(Path(cache_from) / "cache", out / "cache")
-    torch.manual_seed(settings["seed"])  # the LoRA's random init comes from torch's global generator
     t0 = time.time()
     lora = gdro.main(gdro_argv(settings, out / "prompts.txt", out))
     return lora, time.time() - t0
