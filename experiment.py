@@ -10,7 +10,7 @@ The three colour rewards of one image sum to zero, so no prompt-independent chan
 improving every colour means the LoRA reads the colour word in the prompt.
 
     python experiment.py                # main experiment, prints the measures (about 2 minutes on 2 CPU cores)
-    python experiment.py --ablations    # the paper's ablations on this toy as a markdown table (about 15 minutes)
+    python experiment.py --ablations    # the paper's ablations on this toy, two seeds: a markdown table (12 minutes)
 
 Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md.
 """
@@ -148,7 +148,7 @@ def base_samples(settings, n_seeds):
 
 def run(out, settings, n_seeds, base=None, cache_from=None):
     """Train with SETTINGS in OUT and measure it on the held-out seeds; returns the results dict."""
-    base = base or base_samples(settings, n_seeds)
+    base = base_samples(settings, n_seeds) if base is None else base
     lora, train_s = train(out, settings, cache_from)
     results = {"settings": settings, "train_s": round(train_s, 1), **evaluate(lora, base, settings, n_seeds)}
     metrics = Path(out) / "metrics.jsonl"  # gdro's log; none with --max-steps 0
