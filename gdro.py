@@ -82,7 +82,8 @@ def shrink_if_tiny(args, argv, tiny_settings):
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
         shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
         vars(args).update(shrunk)
-        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+        if shrunk:
+            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
     return args
 
 # ----------------------------------------------------------------------------- models
