@@ -364,13 +364,11 @@ def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, norm
 
 # ----------------------------------------------------------------------------- training loop
 
-def lora_state(transformer):
-    from peft.utils import get_peft_model_state_dict
-    return get_peft_model_state_dict(transformer)
-
 def save_lora(pipeline_class, transformer, folder):
     """OUT/.../pytorch_lora_weights.safetensors in diffusers' format: pipe.load_lora_weights(folder) reads it."""
-    pipeline_class.save_lora_weights(folder, transformer_lora_layers=lora_state(transformer), safe_serialization=True)
+    from peft.utils import get_peft_model_state_dict
+    pipeline_class.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                     safe_serialization=True)
 
 def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer, generator):
     """OUT/checkpoints/step_NNNNNN/: the LoRA (diffusers format) + state.pt (optimizer, step, RNG). Written to
