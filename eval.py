@@ -10,7 +10,8 @@ style) raises the reward r but lowers the judge's mean u, so the paper's correct
     python eval.py --prompts ocr_test.txt --tiny --lora runs/t/lora --judge none --out runs/t/eval  # CPU, seconds
 
 Writes OUT/report.json (+ the same as a table), OUT/scores.jsonl (every image: its OCR reward, judge scores and
-the judge's answer), OUT/images/SET/PPPP_J.png, OUT/grid.png; with --checkpoints also OUT/trend.json and trend.png.
+the judge's answer), OUT/images/SET/PPPP_J.png, OUT/grid.png (labelled columns: base, newest checkpoint, LoRA);
+with --checkpoints also OUT/trend.json and trend.png.
 """
 import argparse
 import functools
@@ -27,8 +28,11 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import gdro
+from reward_ocr import ocr_target
 
 # ----------------------------------------------------------------------------- config
+
+TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: OCR reward, judge scores, corrected score.")
@@ -53,8 +57,6 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     return gdro.shrink_if_tiny(p.parse_args(argv), argv, TINY_EVAL)
 
-TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")}
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what gdro.py's save_lora writes into every LoRA folder
 
 # ----------------------------------------------------------------------------- inputs (checked before heavy work)
 
@@ -63,9 +65,9 @@ def find_checkpoints(folder):
     if not Path(folder).is_dir():
         raise SystemExit(f"error: checkpoints folder {folder} not found")
     found = {int(m.group(1)): d for d in Path(folder).iterdir()
-             if (m := re.fullmatch(r"step_(\d+)", d.name)) and (d / LORA_FILE).is_file()}
+             if (m := re.fullmatch(r"step_(\d+)", d.name)) and (d / gdro.LORA_FILE).is_file()}
     if not found:
-        raise SystemExit(f"error: {folder} has no step_* checkpoint holding {LORA_FILE}")
+        raise SystemExit(f"error: {folder} has no step_* checkpoint holding {gdro.LORA_FILE}")
     return dict(sorted(found.items()))
 
 def check_judge(name):
@@ -100,7 +102,7 @@ def set_lora(pipe, folder, scale):
         logging.set_verbosity(verbosity)
     from peft.utils import get_peft_model_state_dict
     loaded = set(get_peft_model_state_dict(pipe.transformer, adapter_name="gdro"))
-    missed = {k.removeprefix("transformer.") for k in load_file(Path(folder) / LORA_FILE)} - loaded
+    missed = {k.removeprefix("transformer.") for k in load_file(Path(folder) / gdro.LORA_FILE)} - loaded
     if missed:  # diffusers only warns when a LoRA key has no layer to go to; a partial LoRA is a wrong evaluation
         raise SystemExit(f"error: {len(missed)} tensors of {folder} fit no layer of this transformer, e.g. "
                          f"{sorted(missed)[0]} (a LoRA of another model or family?)")
@@ -114,12 +116,12 @@ def load_ocr():
 
 def same_weights(a, b):
     """Do two LoRA folders hold the same tensors? (gdro.py's last checkpoint is its final LoRA.)"""
-    x, y = load_file(Path(a) / LORA_FILE), load_file(Path(b) / LORA_FILE)
+    x, y = load_file(Path(a) / gdro.LORA_FILE), load_file(Path(b) / gdro.LORA_FILE)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 def generate_set(pipe, family, prompts, args, folder, ocr, desc):
-    """Image j of prompt i from seed args.seed + i*n + j, saved as folder/PPPP_J.png; returns their OCR rewards in
-    that order. Batches mix prompts; each image has its own generator, so it depends only on its seed."""
+    """Image j of prompt i from seed gdro.image_seed(args.seed, i, j, n), saved as folder/PPPP_J.png; returns their
+    OCR rewards in that order. Batches mix prompts; each image has its own generator, so it depends only on its seed."""
     n = args.images_per_prompt
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,9 +131,9 @@ def generate_set(pipe, family, prompts, args, folder, ocr, desc):
         enc = {i: gdro.encode_prompt(pipe, family, prompts[i]) for i, _ in batch}
         cond, uncond = ({k: torch.cat([enc[i][side][k] for i, _ in batch]) for k in enc[batch[0][0]][side]}
                         for side in (0, 1))  # one row per image; gdro.generate leaves a full batch as it is
-        latents = gdro.generate(pipe, cond, uncond, [args.seed + i * n + j for i, j in batch], args.steps,
-                                args.guidance, args.resolution)
-        images = gdro.decode(pipe, family, latents, args.resolution)
+        seeds = [gdro.image_seed(args.seed, i, j, n) for i, j in batch]
+        latents = gdro.generate(pipe, cond, uncond, seeds, args.steps, args.guidance, args.resolution)
+        images = gdro.decode(pipe, family, latents)
         for (i, j), image in zip(batch, images):
             image.save(folder / image_name(i, j))
         rewards += [float(r) for r in ocr(images, [prompts[i] for i, _ in batch])]
@@ -233,17 +235,63 @@ def print_table(entries):
                  j.get("unparsed"), e["corrected_score"], e["n_images"]]
         print(f"{name:<12}" + "".join(fmt(v) for v in cells))
 
-def draw_grid(path, images_dir, names, rewards, n_prompts, n, tile=256, rows=8):
-    """The first image of the first 8 prompts, one row each; one column per set (base, lora); captioned tiles."""
-    font, cap = ImageFont.load_default(size=16), 24
-    rows = min(rows, n_prompts)
-    grid = Image.new("RGB", (tile * len(names), rows * (tile + cap)), "white")
+def grid_columns(sets, twins):
+    """The sets grid.png shows, at most three: the base, the newest checkpoint, the LoRA. The checkpoint is left out
+    when the LoRA holds its very weights (gdro.py's final LoRA is its last checkpoint): the column would repeat."""
+    steps = [name for name in sets if name.startswith("step_")]  # sets keeps the checkpoints in step order
+    newest = steps[-1] if steps else None
+    same = lambda name: twins.get(name, name)  # twins: a set -> the earlier set of the same weights
+    if "lora" in sets and newest is not None and same(newest) == same("lora"):
+        newest = None
+    return [name for name in ("base", newest, "lora") if name in sets]
+
+def column_label(name, twins):
+    """A column's header: 'base', 'step 300', 'LoRA', or 'LoRA = step 300' when the LoRA is that checkpoint."""
+    step = lambda n: f"step {int(n.removeprefix('step_'))}"
+    if name.startswith("step_"):
+        return step(name)
+    if name == "lora":
+        return f"LoRA = {step(twins['lora'])}" if twins.get("lora", "").startswith("step_") else "LoRA"
+    return name
+
+def fit_lines(text, font, width, max_lines):
+    """Word-wrap text to lines of at most width pixels; a cut (too many lines, or one overlong word) ends in '…'."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    cut, lines = len(lines) > max_lines, lines[:max_lines]
+    for k, line in enumerate(lines):
+        if (cut and k == len(lines) - 1) or font.getlength(line) > width:
+            while line and font.getlength(line + "…") > width:
+                line = line[:-1]
+            lines[k] = line + "…"
+    return lines
+
+GRID_TILE, GRID_LABEL_W, GRID_HEADER, GRID_CAPTION = 256, 224, 32, 24  # grid.png layout, in pixels
+
+def draw_grid(path, images_dir, columns, rewards, prompts, n, rows=8):
+    """The first image of the first 8 prompts, one row each, one column per set; columns is {set name: header}.
+    The left margin names each row's OCR target and (shortened) prompt; under each tile, its OCR reward."""
+    head, target_font, prompt_font = (ImageFont.load_default(size=s) for s in (18, 16, 13))
+    rows, tile, pad = min(rows, len(prompts)), GRID_TILE, 8
+    grid = Image.new("RGB", (GRID_LABEL_W + tile * len(columns), GRID_HEADER + rows * (tile + GRID_CAPTION)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(names):
-        for i in range(rows):
-            x, y = c * tile, i * (tile + cap)
+    draw.text((pad, GRID_HEADER // 2), "OCR target, prompt", fill="black", font=head, anchor="lm")
+    for c, label in enumerate(columns.values()):
+        draw.text((GRID_LABEL_W + c * tile + tile // 2, GRID_HEADER // 2), label, fill="black", font=head, anchor="mm")
+    for i in range(rows):
+        y = GRID_HEADER + i * (tile + GRID_CAPTION)
+        target = fit_lines(f'"{ocr_target(prompts[i])}"', target_font, GRID_LABEL_W - 2 * pad, 2)
+        prompt = fit_lines(prompts[i], prompt_font, GRID_LABEL_W - 2 * pad, 6)
+        draw.multiline_text((pad, y + pad), "\n".join(target), fill="black", font=target_font)
+        draw.multiline_text((pad, y + pad + 22 * len(target)), "\n".join(prompt), fill=(90, 90, 90), font=prompt_font)
+        for c, name in enumerate(columns):
+            x = GRID_LABEL_W + c * tile
             grid.paste(Image.open(images_dir / name / image_name(i, 0)).convert("RGB").resize((tile, tile)), (x, y))
-            draw.text((x + 6, y + tile + 3), f"{name}  OCR {rewards[name][i * n]:.2f}", fill="black", font=font)
+            draw.text((x + 6, y + tile + 3), f"OCR {rewards[name][i * n]:.2f}", fill="black", font=target_font)
     grid.save(path)
 
 def draw_trend(path, points, W=720, H=440, L=70, R=150, T=30, B=60):
@@ -288,8 +336,8 @@ def main(argv=None):
     if device == "cpu" and not args.tiny:
         raise SystemExit("error: no CUDA GPU found; a real model needs one. Try the whole evaluation on CPU with --tiny")
     prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)  # bad input fails before heavy work
-    if args.lora is not None and not (Path(args.lora) / LORA_FILE).is_file():
-        raise SystemExit(f"error: LoRA folder {args.lora} not found (expected {LORA_FILE} in it)")
+    if args.lora is not None and not (Path(args.lora) / gdro.LORA_FILE).is_file():
+        raise SystemExit(f"error: LoRA folder {args.lora} not found (expected {gdro.LORA_FILE} in it)")
     checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
     if min(args.images_per_prompt, args.batch, args.judge_batch) < 1:
         raise SystemExit("error: --images-per-prompt, --batch and --judge-batch must be at least 1")
@@ -340,12 +388,13 @@ def main(argv=None):
         for name in sets:
             for k, r in enumerate(rewards[name]):
                 i, j = divmod(k, n)
-                f.write(json.dumps({"set": name, "prompt_index": i, "seed": args.seed + k, "prompt": prompts[i],
-                                    "image": f"images/{name}/{image_name(i, j)}", "ocr_reward": r,
+                f.write(json.dumps({"set": name, "prompt_index": i, "seed": gdro.image_seed(args.seed, i, j, n),
+                                    "prompt": prompts[i], "image": f"images/{name}/{image_name(i, j)}", "ocr_reward": r,
                                     "judge": None if scores[name] is None else scores[name][k],
                                     "judge_answer": None if answers[name] is None else answers[name][k]}) + "\n")
     print_table(entries)
-    draw_grid(out / "grid.png", images_dir, list(report), rewards, len(prompts), n)
+    columns = {name: column_label(name, twins) for name in grid_columns(sets, twins)}
+    draw_grid(out / "grid.png", images_dir, columns, rewards, prompts, n)
     if checkpoints:  # the reward-hacking trend: the base model is step 0
         trend = [{"step": 0, "name": "base", **entries["base"]}]
         trend += [{"step": s, "name": f"step_{s:06d}", **entries[f"step_{s:06d}"]} for s in checkpoints]

@@ -1,80 +1,127 @@
 """GDRO: Group-level Direct Reward Optimization for rectified-flow text-to-image models, in one file.
 
 Paper: "GDRO: Group-level Reward Post-training Suitable for Diffusion Models" (arXiv 2601.02036).
-The method runs in two phases, and this file reads top to bottom in that order:
+GDRO trains fully offline, in two phases: (1) the FROZEN base model draws a group of images per prompt once
+and an explicit reward scores them once; (2) a LoRA learns to rank each group: at a random noise level the gap
+between the policy's and the frozen reference's velocity errors is a DPO-style implicit reward, and a
+Plackett-Luce cross-entropy ranks the group by it against a softmax of the explicit rewards (Eqs. 5-9).
 
-  1. Offline rollout cache: the FROZEN base model draws a group of images per prompt once (any sampler;
-     we use the model's own deterministic flow-matching Euler ODE), and an explicit reward scores them once.
-  2. Offline training: at a random noise level t, the LoRA policy and the frozen reference (the same
-     transformer with the adapter disabled) each predict the velocity of every cached image; the gap in
-     their errors is a DPO-style implicit reward, and a Plackett-Luce cross-entropy ranks the whole group
-     against a softmax of the explicit rewards (gdro_loss below, Eqs. 5-9).
+This file reads top to bottom:
+  1. settings     the paper's defaults as flags, and the constants
+  2. the method   sample_t -> velocity -> velocity_errors -> gdro_loss: from cached images to the loss, one
+                  block with no other dependency in this file, to read next to the paper or copy elsewhere
+     plumbing     refused inputs, processes (torchrun), crash-safe files: a few lines the phases use
+  3. models       SD3/SD3.5 and FLUX.1 pipelines (or tiny random ones), prompts, samplers, VAE
+  4. phase 1      the offline rollout cache (or your own images and scores: --from-images)
+  5. phase 2      training: groups drawn in epochs, micro-batches, checkpoints, the loop
+  6. main         every input checked before any model loads; then phase 1, phase 2
 
     python gdro.py --prompts ocr.txt                                  # SD3.5-Medium, the paper's OCR setting
     python gdro.py --prompts ocr.txt --model black-forest-labs/FLUX.1-dev
-    python gdro.py --prompts ocr.txt --tiny                           # tiny random model, CPU, ~1 minute
+    python gdro.py --prompts ocr.txt --dry-run                        # the plan and its cost, nothing loaded
+    python gdro.py --prompts ocr.txt --tiny                           # tiny random model on CPU, seconds
+    torchrun --nproc_per_node=8 gdro.py --prompts ocr.txt             # 8 GPUs, same result as one
 
-Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method notes in the README.
+Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method table in the README.
 """
 import argparse
+import contextlib
+import errno
+import functools
 import gc
+import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- config
-# The paper's OCR setting (beta 12, tau 0.05, gamma 0.5, k 6 of 16 cached images, lr 3e-4, LoRA 32, 512 px).
+# ============================================================================= 1. settings
+
+DEFAULT_GUIDANCE = {"sd3": 4.5, "flux": 3.5}  # SD3.5-Medium's usual CFG; FLUX.1-dev's distilled guidance
+RESOLUTION_FACTOR = 16  # both families: the VAE downsamples 8x and the transformer takes 2x2 patches
+# The flow-matching schedules of the real models (their scheduler_config.json); the tiny pipelines use them too.
+SCHEDULER_CONFIG = {"sd3": dict(shift=3.0),  # SD3 / SD3.5: a fixed shift
+                    "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                 base_image_seq_len=256, max_image_seq_len=4096)}  # FLUX: shift grows with resolution
+# the attention projections of the image and text streams (SD3 joint blocks, FLUX double and single blocks)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_lora_weights(folder) reads
+# --tiny shrinks the run for a CPU (flags given explicitly win)
+TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
+                max_steps=20, lora_rank=8, log_every=5, save_every=10)
+# Measured on one H200 (bf16, 512 px, see README "Memory and cost"): one prompt's rollout group of 16 images with
+# 10 Euler steps, and one training step of one k = 6 group with checkpointing. Only the --dry-run estimate uses them.
+H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
+
+# name -> (diffusers scheduler, its settings): solvers of the same flow-matching ODE; GDRO does not care which drew
+# the cache, so a higher-order solver is free speed (README: distance to a 200-step solution per step count)
+SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
+            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+            "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
+
+
+def image_seed(seed, i, j, n):
+    """The seed of image j of prompt i when every prompt has n images: rollouts (and eval) are reproducible image by
+    image, whatever the batching or the number of processes."""
+    return seed + i * n + j
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="SD3/SD3.5 or FLUX.1: hub id or local folder")
+    p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
+    p.add_argument("--prompts", help="text file, one prompt per line (UTF-8)")
+    p.add_argument("--from-images", metavar="DIR", help="build the cache from DIR/metadata.jsonl and its images instead of sampling (see README)")
+    p.add_argument("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl (default: %(default)s)")
+    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="SD3/SD3.5 or FLUX.1: hub id or local folder (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=["sd3", "flux"], help="model family of --tiny (a real --model says its own)")
-    p.add_argument("--reward", default="ocr", help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION with fn(images, prompts) -> list[float]")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
-    # rollout cache
-    p.add_argument("--images-per-prompt", type=int, default=16, help="images the frozen base model draws per prompt, once")
-    p.add_argument("--resolution", type=int, default=512, help="image height and width in pixels")
-    p.add_argument("--steps", type=int, default=10, help="ODE sampler steps per rollout")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX); default: the family's usual")
-    p.add_argument("--rollout-batch", type=int, default=8, help="images generated per pipeline call")
-    # loss (Eqs. 5-9)
-    p.add_argument("--beta", type=float, default=12.0, help="implicit-reward scale, Eq. 5 (OCR 12, GenEval 6)")
-    p.add_argument("--tau", type=float, default=0.05, help="temperature of the reward softmax, Eq. 7; 0 = hard ranking, Eq. 12")
-    p.add_argument("--gamma", type=float, default=0.5, help="weight of the top-1 flow-matching stabiliser, Eq. 8 (OCR 0.5, GenEval 1.0)")
-    p.add_argument("--group-size", type=int, default=6, help="k: images per group in the loss, drawn from one prompt's cache")
+    p.add_argument("--family", default="sd3", choices=["sd3", "flux"], help="model family of --tiny; a real --model says its own (default: %(default)s)")
+    p.add_argument("--reward", default="ocr", help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION with fn(images, prompts) -> list[float] (default: %(default)s)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
+    # phase 1: rollout cache
+    p.add_argument("--images-per-prompt", type=int, default=16, help="images the frozen base model draws per prompt, once (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=512, help=f"image side in pixels, a multiple of {RESOLUTION_FACTOR} (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="ODE sampler steps per rollout (default: %(default)s)")
+    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="rollout ODE solver (default: %(default)s, the model's own)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
+    p.add_argument("--rollout-batch", type=int, default=None, help="images per pipeline call (default: a whole prompt group)")
+    # the loss (Eqs. 5-9)
+    p.add_argument("--beta", type=float, default=12.0, help="implicit-reward scale, Eq. 5; OCR 12, GenEval 6 (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=0.05, help="reward softmax temperature, Eq. 7; 0 = hard ranking, Eq. 12 (default: %(default)s)")
+    p.add_argument("--gamma", type=float, default=0.5, help="weight of the top-1 flow-matching stabiliser, Eq. 8; OCR 0.5, GenEval 1.0 (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=6, help="k: images per group in the loss, drawn from one prompt's cache (default: %(default)s)")
     p.add_argument("--normalize-rewards", action="store_true", help="z-score rewards within each group before /tau (not in the paper)")
     p.add_argument("--uniform-t", action="store_true", help="draw t uniformly instead of the base model's shifted logit-normal")
-    # training
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps (the paper's OCR run peaks near 300)")
-    p.add_argument("--groups-per-step", type=int, default=1, help="B: groups per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the transformer's attention projections")
+    # phase 2: training
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps; the paper's OCR run peaks near 300 (default: %(default)s)")
+    p.add_argument("--groups-per-step", type=int, default=8, help="groups per optimizer step, all processes together (default: %(default)s)")
+    p.add_argument("--micro-batch", type=int, default=1, help="groups per forward/backward pass; gradients accumulate to --groups-per-step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the transformer's attention projections (default: %(default)s)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="gradient checkpointing (default: on with CUDA)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl")
-    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--seed", type=int, default=0, help="seed of rollouts (image j of prompt i uses seed+i*n+j) and of training")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer for rollouts and training (CUDA only)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed of rollouts (see image_seed) and of training's draws (default: %(default)s)")
     argv = sys.argv[1:] if argv is None else argv
     return shrink_if_tiny(p.parse_args(argv), argv, TINY_RUN)
 
-TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, rollout_batch=8,
-                max_steps=20, lora_rank=8, log_every=5, save_every=10)
 
 def shrink_if_tiny(args, argv, tiny_settings):
     """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
@@ -82,16 +129,188 @@ def shrink_if_tiny(args, argv, tiny_settings):
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
         shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
         vars(args).update(shrunk)
-        if shrunk:
+        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
             print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
     return args
 
-# ----------------------------------------------------------------------------- models
-# Two families, side by side. What differs: how prompts are encoded (SD3: two CLIPs + T5 and real CFG;
-# FLUX: CLIP pooled + T5 and distilled guidance), the latent layout (FLUX packs 2x2 patches into a
-# sequence; we cache latents in the layout the transformer consumes), and the transformer call.
+# ============================================================================= 2. the method
+# Notation (diffusers' rectified flow): x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t in (0, 1).
+# The policy is base + LoRA; the reference is the same transformer with the adapter switched off (no second copy).
 
-DEFAULT_GUIDANCE = {"sd3": 4.5, "flux": 3.5}  # SD3.5-Medium's usual CFG; FLUX.1-dev's distilled guidance
+
+def sample_t(n, scheduler_config, seq_len, generator, uniform=False):
+    """n noise levels t in (0, 1), drawn as the base model was trained: logit-normal(0, 1), then the scheduler's
+    shift (SD3: fixed; FLUX: the resolution-dependent exponential shift mu), so training sees the noise levels the
+    sampler visits. seq_len: the image's token count (FLUX's shift depends on it)."""
+    u = torch.rand(n, generator=generator) if uniform else torch.sigmoid(torch.randn(n, generator=generator))
+    c = scheduler_config
+    if c.get("use_dynamic_shifting"):
+        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return c["shift"] * u / (1 + (c["shift"] - 1) * u)
+
+
+def velocity(transformer, family, x_t, t, cond, guidance=None):
+    """v(x_t, t, c): the transformer's velocity prediction. x_t [N, ...] in the cached layout, t [N] in (0, 1),
+    cond {name: [N, ...]}; guidance: FLUX's distilled guidance (None for a model without it; SD3 ignores it)."""
+    if family == "sd3":
+        return transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
+                           pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+    n, seq_len = x_t.shape[:2]
+    side = math.isqrt(seq_len)  # square images: the packed latent is a side x side grid of 2x2 patches
+    img_ids = torch.zeros(side, side, 3, device=x_t.device)  # FLUX's RoPE position ids: (0, row, col)
+    img_ids[..., 1] = torch.arange(side, device=x_t.device)[:, None]
+    img_ids[..., 2] = torch.arange(side, device=x_t.device)[None, :]
+    txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x_t.device)
+    g = None if guidance is None else torch.full((n,), guidance, device=x_t.device)
+    return transformer(hidden_states=x_t, timestep=t, guidance=g, encoder_hidden_states=cond["prompt_embeds"],
+                       pooled_projections=cond["pooled_prompt_embeds"], txt_ids=txt_ids,
+                       img_ids=img_ids.view(-1, 3), return_dict=False)[0]  # FLUX scales t and guidance by 1000 itself
+
+
+@contextlib.contextmanager
+def adapter_disabled(transformer):
+    """The reference model: the LoRA switched off for the block (diffusers' PEFT integration)."""
+    model = getattr(transformer, "module", transformer)  # under DistributedDataParallel the model is its .module
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def velocity_errors(transformer, family, x0, cond, t, eps, guidance=None):
+    """Per-image velocity errors of the policy and of the frozen reference, on B groups of k cached images.
+
+    x0:   [B, k, ...] clean latents of cached images in the transformer's layout (FLUX: packed), fp32
+    cond: {name: [B, ...]} each group's prompt conditioning
+    t:    [B] ONE noise level per group;  eps: [B, ...] ONE noise sample per group, shared by its k images, so the
+          images of a group differ only in themselves (as in Diffusion-DPO and DGPO)
+    Returns (err_policy, err_ref), each [B, k] in fp32: mean over latent elements of (v - v_model)^2 at
+    x_t = (1 - t) x0 + t eps, v = eps - x0 (fresh noise over the cached clean latent, the paper's Fig. 2).
+    err_ref carries no gradient. At LoRA init (B = 0) the two are exactly equal.
+    """
+    B, k = x0.shape[:2]
+    t_ = t.view(B, 1, *[1] * (x0.dim() - 2))
+    eps = eps[:, None]  # broadcast over the group
+    x_t = ((1 - t_) * x0 + t_ * eps).flatten(0, 1)
+    v = (eps - x0).flatten(0, 1)
+    t, cond = t.repeat_interleave(k), {name: c.repeat_interleave(k, 0) for name, c in cond.items()}
+    v_policy = velocity(transformer, family, x_t, t, cond, guidance)  # first: the host's adapter switching overlaps it
+    with torch.no_grad(), adapter_disabled(transformer):
+        v_ref = velocity(transformer, family, x_t, t, cond, guidance)
+    err = lambda v_model: (v_model.float() - v).pow(2).flatten(1).mean(1).view(B, k)
+    return err(v_policy), err(v_ref)
+
+
+def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, normalize_rewards=False):
+    """The GDRO loss (Eq. 9): Plackett-Luce soft cross-entropy over implicit rewards + top-1 stabiliser.
+
+    err_policy: [B, k] per-image velocity error ||v - v_theta||^2 of the policy (mean over latent elements).
+    err_ref:    [B, k] the same for the frozen reference; carries no gradient.
+    rewards:    [B, k] explicit rewards (e.g. OCR accuracy); images may be in any order within a group.
+    beta: implicit-reward scale; tau: reward temperature (0 = hard ranking, Eq. 12); gamma: stabiliser weight.
+    normalize_rewards: z-score each group's rewards before /tau (an option; the paper uses raw rewards).
+    Returns a scalar: the mean over the B groups.
+    """
+    order = rewards.argsort(dim=1, descending=True, stable=True)  # sort each group best -> worst: r_1 >= ... >= r_k
+    err_policy, err_ref, rewards = (x.gather(1, order) for x in (err_policy, err_ref.detach(), rewards))
+    if normalize_rewards:
+        rewards = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
+    s = -beta * (err_policy - err_ref)  # Eq. 5 (m.1): implicit reward; DPO's log-partition cancels in a softmax
+    k = s.shape[1]
+    remaining = torch.ones(k, k, dtype=torch.bool, device=s.device).triu()[:-1]  # [k-1, k]: row i marks j >= i
+    s_rem = s[:, None, :].masked_fill(~remaining, float("-inf"))  # [B, k-1, k], ranked items masked out
+    log_z = s_rem.logsumexp(-1)  # logsumexp_{m>=i} s_m
+    if tau > 0:  # Eq. 7 (m.4): q_i = softmax over the remaining j >= i of r_j / tau (m.2)
+        q = (rewards[:, None, :] / tau).masked_fill(~remaining, float("-inf")).softmax(-1)
+        target = (q * s[:, None, :]).sum(-1)  # sum_{j>=i} q_i(j) s_j   (q is exactly 0 on ranked items)
+    else:  # Eq. 12 (m.5): hard ranking, the item at position i gets all the mass; k=2 gives Diffusion-DPO
+        target = s[:, :-1]
+    l_gdro = (log_z - target).sum(1)  # Eq. 7: sum over positions i = 1..k-1; i = 1 alone is Eq. 6 (m.3), top-1
+    l_reg = err_policy[:, 0]  # Eq. 8 (m.6): plain flow matching on the best image; without it training collapses
+    return (l_gdro + gamma * l_reg).mean()  # Eq. 9 (m.7), averaged over groups
+
+# ============================================================================= plumbing
+# Used by the phases below and kept out of the method's way: refused inputs, processes (torchrun), files.
+
+
+class BadInput(SystemExit):
+    """A refused input: one line on stderr naming the flag, file or line, exit code 2 (argparse's convention)."""
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python gdro.py` is one process. NCCL on CUDA, gloo on
+    CPU. Returns this process's device."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process():
+    return rank_and_world()[0] == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_atomic(path, data):
+    """Write bytes to path so that a kill at any moment leaves the old file or the new one, never a torn one; a
+    full disk or a permission problem stops the run with one line (what was already written stays usable)."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror)
+        raise SystemExit(f"error: cannot write {path}: {what}. Free space or fix the folder, then rerun the same "
+                         "command: finished cache shards and the last complete checkpoint are kept")
+
+# ============================================================================= 3. models
+# Two families side by side. What differs: prompt encoding (SD3: two CLIPs + T5 and real CFG; FLUX: CLIP pooled +
+# T5 and distilled guidance), the latent layout (FLUX packs 2x2 patches into a sequence; the cache holds latents
+# in the layout the transformer consumes) and the transformer call (velocity above).
+
+
+def pipeline_classes():
+    """family -> diffusers pipeline class (it also saves and loads the family's LoRA files)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+
+
+def make_scheduler(name, config):
+    """The rollout ODE solver `name` (SAMPLERS) on the base model's flow-matching schedule `config`."""
+    import diffusers
+    cls, settings = SAMPLERS[name]
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    flux = bool(config.get("use_dynamic_shifting"))
+    return getattr(diffusers, cls).from_config(config, **settings, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                               flow_shift=config.get("shift", 3.0), use_dynamic_shifting=flux)
+
 
 def build_tiny_pipeline(family="sd3", seed=0):
     """A tiny random StableDiffusion3Pipeline or FluxPipeline of diffusers' real classes, built from configs
@@ -122,7 +341,7 @@ def build_tiny_pipeline(family="sd3", seed=0):
                 transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
                     num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG["sd3"]),
                 vae=AutoencoderKL(**vae_kw, scaling_factor=1.5305, shift_factor=0.0609),
                 text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
                 text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
@@ -132,8 +351,7 @@ def build_tiny_pipeline(family="sd3", seed=0):
                 transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
                     guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG["flux"]),
                 vae=AutoencoderKL(**vae_kw, scaling_factor=0.3611, shift_factor=0.1159),
                 text_encoder=CLIPTextModel(clip), tokenizer=clip_tok,
                 text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tok)
@@ -144,9 +362,10 @@ def build_tiny_pipeline(family="sd3", seed=0):
             module.eval()
     return pipe
 
+
 def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
     """The pipeline named by `model` (hub id or local folder), or the tiny one; returns (pipe, family)."""
-    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline
     if tiny:
         pipe = build_tiny_pipeline(family)
     else:
@@ -154,14 +373,12 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
-    if isinstance(pipe, FluxPipeline):
-        family = "flux"
-    elif isinstance(pipe, StableDiffusion3Pipeline):
-        family = "sd3"
-    else:
+    family = next((name for name, cls in pipeline_classes().items() if isinstance(pipe, cls)), None)
+    if family is None:
         raise SystemExit(f"error: {model!r} is a {type(pipe).__name__}; GDRO here supports SD3/SD3.5 and FLUX.1")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), family  # from_pretrained already cast to dtype; the tiny model stays fp32
+
 
 def encode_prompt(pipe, family, prompt):
     """Text conditioning of one prompt: (cond, uncond). cond is cached for training; uncond (SD3's empty
@@ -174,6 +391,7 @@ def encode_prompt(pipe, family, prompt):
         pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device)  # FLUX: guidance-distilled, no uncond
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}
 
+
 @torch.no_grad()
 def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
     """Latents of len(seeds) images from the pipeline's own sampler, in the transformer's layout (FLUX: packed).
@@ -184,43 +402,120 @@ def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
     return pipe(**embeds, generator=generators, height=resolution,
                 width=resolution, num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images
 
+
+def pack_latents(z):
+    """FLUX's layout: [N, C, H, W] VAE latents -> [N, H/2 * W/2, 4C], one token per 2x2 patch (as FluxPipeline)."""
+    n, c, h, w = z.shape
+    return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x):
+    """The inverse of pack_latents, for square images."""
+    n, seq_len, c4 = x.shape
+    side = math.isqrt(seq_len)
+    return x.view(n, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, 2 * side, 2 * side)
+
+
 @torch.no_grad()
-def decode(pipe, family, latents, resolution):
+def decode(pipe, family, latents):
     """Latents in the transformer's layout -> list of PIL images."""
     if family == "flux":
-        latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+        latents = unpack_latents(latents)
     latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     return pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil")
 
-def velocity(transformer, family, x_t, t, cond, guidance):
-    """v(x_t, t, c): the transformer's velocity prediction. x_t [N, ...] in the cached layout, t [N] in (0, 1)."""
-    if family == "sd3":
-        return transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
-                           pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
-    n, seq_len = x_t.shape[:2]
-    side = math.isqrt(seq_len)  # square images: the packed latent is a side x side grid of 2x2 patches
-    img_ids = torch.zeros(side, side, 3, device=x_t.device)  # FLUX's RoPE position ids: (0, row, col)
-    img_ids[..., 1] = torch.arange(side, device=x_t.device)[:, None]
-    img_ids[..., 2] = torch.arange(side, device=x_t.device)[None, :]
-    txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x_t.device)
-    g = torch.full((n,), guidance, device=x_t.device) if transformer.config.guidance_embeds else None
-    return transformer(hidden_states=x_t, timestep=t, guidance=g, encoder_hidden_states=cond["prompt_embeds"],
-                       pooled_projections=cond["pooled_prompt_embeds"], txt_ids=txt_ids,
-                       img_ids=img_ids.view(-1, 3), return_dict=False)[0]  # FLUX scales t and guidance by 1000 itself
 
-def sample_t(n, scheduler_config, seq_len, generator, uniform=False):
-    """t in (0, 1), drawn as the base model was trained: logit-normal(0, 1), then the scheduler's shift
-    (SD3: fixed shift; FLUX: resolution-dependent exponential shift mu), so training sees the noise levels
-    the sampler visits."""
-    u = torch.rand(n, generator=generator) if uniform else torch.sigmoid(torch.randn(n, generator=generator))
-    c = scheduler_config
-    if c.get("use_dynamic_shifting"):
-        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-        mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
-        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-    return c["shift"] * u / (1 + (c["shift"] - 1) * u)
+@torch.no_grad()
+def encode_images(pipe, family, images, resolution):
+    """PIL images -> clean latents in the transformer's layout: each image resized so its short side is
+    `resolution` and centre-cropped square, then the VAE's posterior MEAN (no sampling noise), shifted and scaled
+    as the model's sampler produces latents (the exact inverse of decode's first line)."""
+    squares = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+        image = image.resize((w, h), resample=3)  # bicubic
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        squares.append(image.crop((left, top, left + resolution, top + resolution)))
+    pixels = pipe.image_processor.preprocess(squares, height=resolution, width=resolution)
+    z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
+    z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    return pack_latents(z) if family == "flux" else z
 
-# ----------------------------------------------------------------------------- rewards
+# ============================================================================= 4. phase 1: the offline rollout cache
+# OUT/cache/manifest.json says how the cache was made; OUT/cache/prompt_NNNNNN.safetensors holds one prompt's group:
+# x0 [n, ...] (clean latents), rewards [n], seeds [n] (or the image files), and its text conditioning. Every file is
+# written under a temporary name and renamed, so a kill leaves whole shards only and a rerun resumes at the first
+# missing one, on any number of processes.
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shard_path(cache_dir, i):
+    return Path(cache_dir) / f"prompt_{i:06d}.safetensors"
+
+
+def write_shard(cache_dir, i, prompt, tensors, **metadata):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(shard_path(cache_dir, i), safetensors_bytes(tensors, metadata={"prompt": prompt, **metadata}))
+
+
+def read_shard(cache_dir, i):
+    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors."""
+    return load_file(shard_path(cache_dir, i))
+
+
+def check_cache(cache_dir, prompts):
+    """Every shard's header: its group size (rewards are tiny, read them) and its prompt. Returns [P] group sizes and
+    the mean reward. A shard that is unreadable or made for another prompt file stops the run, saying what to do."""
+    sizes, total = [], 0.0
+    for i, prompt in enumerate(tqdm(prompts, desc="check cache", unit="shard", disable=len(prompts) < 1000 or not is_main_process())):
+        path = shard_path(cache_dir, i)
+        try:
+            with safe_open(path, "pt") as f:
+                found, rewards = f.metadata().get("prompt"), f.get_tensor("rewards")
+        except Exception as e:
+            raise SystemExit(f"error: cache shard {path} is unreadable ({str(e).splitlines()[0]}); delete it and rerun "
+                             "the same command to regenerate it")
+        if found != prompt:
+            raise SystemExit(f"error: cache shard {path} holds prompt {found!r} but line {i + 1} of the prompts is "
+                             f"{prompt!r}; use another --out or delete {cache_dir}")
+        sizes.append(len(rewards))
+        total += float(rewards.sum())
+    return sizes, total / sum(sizes)
+
+
+def cache_manifest(args):
+    """What makes two caches the same: a cache is never mixed from shards made differently."""
+    if args.from_images:
+        source = {"source": "images", "images": str(Path(args.from_images).resolve()),
+                  "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
+    else:
+        reward_file = Path(__file__).with_name("reward_ocr.py") if args.reward == "ocr" else args.reward.rpartition(":")[0]
+        source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
+                  "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
+                  "reward_sha256": file_sha256(reward_file), "seed": args.seed}
+    return {"model": f"tiny-{args.family}" if args.tiny else args.model, "resolution": args.resolution, **source}
+
+
+def check_manifest(cache_dir, manifest):
+    """Refuse a cache whose shards were made another way; a cache without shards (say, a failed first run's)
+    takes the new manifest."""
+    path = Path(cache_dir) / "manifest.json"
+    if not path.exists() or not any(Path(cache_dir).glob("prompt_*.safetensors")):
+        return
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"unreadable cache manifest {path}: {e}")
+    diff = [f"{k}={found.get(k)!r} (now {v!r})" for k, v in manifest.items() if found.get(k) != v]
+    if diff:
+        raise BadInput(f"the cache in {cache_dir} was built with {', '.join(diff)}; use another --out, or delete "
+                       f"{cache_dir} to rebuild it")
+
 
 def load_reward(spec):
     """'ocr' -> reward_ocr.OcrReward(); 'FILE.py:FUNCTION' -> that function. Either is fn(images, prompts)."""
@@ -228,177 +523,280 @@ def load_reward(spec):
         from reward_ocr import OcrReward
         return OcrReward()
     path, _, name = spec.rpartition(":")
-    if not path.endswith(".py") or not os.path.isfile(path):
-        raise SystemExit(f"error: --reward {spec!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise SystemExit(f"error: --reward: importing {path} failed: {type(e).__name__}: {e}")
     if not callable(getattr(module, name, None)):
         raise SystemExit(f"error: --reward: {path} has no function {name!r}")
     return getattr(module, name)
 
-def read_prompts(path, reward, max_prompts=None):
-    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: prompt file {path} not found")
-    lines = [(i, s.strip()) for i, s in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if s.strip()]
-    lines = lines[:max_prompts]
-    if not lines:
-        raise SystemExit(f"error: prompt file {path} has no prompts")
-    if reward == "ocr":
-        from reward_ocr import ocr_target
-        bad = []
-        for i, prompt in lines:
-            try:
-                ocr_target(prompt)
-            except ValueError:
-                bad.append(str(i))
-        if bad:
-            raise SystemExit(f"error: {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
-    return [prompt for _, prompt in lines]
 
-# ----------------------------------------------------------------------------- rollout cache
-# OUT/cache/manifest.json says how the cache was made; OUT/cache/prompt_NNNNNN.safetensors holds one prompt's
-# group: x0 [n, ...] (clean latents), rewards [n], seeds [n], and its text conditioning. Each shard is written
-# to a temporary name and renamed, so an interrupted build resumes at the first missing shard.
+def score(reward_fn, spec, images, prompt, i):
+    """The reward of one prompt's images as a list of finite floats; a reward that raises or returns anything else
+    stops the run with one line (its own traceback below it)."""
+    n = len(images)
+    try:
+        rewards = reward_fn(images, [prompt] * n)
+        rewards = [float(r) for r in rewards]
+    except Exception as e:
+        frames = "".join(traceback.format_exception(e)[1:])
+        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); finished "
+                         f"shards are kept: fix it and rerun the same command\n{frames}")
+    if len(rewards) != n or not all(math.isfinite(r) for r in rewards):
+        raise SystemExit(f"error: the reward {spec} returned {rewards[:8]} for the {n} images of prompt {i + 1}; "
+                         f"expected {n} finite numbers. Finished shards are kept: fix it and rerun the same command")
+    return rewards
 
-def cache_manifest(args, family, scheduler):
-    return {"model": "tiny-" + family if args.tiny else args.model, "family": family, "resolution": args.resolution,
-            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
-            "sampler": type(scheduler).__name__, "reward": args.reward, "seed": args.seed}
-
-def check_manifest(cache_dir, manifest):
-    """Write the manifest of a new cache, or refuse a cache that was made another way."""
-    path = Path(cache_dir) / "manifest.json"
-    if path.exists():
-        try:
-            found = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"error: unreadable cache manifest {path}: {e}")
-        diff = [f"{k}={found.get(k)!r} (now {v!r})" for k, v in manifest.items() if found.get(k) != v]
-        if diff:
-            raise SystemExit(f"error: cache {cache_dir} was built with {', '.join(diff)}; use another --out or delete it")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(manifest, indent=2))
-
-def shard_path(cache_dir, i):
-    return Path(cache_dir) / f"prompt_{i:06d}.safetensors"
 
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
-    """Phase 1: the frozen base model draws args.images_per_prompt images per prompt, the reward scores them.
-    Scoring and writing prompt i run in a worker thread while prompt i+1 generates: OCR would otherwise leave
-    the GPU idle for about as long as it generates (bench.py). A shard exists only once scored and written."""
-    n = args.images_per_prompt
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    """Phase 1: the frozen base model draws args.images_per_prompt images per prompt with the sampler args.sampler,
+    the reward scores them. Scoring and writing prompt i run in a worker thread while prompt i+1 generates: OCR
+    would otherwise leave the GPU idle for about as long as it generates. A shard exists only once scored and
+    written. Under torchrun each process takes its share of the missing prompts."""
+    n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
+    pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
+    barrier()  # every process lists the missing shards before any writes one
+    missing = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
+    rank, world = rank_and_world()
+    todo = missing[rank::world]
 
     def score_and_save(i, x0, seeds, cond, images):
-        rewards = [float(r) for r in reward_fn(images, [prompts[i]] * n)]
-        if len(rewards) != n or not all(math.isfinite(r) for r in rewards):
-            raise SystemExit(f"error: the reward returned {rewards} for {n} images of prompt {i}; expected {n} finite numbers")
-        shard = {"x0": x0, "rewards": torch.tensor(rewards), "seeds": torch.tensor(seeds),
-                 **{k: v[0] for k, v in cond.items()}}
-        tmp = shard_path(cache_dir, i).with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, tmp, metadata={"prompt": prompts[i]})
-        os.replace(tmp, shard_path(cache_dir, i))
+        rewards = score(reward_fn, args.reward, images, prompts[i], i)
+        write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor(rewards),
+                                               "seeds": torch.tensor(seeds), **{k: v[0] for k, v in cond.items()}})
 
-    todo = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
     with ThreadPoolExecutor(max_workers=1) as scorer:
         scoring = None
-        for i in tqdm(todo, desc="rollout cache", unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
+        bar = tqdm(todo, desc="rollout cache", unit="prompt", disable=not is_main_process())
+        for i in bar:
             cond, uncond = encode_prompt(pipe, family, prompts[i])
-            seeds = [args.seed + i * n + j for j in range(n)]
-            x0 = torch.cat([generate(pipe, cond, uncond, seeds[j:j + args.rollout_batch], args.steps, args.guidance,
-                                     args.resolution) for j in range(0, n, args.rollout_batch)])
-            images = decode(pipe, family, x0, args.resolution)
+            seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
+            x0 = torch.cat([generate(pipe, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
+                                     args.resolution) for j in range(0, n, batch)])
+            images = decode(pipe, family, x0)
             if scoring is not None:
                 scoring.result()  # at most one prompt in flight; re-raises the worker's error here
             scoring = scorer.submit(score_and_save, i, x0, seeds, cond, images)
         if scoring is not None:
             scoring.result()
+    barrier()
 
-def load_cache(cache_dir, prompts):
-    """The whole cache as stacked CPU tensors: x0 [P, n, ...], rewards [P, n], and the conditioning [P, ...]."""
-    shards = []
-    for i, prompt in enumerate(prompts):
+
+def read_image_folder(folder, group_size):
+    """DIR/metadata.jsonl (Hugging Face "imagefolder": one JSON object per image with file_name, prompt, reward) ->
+    (prompts, groups): the images of each prompt, in order of first appearance, as [(file, reward)]. Every line and
+    every image is checked here, before any model loads; prompts with fewer than k images are skipped."""
+    from PIL import Image
+    folder, groups = Path(folder), {}
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
+    for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            with safe_open(shard_path(cache_dir, i), "pt") as f:
-                found = f.metadata().get("prompt")
-                shards.append({k: f.get_tensor(k) for k in f.keys()})
+            row = json.loads(line)
+            file, prompt, reward = folder / row["file_name"], row["prompt"], float(row["reward"])
+            assert isinstance(prompt, str) and prompt.strip(), "prompt must be a non-empty string"
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
+            raise BadInput(f"{meta} line {n}: malformed ({type(e).__name__}: {e}); expected "
+                           '{"file_name": ..., "prompt": ..., "reward": <number>}')
+        if not math.isfinite(reward):
+            raise BadInput(f"{meta} line {n}: the reward {reward} is not a finite number")
+        try:
+            with Image.open(file) as im:
+                im.verify()
         except Exception as e:
-            raise SystemExit(f"error: unreadable cache shard {shard_path(cache_dir, i)}: {e}")
-        if found != prompt:
-            raise SystemExit(f"error: cache shard {shard_path(cache_dir, i)} holds prompt {found!r}, the prompt file has "
-                             f"{prompt!r} on that line; use another --out or delete the cache")
-    return {k: torch.stack([s[k] for s in shards]) for k in shards[0]}
+            raise BadInput(f"{meta} line {n}: cannot read image {file} ({type(e).__name__})")
+        groups.setdefault(prompt.strip(), []).append((file, reward))
+    small = [p for p, g in groups.items() if len(g) < group_size]
+    if small and is_main_process():
+        print(f"--from-images: skipped {len(small)} of {len(groups)} prompts with fewer than --group-size {group_size} images")
+    groups = {p: g for p, g in groups.items() if len(g) >= group_size}
+    if not groups:
+        raise BadInput(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
+    return list(groups), list(groups.values())
 
-# ----------------------------------------------------------------------------- loss
 
-def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, normalize_rewards=False):
-    """The GDRO loss (Eq. 9): Plackett-Luce soft cross-entropy over implicit rewards + top-1 stabiliser.
+def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
+    """Phase 1 from your own data: each prompt's images are encoded with the model's own VAE and written as ordinary
+    cache shards with their given rewards; training cannot tell them from rollouts."""
+    from PIL import Image
+    barrier()
+    missing = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
+    rank, world = rank_and_world()
+    for i in tqdm(missing[rank::world], desc="encode images", unit="prompt", disable=not is_main_process()):
+        cond, _ = encode_prompt(pipe, family, prompts[i])
+        images = [Image.open(file) for file, _ in groups[i]]
+        x0 = torch.cat([encode_images(pipe, family, images[j:j + 8], args.resolution) for j in range(0, len(images), 8)])
+        write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor([r for _, r in groups[i]]),
+                                               **{k: v[0] for k, v in cond.items()}},
+                    files=json.dumps([f.name for f, _ in groups[i]]))
+    barrier()
 
-    err_policy: [B, k] per-image velocity error ||v - v_theta||^2 of the policy (mean over latent elements).
-    err_ref:    [B, k] the same for the frozen reference; carries no gradient.
-    rewards:    [B, k] explicit rewards (e.g. OCR accuracy); images may be in any order within a group.
-    beta: implicit-reward scale; tau: reward temperature (0 = hard ranking, Eq. 12); gamma: stabiliser weight.
-    normalize_rewards: z-score each group's rewards before /tau (an option; the paper uses raw rewards).
-    Returns a scalar: the mean over the B groups.
-    """
-    order = rewards.argsort(dim=1, descending=True)  # sort each group best -> worst: r_1 >= ... >= r_k
-    err_policy, err_ref, rewards = (x.gather(1, order) for x in (err_policy, err_ref.detach(), rewards))
-    if normalize_rewards:
-        rewards = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
-    s = -beta * (err_policy - err_ref)  # Eq. 5 (m.1): implicit reward; DPO's log-partition cancels in a softmax
-    k = s.shape[1]
-    remaining = torch.ones(k, k, dtype=torch.bool, device=s.device).triu()[:-1]  # [k-1, k]: row i marks j >= i
-    s_rem = s[:, None, :].masked_fill(~remaining, float("-inf"))  # [B, k-1, k], ranked items masked out
-    log_z = s_rem.logsumexp(-1)  # logsumexp_{m>=i} s_m
-    if tau > 0:  # Eq. 7 (m.4): q_i = softmax over the remaining j >= i of r_j / tau (m.2)
-        q = (rewards[:, None, :] / tau).masked_fill(~remaining, float("-inf")).softmax(-1)
-        target = (q * s[:, None, :]).sum(-1)  # sum_{j>=i} q_i(j) s_j   (q is exactly 0 on ranked items)
-    else:  # Eq. 12 (m.5): hard ranking, the item at position i gets all the mass; k=2 gives Diffusion-DPO
-        target = s[:, :-1]
-    l_gdro = (log_z - target).sum(1)  # Eq. 7: sum over positions i = 1..k-1; i = 1 alone is Eq. 6 (m.3), top-1
-    l_reg = err_policy[:, 0]  # Eq. 8 (m.6): plain flow matching on the best image; without it training collapses
-    return (l_gdro + gamma * l_reg).mean()  # Eq. 9 (m.7), averaged over groups
+# ============================================================================= 5. phase 2: training
 
-# ----------------------------------------------------------------------------- training loop
+
+def keyed_generator(*key):
+    """A CPU generator seeded by a key such as (seed, "group", g): every draw is a function of what it is for, not of
+    how many draws came before, so a step's groups are the same whatever the micro-batches, the number of
+    processes, or an interruption and --resume."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n_prompts):
+    """The prompts in the order epoch `epoch` visits them: every prompt once before any prompt twice."""
+    return torch.randperm(n_prompts, generator=keyed_generator(seed, "epoch", epoch)).tolist()
+
+
+def training_batch(cache_dir, sizes, groups, args, scheduler_config, device):
+    """Global groups g (numbers over the whole run) -> the inputs of velocity_errors and gdro_loss for them.
+    Group g visits prompt epoch_order[g mod P] of epoch g // P and takes k of its cached images; its own generator
+    draws the images, t and eps. Returns dict(x0 [B,k,...], cond {name: [B,...]}, rewards [B,k], t [B], eps [B,...])."""
+    rows = []
+    for g in groups:
+        gen = keyed_generator(args.seed, "group", g)
+        i = epoch_order(args.seed, g // len(sizes), len(sizes))[g % len(sizes)]
+        shard = read_shard(cache_dir, i)
+        images = torch.randperm(sizes[i], generator=gen)[:args.group_size]
+        x0 = shard["x0"][images].float()
+        seq_len = x0.shape[1] if x0.dim() == 3 else None  # FLUX's packed token count sets its shift
+        rows.append({"x0": x0, "rewards": shard["rewards"][images].float(),
+                     "eps": torch.randn(x0.shape[1:], generator=gen),
+                     "t": sample_t(1, scheduler_config, seq_len, gen, args.uniform_t)[0],
+                     **{k: v for k, v in shard.items() if k not in ("x0", "rewards", "seeds")}})
+    batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+    return {"cond": {k: batch.pop(k) for k in list(batch) if k not in ("x0", "rewards", "eps", "t")}, **batch}
+
+
+def group_stats(loss, err_policy, err_ref, rewards):
+    """Sums over a micro-batch's groups, for the log: [loss, groups, groups with one strict best image, of those the
+    ones whose implicit reward put the best image first, err_policy, err_ref]. A group whose best reward is tied
+    has no single right answer and is left out of the ranking accuracy (its share is logged)."""
+    s = -(err_policy - err_ref).detach()
+    best = rewards.max(1, keepdim=True).values
+    strict = (rewards == best).sum(1) == 1
+    hit = (rewards.gather(1, s.argmax(1, keepdim=True)) == best)[:, 0]
+    B = len(rewards)
+    return torch.stack([loss.detach() * B, torch.tensor(float(B), device=loss.device), strict.float().sum(),
+                        (hit & strict).float().sum(), err_policy.detach().mean(1).sum(), err_ref.mean(1).sum()])
+
+
+def training_attention():
+    """The attention backends of the training forward AND backward: any but cuDNN's. On CUDA, PyTorch's cuDNN SDPA
+    backward returns NaN gradients (tiny FLUX) or fails outright (FLUX.1-dev size) (torch 2.11, H200). An op's
+    backward is that of the backend its forward chose, and gradient checkpointing re-runs forwards inside the
+    backward, so the whole step runs under this. Rollouts and eval keep PyTorch's own choice: no backward there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def guess_family(args):
+    """The model family without loading the model (for the plan's estimate only): --tiny's, a local folder's
+    model_index.json, else the hub id's name."""
+    if args.tiny:
+        return args.family
+    index = Path(args.model) / "model_index.json"
+    if index.is_file():
+        return "flux" if "Flux" in json.loads(index.read_text()).get("_class_name", "") else "sd3"
+    return "flux" if "flux" in args.model.lower() else "sd3"
+
+
+def training_plan(args, sizes):
+    """What a run will do with its cache, before any heavy work: one JSON-able dict."""
+    P, groups = len(sizes), args.max_steps * args.groups_per_step
+    visits = [groups // P + (1 if r < groups % P else 0) for r in range(P)]  # epochs: visits differ by at most one
+    k = args.group_size
+    seen = sum(1 - (1 - k / n) ** v for n, v in zip(sizes, visits))  # expected share of a prompt's images drawn
+    plan = {"prompts": P, "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
+            "images_cached": sum(sizes), "group_size": k, "groups_per_step": args.groups_per_step,
+            "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
+            "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
+            "image_coverage": round(seen / P, 4)}
+    family = guess_family(args)
+    if not args.tiny and family in H200_SECONDS and not args.from_images:
+        h = H200_SECONDS[family]
+        evals = args.steps * (2 if args.sampler == "heun" else 1)
+        rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * evals / 10 / 3600
+        train_h = groups * h["group_step"] * k / 6 / 3600
+        plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
+    return plan
+
 
 def save_lora(pipeline_class, transformer, folder):
-    """OUT/.../pytorch_lora_weights.safetensors in diffusers' format: pipe.load_lora_weights(folder) reads it."""
+    """folder/pytorch_lora_weights.safetensors in diffusers' format: pipe.load_lora_weights(folder) reads it."""
     from peft.utils import get_peft_model_state_dict
+    Path(folder).mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                     safe_serialization=True)
+                                     weight_name=LORA_FILE, save_function=lambda weights, path: write_atomic(
+                                         path, safetensors_bytes(weights, metadata={"format": "pt"})))
 
-def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer, generator):
-    """OUT/checkpoints/step_NNNNNN/: the LoRA (diffusers format) + state.pt (optimizer, step, RNG). Written to
-    a temporary folder and renamed; older checkpoints keep only their LoRA (for eval's trend)."""
+
+def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
+    """OUT/checkpoints/step_NNNNNN/: the LoRA (diffusers format) + state.pt (step, optimizer). Written whole into a
+    temporary folder, renamed into place, and only then do older checkpoints give up their state.pt (they keep their
+    LoRA for eval's trend): a kill at any moment leaves at least one complete checkpoint to resume from."""
     final, tmp = Path(ckpt_dir) / f"step_{step:06d}", Path(ckpt_dir) / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_lora(pipeline_class, transformer, tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": generator.get_state()}, tmp / "state.pt")
-    for old in Path(ckpt_dir).glob("step_*/state.pt"):
-        old.unlink()
-    shutil.rmtree(final, ignore_errors=True)
+    state = io.BytesIO()
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, state)
+    write_atomic(tmp / "state.pt", state.getvalue())
+    if final.exists():  # a LoRA-only leftover of an earlier run at this step
+        shutil.rmtree(final)
     os.replace(tmp, final)
+    for old in Path(ckpt_dir).glob("step_*/state.pt"):
+        if old.parent != final:
+            old.unlink()
     return final
 
-def load_checkpoint(ckpt, transformer, optimizer, generator):
+
+def newest_checkpoint(ckpt_dir):
+    """The newest complete checkpoint (LoRA + state.pt), or None."""
+    found = [d for d in sorted(Path(ckpt_dir).glob("step_*")) if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
+    return found[-1] if found else None
+
+
+def load_checkpoint(ckpt, transformer, optimizer):
     from peft.utils import set_peft_model_state_dict
-    lora = {k.removeprefix("transformer."): v for k, v in load_file(ckpt / "pytorch_lora_weights.safetensors").items()}
+    lora = {k.removeprefix("transformer."): v for k, v in load_file(ckpt / LORA_FILE).items()}
     set_peft_model_state_dict(transformer, lora)
     state = torch.load(ckpt / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["rng"])
     return state["step"]
 
-# the attention projections of the image and text streams (SD3 joint blocks, FLUX double and single blocks)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-METRICS = ("loss", "rank_acc", "grad_norm", "err_policy", "err_ref")  # metrics.jsonl, means over --log-every steps
 
-def train(transformer, family, pipeline_class, scheduler_config, cache, args, device):
-    """Phase 2: GDRO on the cache. Only the LoRA is trained; the reference is the adapter switched off."""
+def read_metrics(path, up_to_step):
+    """The lines of metrics.jsonl up to a step; a torn last line (a kill mid-write) is dropped."""
+    kept = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= up_to_step:
+                kept.append(line)
+    return kept
+
+
+METRICS = ("loss", "rank_acc", "tied_groups", "grad_norm", "err_policy", "err_ref")  # metrics.jsonl, means over --log-every steps
+
+
+def finish_step_then_stop(stop):
+    """Ctrl-C in training: finish the step in flight, save, stop; a second Ctrl-C stops at once."""
+    if stop:
+        raise KeyboardInterrupt
+    stop.append(True)
+    if is_main_process():
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+
+def train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device, on_step=None):
+    """Phase 2: GDRO on the cache. Only the LoRA trains; the reference is the adapter switched off.
+    on_step(step, batch), if given, runs after each optimizer step with the last micro-batch's inputs (bench.py)."""
     from peft import LoraConfig
+    rank, world = rank_and_world()
     transformer.requires_grad_(False)
     torch.manual_seed(args.seed)  # LoRA init (A random, B zero: the policy starts as the reference) follows --seed
     transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
@@ -408,120 +806,267 @@ def train(transformer, family, pipeline_class, scheduler_config, cache, args, de
         p.data = p.data.float()  # LoRA weights and AdamW state in fp32; the frozen base stays in bf16 on CUDA
     if args.grad_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.compile:
+        transformer.compile()
+    guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
     optimizer = torch.optim.AdamW(params, lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)  # CPU generator: groups, t and eps; saved in checkpoints
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     start, last_ckpt = 0, None
-    found = sorted(ckpt_dir.glob("step_*/state.pt"))
-    if args.resume and found:
-        last_ckpt = found[-1].parent
-        start = load_checkpoint(last_ckpt, transformer, optimizer, generator)
-        print(f"resumed from {last_ckpt} (step {start})")
+    if args.resume:
+        last_ckpt = newest_checkpoint(ckpt_dir)
+        start = load_checkpoint(last_ckpt, transformer, optimizer)
+        if rank == 0:
+            print(f"resumed from {last_ckpt} (step {start} of {args.max_steps})")
+    model = transformer
+    if world > 1:  # -------- distributed: gradients of the LoRA averaged across processes
+        model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # keep the lines of the steps this run does not redo
-        kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    if rank == 0:
+        write_atomic(metrics_path, "".join(l + "\n" for l in read_metrics(metrics_path, start)).encode())
 
-    x0_all, rewards_all = cache["x0"], cache["rewards"]
-    cond_all = {k: v for k, v in cache.items() if k not in ("x0", "rewards", "seeds")}
-    n_prompts, n_images = rewards_all.shape
-    B, k = args.groups_per_step, args.group_size
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-    seq_len = x0_all.shape[2] if family == "flux" else None  # FLUX's shift depends on the image token count
-    window, t0 = [], time.time()
-    bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start, total=args.max_steps)
+    G, M = args.groups_per_step, args.micro_batch
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    window, t0, stop = [], time.time(), []
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python catch signals
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: finish_step_then_stop(stop)) if in_main_thread else None
+    step = start
+    bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start,
+               total=args.max_steps, disable=rank != 0)
     try:
         for step in bar:
-            # B groups: a prompt each, k of its cached images, ONE t and ONE eps shared by the group
-            prompt_idx = torch.randint(n_prompts, (B,), generator=generator)
-            image_idx = torch.stack([torch.randperm(n_images, generator=generator)[:k] for _ in range(B)])
-            x0 = x0_all[prompt_idx[:, None], image_idx].to(device, torch.float32)  # [B, k, ...]
-            rewards = rewards_all[prompt_idx[:, None], image_idx].to(device)  # [B, k]
-            eps = torch.randn((B, 1, *x0.shape[2:]), generator=generator).to(device).expand_as(x0)
-            t = sample_t(B, scheduler_config, seq_len, generator, args.uniform_t).to(device)
-            t_ = t.view(B, 1, *[1] * (x0.dim() - 2))
-            x_t = ((1 - t_) * x0 + t_ * eps).flatten(0, 1)  # x_t = (1 - t) x0 + t eps, fresh noise on cached x0
-            v = (eps - x0).flatten(0, 1)  # target velocity
-            t = t.repeat_interleave(k)
-            cond = {name: c[prompt_idx].to(device).repeat_interleave(k, 0) for name, c in cond_all.items()}
-            with autocast:  # policy first: on a GPU, the host's adapter switching below overlaps its kernels
-                v_policy = velocity(transformer, family, x_t, t, cond, args.guidance)
-                with torch.no_grad():  # the reference: the same weights with the adapter off, no second copy
-                    transformer.disable_adapters()
-                    v_ref = velocity(transformer, family, x_t, t, cond, args.guidance)
-                    transformer.enable_adapters()
-            err_policy = (v_policy.float() - v).pow(2).flatten(1).mean(1).view(B, k)  # fp32, mean over elements
-            err_ref = (v_ref.float() - v).pow(2).flatten(1).mean(1).view(B, k)
-            loss = gdro_loss(err_policy, err_ref, rewards, args.beta, args.tau, args.gamma, args.normalize_rewards)
-            if not math.isfinite(loss.item()):  # the one host-device sync per step
+            # this process's share of the step's G groups, in micro-batches of M; the loss of each is scaled so the
+            # accumulated (and, across processes, averaged) gradient is that of the mean over all G groups
+            mine = range(step * G + rank * G // world, step * G + (rank + 1) * G // world)
+            micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
+            stats = torch.zeros(6, device=device)
+            for m, groups in enumerate(micro_batches):
+                batch = training_batch(cache_dir, sizes, groups, args, scheduler_config, device)
+                sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
+                with sync, training_attention():
+                    with autocast:
+                        err_policy, err_ref = velocity_errors(model, family, batch["x0"], batch["cond"], batch["t"],
+                                                              batch["eps"], guidance)
+                    loss = gdro_loss(err_policy, err_ref, batch["rewards"], args.beta, args.tau, args.gamma,
+                                     args.normalize_rewards)
+                    (loss * len(groups) * world / G).backward()
+                stats += group_stats(loss, err_policy, err_ref, batch["rewards"])
+            stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=device)])
+            if world > 1:
+                dist.all_reduce(stats)  # the log's sums, and whether any process was asked to stop
+            loss_sum, n, strict, hits, ep, er, stop_now = stats.tolist()  # the one host-device sync per step
+            if not math.isfinite(loss_sum):
                 raise SystemExit(f"error: non-finite loss at step {step}; stopped. Last good checkpoint: {last_ckpt}")
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-
-            # did the implicit reward put (one of) the best image(s) first?
-            s = -(err_policy - err_ref).detach()
-            top1 = (rewards.gather(1, s.argmax(1, keepdim=True)) == rewards.max(1, keepdim=True).values).float()
-            window.append(torch.stack([loss, top1.mean(), grad_norm, err_policy.mean(), err_ref.mean()]).detach())
             done = step + 1
-            if done % args.log_every == 0 or done == args.max_steps:
-                line = {"step": done, **dict(zip(METRICS, torch.stack(window).mean(0).tolist())),
-                        "lr": args.lr, "time_s": round(time.time() - t0, 2)}
-                bar.set_postfix(loss=f"{line['loss']:.4f}", rank_acc=f"{line['rank_acc']:.2f}")
+            window.append([loss_sum / n, hits / strict if strict else float("nan"), 1 - strict / n,
+                           float(grad_norm), ep / n, er / n])
+            if rank == 0 and (done % args.log_every == 0 or done == args.max_steps):
+                means = [sum(c) / len(c) for c in zip(*window)]
+                accs = [w[1] for w in window if not math.isnan(w[1])]
+                means[1] = sum(accs) / len(accs) if accs else None  # only groups with a strict best image count
+                line = {"step": done, **dict(zip(METRICS, means)), "lr": args.lr, "time_s": round(time.time() - t0, 2)}
+                bar.set_postfix(loss=f"{line['loss']:.4f}", rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}",
+                                tied=f"{line['tied_groups']:.0%}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
+            if done % args.log_every == 0:
                 window = []
-            if done % args.save_every == 0 or done == args.max_steps:
-                last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer, generator)
-    except KeyboardInterrupt:  # keep what was learned: checkpoint the last finished step, then stop
+            if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
+                last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
+            if on_step is not None:
+                on_step(step, batch)
+            if stop_now:
+                barrier()
+                raise SystemExit(f"interrupted after step {done}; saved {ckpt_dir / f'step_{done:06d}'}; "
+                                 "continue with the same command and --resume")
+    except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is discarded
+        raise SystemExit(f"interrupted during step {step + 1}, which was discarded; last checkpoint: {last_ckpt}")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
         bar.close()
-        if step > start:
-            last_ckpt = save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer, generator)
-        raise SystemExit(f"interrupted; saved {last_ckpt}; continue with --resume")
-    save_lora(pipeline_class, transformer, out / "lora")
+    if rank == 0:
+        save_lora(pipeline_class, transformer, out / "lora")
+    barrier()
     return out / "lora"
 
-# ----------------------------------------------------------------------------- main
+
+# ============================================================================= 6. main
+# --------------------------------------------------------------------- inputs, all checked before any model loads
+
+
+def read_prompts(path, reward, max_prompts=None):
+    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"--prompts {path} is a folder; expected a text file with one prompt per line")
+    if not path.is_file():
+        raise BadInput(f"--prompts {path}: file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadInput(f"--prompts {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8")
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise BadInput(f"--prompts {path} is binary, not text (line {line} holds a NUL byte)")
+    lines = [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()][:max_prompts]
+    if not lines:
+        raise BadInput(f"--prompts {path} has no prompts")
+    if reward == "ocr":
+        from reward_ocr import ocr_target
+        bad = []
+        for i, prompt in lines:
+            try:
+                ocr_target(prompt)
+            except ValueError:
+                bad.append(str(i))
+        if bad:
+            raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
+    return [prompt for _, prompt in lines]
+
+
+def check_args(args, world):
+    """Every flag's range, before anything loads or is written."""
+    finite = lambda x: x is not None and math.isfinite(x)
+    rules = [("--images-per-prompt", args.images_per_prompt >= 2, "at least 2"),
+             ("--resolution", args.resolution >= RESOLUTION_FACTOR and args.resolution % RESOLUTION_FACTOR == 0,
+              f"a positive multiple of {RESOLUTION_FACTOR} (the VAE's 8x and the 2x2 patches)"),
+             ("--steps", args.steps >= 1, "at least 1"),
+             ("--guidance", args.guidance is None or (finite(args.guidance) and args.guidance >= 0), "finite and >= 0"),
+             ("--rollout-batch", args.rollout_batch is None or args.rollout_batch >= 1, "at least 1"),
+             ("--beta", finite(args.beta) and args.beta >= 0, "finite and >= 0"),
+             ("--tau", finite(args.tau) and args.tau >= 0, "finite and >= 0 (0 = hard ranking)"),
+             ("--gamma", finite(args.gamma) and args.gamma >= 0, "finite and >= 0"),
+             ("--group-size", 2 <= args.group_size and (args.from_images or args.group_size <= args.images_per_prompt),
+              "at least 2 and at most --images-per-prompt"),
+             ("--max-steps", args.max_steps >= 0, ">= 0"),
+             ("--groups-per-step", args.groups_per_step >= 1 and args.groups_per_step % world == 0,
+              f"at least 1 and a multiple of the {world} processes"),
+             ("--micro-batch", args.micro_batch >= 1, "at least 1"),
+             ("--lr", finite(args.lr) and args.lr > 0, "finite and > 0"),
+             ("--max-grad-norm", finite(args.max_grad_norm) and args.max_grad_norm > 0, "finite and > 0"),
+             ("--lora-rank", args.lora_rank >= 1, "at least 1"),
+             ("--log-every", args.log_every >= 1, "at least 1"),
+             ("--save-every", args.save_every >= 1, "at least 1"),
+             ("--seed", args.seed >= 0, ">= 0"),
+             ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1")]
+    for flag, ok, must in rules:
+        if not ok:
+            raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {must}")
+    if (args.prompts is None) == (args.from_images is None):
+        raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
+    if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
+        raise BadInput("--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here")
+    if args.reward != "ocr" and not args.from_images:
+        path, _, name = args.reward.rpartition(":")
+        if not path.endswith(".py") or not name or not os.path.isfile(path):
+            raise BadInput(f"--reward {args.reward!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
+
+
+def check_out(out):
+    """--out must be a folder we can write into (it may not exist yet)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {parent} is not a writable folder")
+
+
+def check_run_state(args, out):
+    """A run already in OUT continues only with --resume; --resume needs something to resume."""
+    found = newest_checkpoint(out / "checkpoints")
+    if args.resume and found is None:
+        raise BadInput(f"--resume: {out / 'checkpoints'} holds no complete checkpoint; drop --resume to start "
+                       "training (a finished cache is reused either way)")
+    if not args.resume and found is not None:
+        raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found.name}); continue it with --resume, or use another --out")
+
 
 def main(argv=None):
     """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
     args = parse_args(argv)
-    if args.group_size < 2 or args.group_size > args.images_per_prompt:
-        raise SystemExit(f"error: --group-size {args.group_size} must be in [2, --images-per-prompt {args.images_per_prompt}]")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        raise SystemExit("error: no CUDA GPU found; a real model needs one. Try the whole pipeline on CPU with --tiny")
-    if args.grad_checkpointing is None:
-        args.grad_checkpointing = device == "cuda"
-    prompts = read_prompts(args.prompts, args.reward, args.max_prompts)  # bad input fails before heavy work
+    device = init_distributed()
+    rank, world = rank_and_world()
+    check_args(args, world)
+    if args.from_images:
+        prompts, image_groups = read_image_folder(args.from_images, args.group_size)
+        prompts, image_groups = prompts[:args.max_prompts], image_groups[:args.max_prompts]
+    else:
+        prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
     out, cache_dir = Path(args.out), Path(args.out) / "cache"
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume and any((out / "checkpoints").glob("step_*/state.pt")):
-        raise SystemExit(f"error: {out / 'checkpoints'} holds a run; continue it with --resume, or use another --out")
+    args.family = guess_family(args) if not args.tiny else args.family
+    args.guidance = DEFAULT_GUIDANCE[args.family] if args.guidance is None else args.guidance
+    sizes = [len(g) for g in image_groups] if args.from_images else [args.images_per_prompt] * len(prompts)
+    plan = training_plan(args, sizes)
+    if rank == 0:
+        print("plan: " + ", ".join(f"{k} {v}" for k, v in plan.items()))
+        if plan["prompt_coverage"] < 0.5:
+            print(f"warning: training visits only {plan['prompt_coverage']:.0%} of the cached prompts; raise "
+                  "--max-steps or --groups-per-step, or cache fewer prompts (--max-prompts)")
+    if args.dry_run:
+        if rank == 0:
+            print(json.dumps(plan))
+        return None
+    if device.type == "cpu" and not args.tiny:
+        raise BadInput("no CUDA GPU found; a real model needs one. Try the whole pipeline on CPU with --tiny")
+    check_out(out)
+    check_run_state(args, out)
+    manifest = cache_manifest(args)
+    check_manifest(cache_dir, manifest)
     cache_complete = all(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
-    reward_fn = None if cache_complete else load_reward(args.reward)
+    reward_fn = None if cache_complete or args.from_images else load_reward(args.reward)
+    if args.grad_checkpointing is None:
+        args.grad_checkpointing = device.type == "cuda"
+    if rank == 0:  # -------- files: the manifest and config describe the run on disk
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+        write_atomic(out / "config.json", json.dumps({**vars(args), "world_size": world}, indent=2).encode())
+    barrier()
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)
-    args.family = family
-    args.guidance = DEFAULT_GUIDANCE[family] if args.guidance is None else args.guidance
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    check_manifest(cache_dir, cache_manifest(args, family, pipe.scheduler))
+    if family != args.family:  # guess_family read the name wrong: the default guidance and the plan were another family's
+        raise SystemExit(f"error: {args.model} is a {family} model, not {args.family} as its name suggested; "
+                         "pass --guidance explicitly")
     if not cache_complete:
-        build_cache(pipe, family, prompts, reward_fn, cache_dir, args)
-    cache = load_cache(cache_dir, prompts)
-    print(f"cache: {len(prompts)} prompts x {args.images_per_prompt} images, mean reward {cache['rewards'].mean():.4f}")
+        if args.compile:
+            pipe.transformer.compile()
+        try:
+            if args.from_images:
+                build_cache_from_images(pipe, family, prompts, image_groups, cache_dir, args)
+            else:
+                build_cache(pipe, family, prompts, reward_fn, cache_dir, args)
+        except KeyboardInterrupt:
+            done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
+            raise SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to continue")
+    sizes, mean_reward = check_cache(cache_dir, prompts)
+    if rank == 0:
+        print(f"cache: {len(prompts)} prompts, {sum(sizes)} images, mean reward {mean_reward:.4f}")
 
     # training needs only the transformer: release the text encoders and the VAE
     transformer, pipeline_class, scheduler_config = pipe.transformer, type(pipe), dict(pipe.scheduler.config)
     del pipe
     gc.collect()
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-    lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache, args, device)
-    print(f"LoRA saved to {lora_dir} (load with pipe.load_lora_weights({str(lora_dir)!r}))")
+    lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device)
+    if rank == 0:
+        print(f"LoRA saved to {lora_dir} (load with pipe.load_lora_weights({str(lora_dir)!r}))")
     return lora_dir
 
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BadInput as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
@@ -86,6 +86,11 @@ def tiny_judge(tmp_path_factory):
 def pixels(path):
     return np.asarray(Image.open(path))
 
+
+def grid_size(columns, rows):
+    return (gdro_eval.GRID_LABEL_W + columns * gdro_eval.GRID_TILE,
+            gdro_eval.GRID_HEADER + rows * (gdro_eval.GRID_TILE + gdro_eval.GRID_CAPTION))
+
 # ----------------------------------------------------------------------------- report, images, grid, trend
 
 
@@ -103,10 +108,48 @@ def test_report_has_the_documented_keys_and_sane_values(evaluated):
     assert pixels(out / "images" / "base" / "0000_0.png").shape == (64, 64, 3)  # --tiny's resolution
     lines = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
     assert len(lines) == 4 * 3 and {l["seed"] for l in lines} == {10**6, 10**6 + 1, 10**6 + 2}
-    assert Image.open(out / "grid.png").size == (2 * 256, 3 * (256 + 24))  # base | lora, one row per prompt
+    # base | lora (the final LoRA is the newest checkpoint, so no third column), one row per prompt
+    assert Image.open(out / "grid.png").size == grid_size(2, 3)
     trend = json.loads((out / "trend.json").read_text())
     assert [p["step"] for p in trend] == [0, 2, 4] and trend[0]["ocr_reward"] == report["base"]["ocr_reward"]
     assert Image.open(out / "trend.png").size[0] > 0
+
+
+def test_grid_with_checkpoints_alone_shows_base_and_the_newest_checkpoint(run):
+    out = run["dir"] / "eval_ckpts"
+    gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--max-prompts", "2",
+                    "--checkpoints", str(run["checkpoints"]), "--judge", "none", "--out", str(out)])
+    grid = pixels(out / "grid.png")
+    assert grid.shape[1::-1] == grid_size(2, 2)
+    tile, x, y = gdro_eval.GRID_TILE, gdro_eval.GRID_LABEL_W, gdro_eval.GRID_HEADER
+    for c, name in enumerate(("base", "step_000004")):  # the tile of prompt 0 in column c is that set's image
+        image = np.asarray(Image.open(out / "images" / name / "0000_0.png").convert("RGB").resize((tile, tile)))
+        assert np.array_equal(grid[y:y + tile, x + c * tile:x + (c + 1) * tile], image)
+
+
+@pytest.mark.parametrize("sets, twins, columns, labels", [
+    (["base"], {}, ["base"], ["base"]),
+    (["base", "lora"], {}, ["base", "lora"], ["base", "LoRA"]),
+    (["base", "step_000002", "step_000004"], {}, ["base", "step_000004"], ["base", "step 4"]),
+    (["base", "step_000002", "step_000300", "lora"], {"lora": "step_000300"}, ["base", "lora"],
+     ["base", "LoRA = step 300"]),
+    (["base", "step_000002", "step_000300", "lora"], {}, ["base", "step_000300", "lora"],
+     ["base", "step 300", "LoRA"]),
+    (["base", "step_000002", "step_000004", "lora"], {"step_000004": "step_000002", "lora": "step_000002"},
+     ["base", "lora"], ["base", "LoRA = step 2"]),  # the LoRA stopped changing after step 2
+])
+def test_grid_has_one_labelled_column_per_set_shown_at_most_three(sets, twins, columns, labels):
+    got = gdro_eval.grid_columns(dict.fromkeys(sets), twins)
+    assert got == columns and [gdro_eval.column_label(c, twins) for c in got] == labels
+
+
+def test_fit_lines_keeps_to_the_width_and_marks_a_cut():
+    font = ImageFont.load_default(size=13)
+    text = 'A neon sign that reads "Open Late" above a rainy street, reflections, cinematic ' * 3
+    lines = gdro_eval.fit_lines(text, font, 150, 3)
+    assert len(lines) == 3 and lines[-1].endswith("…") and all(font.getlength(l) <= 150 for l in lines)
+    assert " ".join(gdro_eval.fit_lines("short prompt", font, 150, 3)) == "short prompt"
+    assert gdro_eval.fit_lines("x" * 200, font, 150, 3)[0].endswith("…")  # one word wider than the margin
 
 
 def test_the_final_lora_is_the_last_checkpoint_and_changes_the_images(evaluated):

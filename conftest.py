@@ -1,0 +1,18 @@
+"""Test markers. `pytest -q -m "not slow"`: the specification of the method, seconds. `pytest -q`: everything on CPU
+(end-to-end runs, fault injection, two processes). `pytest -m cuda -q`: the GPU acceptance tests, skipped without CUDA."""
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run (seconds to minutes); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
