@@ -459,6 +459,7 @@ def shard_path(cache_dir, i):
 
 
 def write_shard(cache_dir, i, prompt, tensors, **metadata):
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_atomic(shard_path(cache_dir, i), safetensors_bytes(tensors, metadata={"prompt": prompt, **metadata}))
 
@@ -822,6 +823,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
         model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         write_atomic(metrics_path, "".join(l + "\n" for l in read_metrics(metrics_path, start)).encode())
 
     G, M = args.groups_per_step, args.micro_batch
