@@ -38,7 +38,7 @@ EVAL_SEED = 1_000_000  # held-out seeds start here; the cache's rollouts use see
 # The toy's gdro flags, all passed explicitly (so --tiny's TINY_RUN shrinking never applies). Kept from the paper:
 # k = 6, beta = 12, tau = 0.05, gamma = 0.5, the loss and the loop. Changed for a random tiny model on a CPU:
 # 32 px, 4 sampler steps, 32 images per prompt, 12 groups per step, 200 steps, lr 1e-2, LoRA rank 4 (see README).
-TOY = {"resolution": 32, "images-per-prompt": 32, "steps": 4, "group-size": 6, "groups-per-step": 12,
+TOY = {"resolution": 32, "images-per-prompt": 32, "steps": 4, "group-size": 6, "groups-per-step": 12, "micro-batch": 12,
        "max-steps": 200, "lr": 1e-2, "lora-rank": 4, "beta": 12.0, "tau": 0.05, "gamma": 0.5,
        "normalize-rewards": False, "seed": 0}
 ABLATIONS = [  # (row label, changes to TOY)
@@ -87,7 +87,7 @@ def fresh_samples(pipe, prompt_list, n_seeds, settings):
         cond, uncond = gdro.encode_prompt(pipe, "sd3", p)
         x0 = gdro.generate(pipe, cond, uncond, seeds, settings["steps"], gdro.DEFAULT_GUIDANCE["sd3"], res)
         latents.append(x0)
-        rewards.append(toy_reward.colour_reward(gdro.decode(pipe, "sd3", x0, res), [p] * n_seeds))
+        rewards.append(toy_reward.colour_reward(gdro.decode(pipe, "sd3", x0), [p] * n_seeds))
         conds.append(cond)
     return torch.stack(latents), np.array(rewards), conds
 
@@ -105,24 +105,23 @@ def effect(base, trained):
 @torch.no_grad()
 def rank_accuracy(pipe, latents, rewards, conds, k=6, draws=4, seed=0):
     """The implicit reward s = -(err_policy - err_ref) of Eq. 5 on held-out groups of k base images (fresh seeds,
-    held-out prompts): how often it puts the best image first (top-1, chance 1/k), and how often it orders a
-    pair like the explicit reward (pairwise, chance 1/2). `draws` (t, eps) per group, as in training."""
-    tf, gen, top1, pairs = pipe.transformer, torch.Generator().manual_seed(seed), [], []
+    held-out prompts), from gdro.velocity_errors as in training: how often it puts the best image first (top-1, chance
+    1/k; groups whose best reward is tied are left out), and how often it orders a pair like the explicit reward
+    (pairwise, chance 1/2; tied pairs left out). `draws` (t, eps) per group, as in training."""
+    gen, config, top1, pairs = torch.Generator().manual_seed(seed), dict(pipe.scheduler.config), [], []
     for x_all, r_all, cond in zip(latents, rewards, conds):
         for g in range(len(r_all) // k):
-            x0, r = x_all[g * k:(g + 1) * k], torch.tensor(r_all[g * k:(g + 1) * k])
-            c = {name: v.expand(k, *v.shape[1:]) for name, v in cond.items()}
+            x0, r = x_all[None, g * k:(g + 1) * k], torch.tensor(r_all[g * k:(g + 1) * k])
             for _ in range(draws):
-                eps = torch.randn((1, *x0.shape[1:]), generator=gen).expand_as(x0)
-                t = gdro.sample_t(1, dict(pipe.scheduler.config), None, gen).expand(k)
-                x_t, v = (1 - t.reshape(-1, 1, 1, 1)) * x0 + t.reshape(-1, 1, 1, 1) * eps, eps - x0
-                tf.disable_adapters()
-                err_ref = (gdro.velocity(tf, "sd3", x_t, t, c, None) - v).pow(2).flatten(1).mean(1)
-                tf.enable_adapters()
-                s = -((gdro.velocity(tf, "sd3", x_t, t, c, None) - v).pow(2).flatten(1).mean(1) - err_ref)
-                top1.append((r[s == s.max()] == r.max()).float().mean().item())  # ties count as a share
+                eps = torch.randn((1, *x0.shape[2:]), generator=gen)
+                t = gdro.sample_t(1, config, None, gen)
+                err_policy, err_ref = gdro.velocity_errors(pipe.transformer, "sd3", x0, cond, t, eps)
+                s = -(err_policy - err_ref)[0]
+                if (r == r.max()).sum() == 1:
+                    top1.append(float(r[s.argmax()] == r.max()))
                 i, j = torch.triu_indices(k, k, 1)
-                pairs += ((torch.sign(s[i] - s[j]) * torch.sign(r[i] - r[j]) + 1) / 2).tolist()  # tie = 1/2
+                untied = r[i] != r[j]
+                pairs += (torch.sign(s[i] - s[j]) == torch.sign(r[i] - r[j]))[untied].float().tolist()
     return {"top1": float(np.mean(top1)), "pairwise": float(np.mean(pairs)), "groups": len(top1) // draws}
 
 
