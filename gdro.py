@@ -34,6 +34,7 @@ import importlib.util
 import io
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -68,8 +69,8 @@ TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, grou
 # 10 Euler steps, and one training step of one k = 6 group with checkpointing. Only the --dry-run estimate uses them.
 H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
 
-# name -> (diffusers scheduler, its settings): solvers of the same flow-matching ODE; GDRO does not care which drew
-# the cache, so a higher-order solver is free speed (README: distance to a 200-step solution per step count)
+# --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
+# which drew the cache, so a second-order solver is free speed (README "Samplers": distance to a 200-step solution)
 SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
             "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
             "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
@@ -284,10 +285,24 @@ def write_atomic(path, data):
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror)
-        raise SystemExit(f"error: cannot write {path}: {what}. Free space or fix the folder, then rerun the same "
-                         "command: finished cache shards and the last complete checkpoint are kept")
+        raise write_failed(path, e)
+
+
+def append_line(path, line):
+    """Append one line to a log (metrics.jsonl): a kill can tear only that last line, which a resume drops."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise write_failed(path, e)
+
+
+def write_failed(path, e):
+    """The one-line stop for a write that failed (a full disk, permissions): what happened and what to do."""
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror)
+    return SystemExit(f"error: cannot write {path}: {what}. Free space or fix the folder, then rerun the same "
+                      "command: finished cache shards and the last complete checkpoint are kept")
 
 # ============================================================================= 3. models
 # Two families side by side. What differs: prompt encoding (SD3: two CLIPs + T5 and real CFG; FLUX: CLIP pooled +
@@ -302,14 +317,19 @@ def pipeline_classes():
 
 
 def make_scheduler(name, config):
-    """The rollout ODE solver `name` (SAMPLERS) on the base model's flow-matching schedule `config`."""
+    """The rollout ODE solver `name` (SAMPLERS) for a model whose flow-matching Euler scheduler has `config`. The
+    multistep solvers run in diffusers' flow mode on their own grid of the same shifted schedule (SD3: shift; FLUX:
+    the resolution's mu, which FluxPipeline passes); keys they do not know (FLUX's shift settings, which the pipeline
+    reads from scheduler.config) are kept in their config."""
     import diffusers
     cls, settings = SAMPLERS[name]
-    if cls == "FlowMatchEulerDiscreteScheduler":
-        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-    flux = bool(config.get("use_dynamic_shifting"))
-    return getattr(diffusers, cls).from_config(config, **settings, use_flow_sigmas=True, prediction_type="flow_prediction",
-                                               flow_shift=config.get("shift", 3.0), use_dynamic_shifting=flux)
+    if name == "euler":
+        return getattr(diffusers, cls).from_config(config)
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0),
+                use_dynamic_shifting=bool(config.get("use_dynamic_shifting")))
+    scheduler = getattr(diffusers, cls)(num_train_timesteps=config.get("num_train_timesteps", 1000), **flow, **settings)
+    scheduler.register_to_config(**{k: v for k, v in config.items() if k not in scheduler.config and not k.startswith("_")})
+    return scheduler
 
 
 def build_tiny_pipeline(family="sd3", seed=0):
@@ -492,7 +512,7 @@ def check_cache(cache_dir, prompts):
 def cache_manifest(args):
     """What makes two caches the same: a cache is never mixed from shards made differently."""
     if args.from_images:
-        source = {"source": "images", "images": str(Path(args.from_images).resolve()),
+        source = {"source": "images", "images": str(Path(args.from_images).resolve()), "group_size": args.group_size,
                   "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
     else:
         reward_file = Path(__file__).with_name("reward_ocr.py") if args.reward == "ocr" else args.reward.rpartition(":")[0]
@@ -539,16 +559,18 @@ def score(reward_fn, spec, images, prompt, i):
     """The reward of one prompt's images as a list of finite floats; a reward that raises or returns anything else
     stops the run with one line (its own traceback below it)."""
     n = len(images)
+    rerun = ("finished shards are kept. Fix it and rerun the same command (shards are scored by the reward file as "
+             "it is: after editing it, delete the cache folder or use another --out)")
     try:
-        rewards = reward_fn(images, [prompt] * n)
-        rewards = [float(r) for r in rewards]
+        returned = list(reward_fn(images, [prompt] * n))
+        real = all(isinstance(r, numbers.Real) or (torch.is_tensor(r) and r.numel() == 1) for r in returned)
+        rewards = [float(r) for r in returned] if real else None  # never parse strings as rewards
     except Exception as e:
         frames = "".join(traceback.format_exception(e)[1:])
-        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); finished "
-                         f"shards are kept: fix it and rerun the same command\n{frames}")
-    if len(rewards) != n or not all(math.isfinite(r) for r in rewards):
-        raise SystemExit(f"error: the reward {spec} returned {rewards[:8]} for the {n} images of prompt {i + 1}; "
-                         f"expected {n} finite numbers. Finished shards are kept: fix it and rerun the same command")
+        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); {rerun}\n{frames}")
+    if rewards is None or len(rewards) != n or not all(math.isfinite(r) for r in rewards):
+        raise SystemExit(f"error: the reward {spec} returned {returned[:8]!r} for the {n} images of prompt {i + 1}; "
+                         f"expected {n} finite numbers; {rerun}")
     return rewards
 
 
@@ -595,7 +617,7 @@ def read_image_folder(folder, group_size):
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(meta.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -871,10 +893,10 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                 line = {"step": done, **dict(zip(METRICS, means)), "lr": args.lr, "time_s": round(time.time() - t0, 2)}
                 bar.set_postfix(loss=f"{line['loss']:.4f}", rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}",
                                 tied=f"{line['tied_groups']:.0%}")
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+                append_line(metrics_path, json.dumps(line))
             if done % args.log_every == 0:
                 window = []
+            stop_now = stop_now or (world == 1 and bool(stop))  # one process: a Ctrl-C up to here stops after this step
             if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
                 last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
             if on_step is not None:
@@ -906,7 +928,10 @@ def read_prompts(path, reward, max_prompts=None):
         raise BadInput(f"--prompts {path} is a folder; expected a text file with one prompt per line")
     if not path.is_file():
         raise BadInput(f"--prompts {path}: file not found")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"--prompts {path}: cannot read it ({e.strerror})")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -975,7 +1000,9 @@ def check_out(out):
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     parent = next(p for p in [out, *out.parents] if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise BadInput(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"--out {out}: {parent} is not a writable folder")
 
 
@@ -1069,6 +1096,9 @@ if __name__ == "__main__":
         if is_main_process():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside the cache build and training (which say more): nothing half-written
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -80,8 +80,8 @@ class OcrReward:
         import easyocr  # imported here so ocr_score / ocr_target / CLI input checks stay light
         import torch
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:  # this process's GPU (under torchrun, each process has its own)
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self.device = str(device)
         try:  # offline weights packaged for pip; otherwise EasyOCR downloads to ~/.EasyOCR
             import easyocr_en_models
@@ -93,6 +93,10 @@ class OcrReward:
         with _quiet():
             # gpu takes a device string too; "cpu" also makes EasyOCR quantise its models (faster on CPU).
             self.reader = easyocr.Reader(["en"], gpu=self.device, verbose=False, **kwargs)
+        for name in ("detector", "recognizer"):  # EasyOCR wraps its nets in DataParallel over EVERY visible GPU, which
+            net = getattr(self.reader, name)     # fails off cuda:0 under torchrun: one process, one GPU, its own nets
+            if isinstance(net, torch.nn.DataParallel):
+                setattr(self.reader, name, net.module)
 
     def read(self, image):
         """All text EasyOCR recognises in the image, pieces joined with no separator."""
