@@ -1,340 +1,611 @@
-"""What GDRO costs, measured as ratios in one run (absolute times on a shared machine are noise).
+"""What GDRO costs, measured in one run: ratios on any machine; on a CUDA GPU also the real models' speed and memory.
 
-    python bench.py            # mid-size SD3 transformer, a few minutes on CPU; on CUDA also the real architectures
-    python bench.py --quick    # small version for CI smoke, under a minute
+    python bench.py              # a few minutes on CPU; on CUDA also SD3.5-Medium and FLUX.1-dev at real size
+    python bench.py --quick      # CPU smoke (CI), about a minute: the same code on small configs
+    python bench.py --samplers   # each rollout sampler's distance to a 200-step solution (tiny models, CPU)
 
-Figures (the last line printed is one JSON object holding them):
-  step_overhead         full GDRO training step / the transformer work inside it        target <= 1.10
-  rollout_overhead      gdro.build_cache / bare diffusers pipeline calls, same images    target <= 1.10
-  ckpt_memory_ratio     peak memory of a training step, checkpointing on / off           target <= 0.60
+A progress line per measurement; the last line printed is one JSON object holding every figure:
+  step_overhead         full gdro.train step / the transformer work inside it          target <= 1.10
+  rollout_overhead      gdro.build_cache / bare pipeline calls making the same images   target <= 1.10
+  ckpt_memory_ratio     peak memory of a training step, checkpointing on / off          target <= 0.60
   offline_amortization  transformer forward-equivalents per training image, online / GDRO (> 1: GDRO is cheaper)
-Every measurement drives gdro.py's own functions (build_cache, train), never a copy of them.
+  default_plan          how much of ocr.txt's cache the default recipe trains (gdro.training_plan, as --dry-run)
+  real                  SD3.5-Medium and FLUX.1-dev from their configs (meta device): parameters, FLOPs of a step
+  measured              the same two architectures with random weights (no download), end to end: seconds per
+                        prompt group through gdro.build_cache for each sampler, with and without compile; per
+                        training setting (checkpointing, groups per micro-batch) through gdro.train the step time,
+                        peak memory, model TFLOP/s and its share of the matmul peak measured in the same run; and
+                        one prompt's rollout in training steps. On CUDA at real size (16 images, 10 steps, 512 px,
+                        k = 6, bf16); on CPU the same code on small configs (figures that only show it runs).
+Every measurement drives gdro.py's own functions (build_cache, train, velocity_errors, generate), never a copy.
 """
 import argparse
-import copy
+import contextlib
 import gc
+import importlib.util
 import json
+import math
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 import gdro
 
-FULL = dict(width=256, layers=4, resolution=128, prompts=2, images=8, sampler_steps=3, train_steps=9, repeats=3, ocr_images=2)
-QUICK = dict(width=128, layers=2, resolution=64, prompts=1, images=6, sampler_steps=2, train_steps=3, repeats=1, ocr_images=0)
-REAL = {  # the transformers of SD3.5-Medium and FLUX.1-dev (their diffusers config.json); shapes at 512 x 512
-    "sd3.5-medium": ("sd3", "SD3Transformer2DModel", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-        qk_norm="rms_norm"), dict(x=(16, 64, 64), prompt_embeds=(333, 4096), pooled_prompt_embeds=(2048,))),
-    "flux.1-dev": ("flux", "FluxTransformer2DModel", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-        guidance_embeds=True, axes_dims_rope=(16, 56, 56)), dict(x=(1024, 64), prompt_embeds=(512, 4096), pooled_prompt_embeds=(768,))),
+HERE = Path(__file__).parent
+K = 6  # images per group in the loss: gdro.py's default --group-size
+# the CPU bench model (an SD3 transformer of the given width and depth) and the run it is measured on
+BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, sampler_steps=3, train_steps=9,
+                      repeats=3, ocr_images=2),
+         "quick": dict(width=128, layers=2, resolution=64, prompts=1, images=6, sampler_steps=2, train_steps=3,
+                       repeats=1, ocr_images=0)}
+# the real architectures' run (the paper's rollout group, groups of k, training steps per measurement) and its
+# small CPU version
+REAL_RUN = dict(images=16, steps=10, resolution=512, k=K, train_steps=6, matmul=8192)
+SMALL_RUN = dict(images=4, steps=2, resolution=64, k=2, train_steps=3, matmul=512)
+MICRO_BATCHES = (1, 2, 4)  # groups per micro-batch (--micro-batch), checkpointing on
+VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=16,
+           sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)  # both families' VAE: 8x down, 16 channels
+# SD3.5-Medium and FLUX.1-dev: their transformer and VAE config.json, the output sizes of their text encoders (the
+# tiny encoders are widened to them; depth stays tiny: rollouts need embeddings of the real shapes, not their
+# meaning), and the shapes of one cached image and its conditioning at 512 px
+REAL = {
+    "sd3.5-medium": dict(
+        family="sd3",
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        vae=dict(VAE, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoders=dict(text_encoder=dict(hidden_size=768, projection_dim=768),      # CLIP-L
+                           text_encoder_2=dict(hidden_size=1280, projection_dim=1280),  # CLIP-G
+                           text_encoder_3=dict(d_model=4096)),                          # T5-XXL
+        shapes=dict(x0=(16, 64, 64), prompt_embeds=(77 + 256, 4096), pooled_prompt_embeds=(768 + 1280,))),
+    "flux.1-dev": dict(
+        family="flux",
+        transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                         guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        vae=dict(VAE, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoders=dict(text_encoder=dict(hidden_size=768, projection_dim=768),  # CLIP-L
+                           text_encoder_2=dict(d_model=4096)),                      # T5-XXL
+        shapes=dict(x0=(32 * 32, 64), prompt_embeds=(512, 4096), pooled_prompt_embeds=(768,))),  # packed 2x2 patches
 }
-PIPELINE = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}  # gdro.train saves the LoRA with it
+SMALL_VAE = dict(block_out_channels=(16,) * 4, layers_per_block=1, norm_num_groups=8)
+SMALL = {  # REAL with few, narrow layers, for a CPU: the text encoders keep the real output sizes
+    "sd3.5-medium": dict(transformer=dict(sample_size=8, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
+                                          pos_embed_max_size=16, dual_attention_layers=(0,)), vae=SMALL_VAE),
+    "flux.1-dev": dict(transformer=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
+                                        axes_dims_rope=(8, 12, 12)), vae=SMALL_VAE),
+}
+PROMPT = 'a shop sign that reads "Open Late"'  # the real architectures' rollout prompt
+SAMPLER_STEPS = (2, 4, 6, 8, 10, 16)
+REFERENCE_STEPS = 200
+SAMPLER_PROMPTS = ["a red apple on a wooden table", 'a shop sign that reads "Open Late"', "a blue bird in the snow"]
+SAMPLER_SEEDS = (0, 1)
+
+# ----------------------------------------------------------------------------- models
+
+
+def spec(name, small=False):
+    """REAL[name], or its small CPU version: REAL with SMALL's settings laid over each part."""
+    real = REAL[name]
+    if not small:
+        return real
+    return {part: {**value, **SMALL[name].get(part, {})} if isinstance(value, dict) else value
+            for part, value in real.items()}
+
+
+def bench_spec(width, layers):
+    """The CPU bench model: SD3.5-Medium's structure at a width and depth a CPU measures in minutes."""
+    small = spec("sd3.5-medium", small=True)
+    return {**small, "transformer": {**small["transformer"], "num_layers": layers, "num_attention_heads": width // 64,
+                                     "caption_projection_dim": width, "sample_size": 32, "pos_embed_max_size": 32,
+                                     "dual_attention_layers": tuple(range(layers // 2))}}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Modules built inside are created in dtype: a 12 B-parameter model is never materialised in fp32 first."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build(cls, *args, device, dtype, seed=0, **kwargs):
+    """cls(*args, **kwargs) with random weights (seeded), built directly on the device in dtype ("meta": nothing
+    allocated), in eval mode; buffers a model makes in fp32 are cast to dtype, as from_pretrained(torch_dtype=...)
+    leaves them."""
+    torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device):
+        model = cls(*args, **kwargs).eval()
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+    return model
+
+
+def build_transformer(spec, device, dtype, seed=0):
+    """The spec's transformer, of the family's class (as in gdro's tiny pipeline), with random weights."""
+    cls = type(gdro.build_tiny_pipeline(spec["family"]).transformer)
+    return build(cls, **spec["transformer"], device=device, dtype=dtype, seed=seed)
+
+
+def build_pipeline(spec, device, dtype, seed=0):
+    """A pipeline of the spec's family with random weights: the spec's transformer and VAE, gdro's tiny pipeline's
+    text encoders widened to the spec's output sizes, its tokenizers, and its scheduler on the real models' flow
+    schedule (gdro.SCHEDULER_CONFIG)."""
+    tiny = gdro.build_tiny_pipeline(spec["family"])
+    parts = {**tiny.components, "transformer": build_transformer(spec, device, dtype, seed),
+             "vae": build(type(tiny.vae), **spec["vae"], device=device, dtype=dtype, seed=seed)}
+    for name, sizes in spec["text_encoders"].items():
+        config = tiny.components[name].config
+        parts[name] = build(type(tiny.components[name]), type(config).from_dict({**config.to_dict(), **sizes}),
+                            device=device, dtype=dtype, seed=seed)
+    pipe = type(tiny)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def brightness(images, prompts):
+    """A cheap reward (mean pixel value): rollouts are timed without the cost of a real reward."""
+    return [float(np.asarray(im.convert("L")).mean()) / 255 for im in images]
+
+
+def rollout_args(family, images, steps, resolution, sampler="euler"):
+    """gdro.build_cache's settings: one prompt group of `images` images, the family's usual guidance."""
+    return gdro.parse_args(["--reward", f"{Path(__file__).name}:brightness", "--images-per-prompt", str(images),
+                            "--steps", str(steps), "--resolution", str(resolution), "--sampler", sampler,
+                            "--guidance", str(gdro.DEFAULT_GUIDANCE[family])])
+
+
+def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every=10, k=K):
+    """gdro.train's settings: groups of k images, the default LoRA and loss, one checkpoint at the end."""
+    return gdro.parse_args(["--out", str(out), "--max-steps", str(steps), "--groups-per-step", str(groups),
+                            "--micro-batch", str(micro_batch), "--group-size", str(k), "--log-every", str(log_every),
+                            "--save-every", str(steps), "--guidance", str(gdro.DEFAULT_GUIDANCE[family]),
+                            "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"])
+
+
+def train(transformer, family, cache_dir, sizes, args, device, on_step=None):
+    """gdro.train as gdro.main calls it, with the family's pipeline class and the real models' flow schedule."""
+    return gdro.train(transformer, family, gdro.pipeline_classes()[family], gdro.SCHEDULER_CONFIG[family], cache_dir,
+                      sizes, args, device, on_step)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+# ----------------------------------------------------------------------------- measuring
 
 
 def stamp(device):
     # CPU: process CPU time (with one intra-op thread, --threads), so other users of a shared CPU stay out of the
     # figures; CUDA: wall time after a synchronize. Wall time is kept beside it for the record.
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() if device == "cuda" else time.process_time()), time.perf_counter()
+    return (time.perf_counter() if device.type == "cuda" else time.process_time()), time.perf_counter()
 
 
 def since(t0, device):
     return tuple(b - a for a, b in zip(t0, stamp(device)))
 
 
-def bench_pipeline(width, layers, resolution, device):
-    """StableDiffusion3Pipeline: the tiny pipeline's text encoders, VAE and tokenizers, a mid-size SD3 transformer."""
-    tiny = gdro.build_tiny_pipeline("sd3")
-    torch.manual_seed(0)
-    patches = resolution // tiny.vae_scale_factor // 2
-    transformer = diffusers.SD3Transformer2DModel(sample_size=2 * patches, patch_size=2, in_channels=16, out_channels=16,
-        num_layers=layers, attention_head_dim=64, num_attention_heads=width // 64, caption_projection_dim=width,
-        joint_attention_dim=tiny.text_encoder_3.config.d_model, pooled_projection_dim=2 * tiny.text_encoder.config.projection_dim,
-        pos_embed_max_size=max(16, patches))
-    pipe = diffusers.StableDiffusion3Pipeline(**{**tiny.components, "transformer": transformer})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def count_rows(transformer):
-    """Counts transformer forward calls as batch rows (a CFG call of n images counts 2n) and keeps the last call's
-    inputs; returns (counter, hook)."""
-    counter = {"rows": 0, "on": True, "kwargs": None}
-    def pre_hook(module, args, kwargs):
-        if counter["on"]:
-            counter["rows"] += kwargs["hidden_states"].shape[0]
-            counter["kwargs"] = kwargs
-    return counter, transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-
-def measure_rollout(pipe, prompts, gargs, repeats, device):
-    # build_cache (encode, generate, decode, cheap reward, write shards) against the bare pipeline calls that make the
-    # same images (same seeds, one call per prompt on both sides: --rollout-batch = images per prompt). They take
-    # turns, in swapped order every other repeat, so that load changes and order effects hit both; the images and
-    # the transformer rows are compared to show it is the same work.
-    n, out = gargs.images_per_prompt, {}
-    def brightness(images, prompts_):  # a cheap reward: mean pixel value
-        out["cache"] += images
-        return [float(np.asarray(im.convert("L")).mean()) / 255 for im in images]
-    def bare():
-        for i, p in enumerate(prompts):
-            gens = [torch.Generator().manual_seed(gargs.seed + i * n + j) for j in range(n)]
-            out["bare"] += pipe(prompt=p, num_images_per_prompt=n, generator=gens, height=gargs.resolution,
-                                width=gargs.resolution, num_inference_steps=gargs.steps, guidance_scale=gargs.guidance).images
-    def cache():
-        with tempfile.TemporaryDirectory() as cache_dir:
-            gdro.build_cache(pipe, "sd3", prompts, brightness, cache_dir, gargs)
-            out["loaded"] = gdro.load_cache(cache_dir, prompts)
-    pipe(prompt=prompts[0], num_inference_steps=1, height=gargs.resolution, width=gargs.resolution)  # warm-up, untimed
-    counter, hook = count_rows(pipe.transformer)
-    times, rows = {"bare": [], "cache": []}, {}
-    for rep in range(repeats):
-        for name, run in ((("bare", bare), ("cache", cache)) if rep % 2 == 0 else (("cache", cache), ("bare", bare))):
-            out[name], counter["rows"], t0 = [], 0, stamp(device)
-            run()
-            times[name].append(since(t0, device))
-            rows[name] = counter["rows"]
-    hook.remove()
-    ratios = [c[0] / b[0] for b, c in zip(times["bare"], times["cache"])]
-    wall = [c[1] / b[1] for b, c in zip(times["bare"], times["cache"])]
-    diff = max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() for a, b in zip(out["bare"], out["cache"]))
-    print(f"rollout: build_cache / bare pipeline = {statistics.median(ratios):.3f} (per repeat {[round(r, 3) for r in ratios]}, "
-          f"wall {[round(r, 3) for r in wall]}); same images: max pixel difference {diff}; transformer rows "
-          f"{rows['cache']} (bare {rows['bare']})")
-    images = len(prompts) * n
-    return statistics.median(ratios), out["loaded"], rows["cache"] / images, statistics.median(b[0] for b in times["bare"]) / images
-
-
-def transformer_work(transformer, lora_layers, kwargs, device):
-    """The transformer work of one step: reference forward (LoRA off), policy forward and backward. The reference
-    flips each LoRA layer's disable flag directly: peft's disable_adapters()/enable_adapters() walk every module and
-    reset requires_grad (about 10 ms each at SD3.5-Medium size); gdro.train pays that, so it counts as overhead."""
-    with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-        with torch.no_grad():
-            for layer in lora_layers:
-                layer._disable_adapters = True
-            transformer(**kwargs)
-            for layer in lora_layers:
-                layer._disable_adapters = False
-        out = transformer(**kwargs)[0]
-    out.float().square().mean().backward()
-
-
-def timed_training(transformer, family, scheduler_config, cache, gargs, device):
-    # Runs gdro.train unchanged and, right after each optimizer step, the bare transformer work on the batch that
-    # step used (captured from its forward call), so full steps and bare work alternate one to one. A full step is
-    # the time between two optimizer steps less the bare work: sampling, x_t, both velocities, loss, backward,
-    # clipping, AdamW, logging. The first pair (adapter setup, warm-up) is left out.
-    counter, hook = count_rows(transformer)
-    full, bare, last, lora_layers = [], [], [None], []
-    def after_step(optimizer, args, kwargs):
-        lora_layers[:] = lora_layers or [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-        if last[0] is not None:
-            full.append(since(last[0], device))
-        optimizer.zero_grad(set_to_none=True)  # gdro.train does this next anyway; the bare backward starts as its own
-        counter["on"], t0 = False, stamp(device)
-        transformer_work(transformer, lora_layers, counter["kwargs"], device)
-        bare.append(since(t0, device))
-        counter["on"], last[0] = True, stamp(device)
-    step_hook = register_optimizer_step_post_hook(after_step)
-    try:
-        gdro.train(transformer, family, PIPELINE[family], scheduler_config, cache, gargs, device)
-    finally:
-        step_hook.remove()
-        hook.remove()
-    return list(zip(full, bare))[1:], counter["rows"] / gargs.max_steps  # pairs (step i+1, bare work just before it)
-
-
-def train_args(out, steps, cache, ckpt, guidance):
-    n = cache["rewards"].shape[1]
-    return gdro.parse_args(["--prompts", "-", "--out", out, "--max-steps", str(steps), "--images-per-prompt", str(n),
-        "--group-size", str(min(6, n)), "--lora-rank", "32", "--guidance", str(guidance), "--save-every", "100000",
-        "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"])
-
-
-def measure_step(base, cache, scheduler_config, steps, device):
-    with tempfile.TemporaryDirectory() as out:
-        pairs, rows_per_step = timed_training(copy.deepcopy(base), "sd3", scheduler_config, cache,
-                                              train_args(out, steps, cache, device == "cuda", 4.5), device)
-    ratios, wall = [f[0] / b[0] for f, b in pairs], [f[1] / b[1] for f, b in pairs]
-    print(f"step: full / transformer work = {statistics.median(ratios):.3f} (median of {len(ratios)} adjacent pairs, range "
-          f"{min(ratios):.3f}-{max(ratios):.3f}, {statistics.median(b[0] for _, b in pairs):.2f} s of work each; "
-          f"wall-time median {statistics.median(wall):.3f})")
-    return statistics.median(ratios), rows_per_step
+def seconds(run, device):
+    t0 = stamp(device)
+    run()
+    return since(t0, device)[0]
 
 
 def peak_memory(run, device):
-    # CUDA: max_memory_allocated. CPU has no peak counter, so torch.profiler records every allocation and free of
-    # torch's CPU allocator during run(); the running sum of their sizes peaks at the most memory the step had live
-    # beyond what existed before (weights and cache: the same with and without checkpointing). That covers
-    # activations saved for backward, block recomputation, gradients, LoRA + AdamW state and temporaries.
-    if device == "cuda":
+    """(run's result, the most bytes it had allocated at once beyond what was allocated when it started).
+    CUDA: max_memory_allocated. CPU has no peak counter, so torch.profiler records every allocation and free of
+    torch's CPU allocator during run(); the running sum of their sizes peaks at the most memory run had live: the
+    activations saved for backward, block recomputation, gradients, LoRA + AdamW state and temporaries."""
+    if device.type == "cuda":
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run()
-        return torch.cuda.max_memory_allocated() - before
+        result = run()
+        return result, torch.cuda.max_memory_allocated() - before
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
+        result = run()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    return peak
+    return result, peak
 
 
-def measure_ckpt_memory(base, cache, scheduler_config, device):
+def transformer_work(transformer, family, batch, guidance, device):
+    """The transformer work of a training step and nothing else: gdro.velocity_errors (policy and reference
+    forwards) and the policy's backward, on a step's batch, as gdro.train runs them. autograd.grad leaves the LoRA's
+    .grad untouched, so training goes on as if this had not run."""
+    lora = [p for p in transformer.parameters() if p.requires_grad]
+    with gdro.training_attention():
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            err_policy, _ = gdro.velocity_errors(transformer, family, batch["x0"], batch["cond"], batch["t"],
+                                                 batch["eps"], guidance)
+        torch.autograd.grad(err_policy.sum(), lora)
+
+
+def timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=True):
+    """gdro.train as in a real run, timed step by step through its on_step callback; with bare_work, after each
+    optimizer step the bare transformer work on the batch that step used, so full steps and bare work alternate one
+    to one. A full step is the time from one on_step (or the end of its bare work) to the next: drawing the batch,
+    both velocities, the loss, backward, clipping, AdamW, logging. The first step (adapter set-up, warm-up) and the
+    last (it writes a checkpoint) are left out. Returns [(full step, the bare work just before it or None)], each
+    time a (time, wall time) pair."""
+    full, bare, last = [], [], []
+
+    def on_step(step, batch):
+        if last:
+            full.append(since(last.pop(), device))
+        if bare_work:
+            t0 = stamp(device)
+            transformer_work(transformer, family, batch, args.guidance, device)
+            bare.append(since(t0, device))
+        last.append(stamp(device))
+
+    train(transformer, family, cache_dir, sizes, args, device, on_step)
+    return list(zip(full, bare if bare_work else [None] * len(full)))[:-1]  # full[i]: step i + 1; bare[i]: after step i
+
+
+def step_flops(spec, shapes, k=K):
+    """Model FLOPs of one group's training step, counted by torch's FlopCounterMode through gdro.velocity_errors on
+    the spec's transformer built on the meta device (nothing allocated, nothing run): the policy and reference
+    forwards, and the policy's backward (frozen base: input gradients and the LoRA's). Gradient checkpointing's
+    recomputation is not counted. Returns {"forward": both forwards, "backward": ...}."""
+    transformer = build_transformer(spec, "meta", torch.float32)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=gdro.LORA_TARGETS))  # gdro's default rank
+    with torch.device("meta"):
+        x0, eps, t = torch.randn(1, k, *shapes["x0"]), torch.randn(1, *shapes["x0"]), torch.rand(1)
+        cond = {name: torch.randn(1, *shapes[name]) for name in ("prompt_embeds", "pooled_prompt_embeds")}
+    with FlopCounterMode(display=False) as forward:
+        err_policy, _ = gdro.velocity_errors(transformer, spec["family"], x0, cond, t, eps,
+                                             gdro.DEFAULT_GUIDANCE[spec["family"]])
+    with FlopCounterMode(display=False) as backward:
+        err_policy.sum().backward()
+    return {"forward": forward.get_total_flops(), "backward": backward.get_total_flops()}
+
+
+def cached_shapes(cache_dir):
+    """The shapes of one cached image and its conditioning, as training reads them."""
+    shard = gdro.read_shard(cache_dir, 0)
+    return {"x0": tuple(shard["x0"].shape[1:]),
+            **{name: tuple(shard[name].shape) for name in ("prompt_embeds", "pooled_prompt_embeds")}}
+
+
+def matmul_tflops(device, n, repeats=20):
+    """The device's dense matmul throughput, measured: n x n x n products in bf16 on CUDA (training's compute
+    dtype), fp32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    t0 = stamp(device)
+    for _ in range(repeats):
+        a @ b
+    tflops = 2 * n ** 3 * repeats / since(t0, device)[0] / 1e12
+    print(f"matmul peak: {tflops:.3g} TFLOP/s ({n}^3, {str(dtype).removeprefix('torch.')}, {device.type})")
+    return tflops
+
+
+def train_cost(flops):
+    """Forward-equivalents of training one image: its policy and reference forwards, and the backward priced by
+    its FLOPs in forwards."""
+    return 2 + 2 * flops["backward"] / flops["forward"]
+
+
+def offline_amortization(rollout_per_image, train_per_image, epochs):
+    """Forward-equivalents per training image, online / GDRO. GDRO spreads its cache over the epochs it trains on
+    it; an online method regenerates its images at the same sampler settings for every step."""
+    return (rollout_per_image + train_per_image) / (rollout_per_image / epochs + train_per_image)
+
+
+def relative_rms(x, reference):
+    """Mean over images of RMS(x - reference) / RMS(reference)."""
+    rms = lambda v: v.flatten(1).pow(2).mean(1).sqrt()
+    return (rms(x - reference) / rms(reference)).mean().item()
+
+
+def median(xs):
+    return statistics.median(xs)
+
+# ----------------------------------------------------------------------------- the CPU ratios
+
+
+def measure_rollout_overhead(pipe, prompts, args, repeats, work, device):
+    """gdro.build_cache (encode, generate, decode, reward, write shards) against the bare pipeline calls that make
+    the same images: same seeds, one call per prompt group on both sides. They take turns, in swapped order every
+    other repeat, so that load changes and order effects hit both; the images are compared to show it is the same
+    work. Returns (ratio, the last cache's folder, transformer rows per image, bare seconds per image)."""
+    n = args.images_per_prompt
+
+    def bare():
+        return [image for i, prompt in enumerate(prompts) for image in pipe(
+            prompt=prompt, num_images_per_prompt=n, height=args.resolution, width=args.resolution,
+            generator=[torch.Generator().manual_seed(gdro.image_seed(args.seed, i, j, n)) for j in range(n)],
+            num_inference_steps=args.steps, guidance_scale=args.guidance).images]
+
+    pipe(prompt=prompts[0], num_inference_steps=1, height=args.resolution, width=args.resolution)  # warm-up, untimed
+    times, images = {"bare": [], "cache": []}, []
+    for rep in range(repeats):
+        cache_dir = work / f"rollout_{rep}"
+        runs = {"bare": lambda: images.append(bare()),
+                "cache": lambda: gdro.build_cache(pipe, "sd3", prompts, brightness, cache_dir, args)}
+        for name in (("bare", "cache") if rep % 2 == 0 else ("cache", "bare")):
+            t0 = stamp(device)
+            runs[name]()
+            times[name].append(since(t0, device))
+    ratios = [c[0] / b[0] for b, c in zip(times["bare"], times["cache"])]
+    wall = [c[1] / b[1] for b, c in zip(times["bare"], times["cache"])]
+    cached = [im for i in range(len(prompts)) for im in gdro.decode(pipe, "sd3", gdro.read_shard(cache_dir, i)["x0"])]
+    diff = max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() for a, b in zip(images[-1], cached))
+    rows = args.steps * (2 if pipe.do_classifier_free_guidance else 1)  # CFG: a conditional and an unconditional row
+    print(f"rollout: build_cache / bare pipeline = {median(ratios):.3f} (per repeat {[round(r, 3) for r in ratios]}, "
+          f"wall {[round(r, 3) for r in wall]}); same images: max pixel difference {diff}")
+    return median(ratios), cache_dir, rows, median(b[0] for b in times["bare"]) / len(images[-1])
+
+
+def measure_step_overhead(spec, cache_dir, sizes, steps, work, device, dtype):
+    transformer = build_transformer(spec, device, dtype)
+    args = train_args(work / "step", spec["family"], steps, ckpt=device.type == "cuda")
+    pairs = timed_training(transformer, spec["family"], cache_dir, sizes, args, device)
+    ratios, wall = [f[0] / b[0] for f, b in pairs], [f[1] / b[1] for f, b in pairs]
+    print(f"step: full / transformer work = {median(ratios):.3f} (median of {len(ratios)} adjacent pairs, range "
+          f"{min(ratios):.3f}-{max(ratios):.3f}, {median(b[0] for _, b in pairs):.3f} s of work each; wall-time "
+          f"median {median(wall):.3f})")
+    return median(ratios)
+
+
+def measure_ckpt_memory(spec, cache_dir, sizes, work, device, dtype):
     peaks = {}
-    for ckpt in (False, True):  # one whole gdro.train step each, on a fresh copy
-        with tempfile.TemporaryDirectory() as out:
-            transformer, gargs = copy.deepcopy(base), train_args(out, 1, cache, ckpt, 4.5)
-            peaks[ckpt] = peak_memory(lambda: gdro.train(transformer, "sd3", PIPELINE["sd3"], scheduler_config, cache, gargs, device), device)
-    print(f"memory: peak of a training step beyond weights and cache: {peaks[False] / 2**20:.1f} MiB without checkpointing, "
-          f"{peaks[True] / 2**20:.1f} MiB with; ratio {peaks[True] / peaks[False]:.3f}")
+    for ckpt in (False, True):  # one whole gdro.train step each, on a fresh transformer
+        transformer = build_transformer(spec, device, dtype)
+        args = train_args(work / f"memory_{ckpt}", spec["family"], 1, ckpt=ckpt)
+        _, peaks[ckpt] = peak_memory(lambda: train(transformer, spec["family"], cache_dir, sizes, args, device), device)
+        del transformer
+        free_memory(device)
+    print(f"memory: peak of a training step beyond weights and cache: {peaks[False] / 2**20:.1f} MiB without "
+          f"checkpointing, {peaks[True] / 2**20:.1f} MiB with; ratio {peaks[True] / peaks[False]:.3f}")
     return peaks[True] / peaks[False]
 
 
-def step_flops(model, family, shapes, k=6):
-    # FLOPs counted by torch's FlopCounterMode on a copy built on the meta device (nothing allocated, nothing run):
-    # reference forward (LoRA off), policy forward, policy backward (frozen base: input gradients + LoRA gradients).
-    with torch.device("meta"):
-        transformer = type(model).from_config(model.config)
-        x, t = torch.randn(k, *shapes["x"]), torch.rand(k)
-        cond = {name: torch.randn(k, *shapes[name]) for name in ("prompt_embeds", "pooled_prompt_embeds")}
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian", target_modules=gdro.LORA_TARGETS))
-    flops = {}
-    for name, switch in (("ref", transformer.disable_adapters), ("fwd", transformer.enable_adapters)):
-        switch()
-        with FlopCounterMode(display=False) as counter:
-            out = gdro.velocity(transformer, family, x, t, cond, 3.5)
-        flops[name] = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        out.float().square().mean().backward()
-    return {**flops, "bwd": counter.get_total_flops()}
+def cost_ratios(s, work, device, dtype):
+    """The four ratios on the bench model: step_overhead, rollout_overhead, ckpt_memory_ratio, offline_amortization."""
+    bench = bench_spec(s["width"], s["layers"])
+    pipe = build_pipeline(bench, device, dtype)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"bench model: SD3 transformer width {s['width']}, {s['layers']} layers, {params / 1e6:.1f} M parameters, "
+          f"{s['resolution']} px, k = {K}, on {device.type}")
+    prompts = [f'a shop sign that reads "Offer {i}"' for i in range(s["prompts"])]
+    args = rollout_args("sd3", s["images"], s["sampler_steps"], s["resolution"])
+    rollout_overhead, cache_dir, rows_per_image, gen_s_per_image = measure_rollout_overhead(
+        pipe, prompts, args, s["repeats"], work, device)
+    del pipe
+    free_memory(device)
+    sizes, _ = gdro.check_cache(cache_dir, prompts)
+    step_overhead = measure_step_overhead(bench, cache_dir, sizes, s["train_steps"], work, device, dtype)
+    ckpt_memory_ratio = measure_ckpt_memory(bench, cache_dir, sizes, work, device, dtype)
+    train_per_image = train_cost(step_flops(bench, cached_shapes(cache_dir)))
+    epochs = s["train_steps"] * K / sum(sizes)  # one group of K images per step
+    amortization = offline_amortization(rows_per_image, train_per_image, epochs)
+    print(f"amortization: per training image GDRO {rows_per_image / epochs + train_per_image:.2f} forward-equivalents "
+          f"(cache {rows_per_image} per image / {epochs:.2f} epochs + step {train_per_image:.2f}), online "
+          f"{rows_per_image + train_per_image:.2f}; ratio {amortization:.2f}")
+    return {"step_overhead": step_overhead, "rollout_overhead": rollout_overhead, "ckpt_memory_ratio": ckpt_memory_ratio,
+            "offline_amortization": amortization}, gen_s_per_image
 
 
-def measure_amortization(cache_rows_per_image, train_rows_per_step, k, flops, cached_images, steps):
-    # Forward-equivalents per training image. Forward rows are counted on the transformer (CFG counts 2 rows); the
-    # backward is priced by its counted FLOPs over a forward's. GDRO: the cache, spread over the images trained in
-    # this run, plus the step. Online: regenerates its k images every step at the same sampler settings, same step.
-    train = train_rows_per_step / k * (1 + flops["bwd"] / flops["fwd"] / 2)  # half the rows are the policy's
-    epochs = steps * k / cached_images
-    gdro_cost, online_cost = cache_rows_per_image / epochs + train, cache_rows_per_image + train
-    print(f"amortization: per training image GDRO {gdro_cost:.2f} forward-equivalents (cache {cache_rows_per_image:.0f} "
-          f"per image / {epochs:.2f} epochs + step {train:.2f}), online {online_cost:.2f}; ratio {online_cost / gdro_cost:.2f}")
-    return online_cost / gdro_cost
+def default_plan():
+    """The default recipe on ocr.txt, as `python gdro.py --prompts ocr.txt --dry-run` plans it."""
+    args = gdro.parse_args(["--prompts", str(HERE / "ocr.txt")])
+    prompts = gdro.read_prompts(args.prompts, args.reward, args.max_prompts)
+    plan = gdro.training_plan(args, [args.images_per_prompt] * len(prompts))
+    print(f"default plan: {plan['prompts']} prompts x {plan['images_per_prompt']} images, {plan['groups_trained']} groups "
+          f"trained: prompt coverage {plan['prompt_coverage']:.0%}, image coverage {plan['image_coverage']:.0%} "
+          f"({plan['epochs']} epochs)")
+    return plan
 
 
 def measure_ocr(n_images, gen_s_per_image, device):
-    # build_cache scores each prompt's images after generating them, so OCR time adds to the rollout. Timed alone
-    # here (the cheap reward stands in above), on 512-px renderings of text: what the reader sees in a real rollout.
-    try:
-        from reward_ocr import OcrReward, render_text
-    except ImportError as e:
-        print(f"ocr: skipped ({e})")
+    # build_cache scores each prompt's images in a worker thread while the next prompt generates, so OCR adds to a
+    # rollout only where it is slower than generating. Timed alone here, on 512-px renderings of text.
+    if importlib.util.find_spec("easyocr") is None:
+        print("ocr: skipped (EasyOCR is not installed; pip install -r requirements.txt)")
         return None
-    reward, texts = OcrReward(device=device), ["Open Late", "Coffee First", "GDRO", "Hello World"][:n_images]
-    images, t0 = [render_text(text) for text in texts], stamp(device)
+    from reward_ocr import OcrReward, render_text
+    try:
+        reward = OcrReward(device=device)
+    except Exception as e:  # no weights and no network: the bench goes on without this figure
+        print(f"ocr: skipped (EasyOCR did not load: {type(e).__name__}: {e})")
+        return None
+    texts = ["Open Late", "Coffee First", "GDRO", "Hello World"][:n_images]
+    images = [render_text(text) for text in texts]
+    reward(images[:1], ['a sign that says "warm-up"'])
+    t0 = stamp(device)
     scores = reward(images, [f'a sign that says "{text}"' for text in texts])
     s = since(t0, device)[0] / len(images)
-    print(f"ocr: {s:.2f} s per 512-px image on {device} (scores {scores}); the bench model generates an image in "
-          f"{gen_s_per_image:.2f} s. build_cache scores prompt i in a worker while prompt i+1 generates, hiding it")
+    print(f"ocr: {s:.3f} s per 512-px image on {device.type} (scores {scores}); generating takes {gen_s_per_image:.3f} "
+          "s per image: build_cache hides whichever is shorter")
     return s
 
+# ----------------------------------------------------------------------------- the real architectures
 
-def real_architectures(device, with_flops, cuda_steps):
-    """Parameter counts and bf16 weight memory (meta device: computed, not allocated); on CUDA the measured steps."""
+
+def real_architectures(with_flops):
+    """Parameters, bf16 weight memory and the FLOPs of one k = 6, 512-px step (meta device: computed, not run)."""
     found = {}
-    for name, (family, cls, config, shapes) in REAL.items():
-        with torch.device("meta"):
-            model = getattr(diffusers, cls)(**config)
-        params = sum(p.numel() for p in model.parameters())
+    for name, real in REAL.items():
+        transformer = build_transformer(real, "meta", torch.float32)
+        params = sum(p.numel() for p in transformer.parameters())
         row = found[name] = {"params": params, "bf16_weight_gib": round(params * 2 / 2**30, 2)}
-        if with_flops or device == "cuda":
-            flops = step_flops(model, family, shapes)
-            row.update(step_tflop=round(sum(flops.values()) / 1e12, 1), forward_tflop_per_image=round(flops["ref"] / 6e12, 2))
+        if with_flops:
+            flops = step_flops(real, real["shapes"])
+            row.update(step_tflop=round(sum(flops.values()) / 1e12, 1),
+                       forward_tflop_per_image=round(flops["forward"] / 2 / K / 1e12, 3))
         print(f"{name}: {params / 1e9:.3f} B parameters, {row['bf16_weight_gib']} GiB of bf16 weights (computed)"
-              + (f"; one k=6 512-px step = {row['step_tflop']} TFLOP" if "step_tflop" in row else ""))
-        for ckpt in ((True, False) if device == "cuda" else ()):
-            row["ckpt" if ckpt else "no_ckpt"] = cuda_step(family, cls, config, shapes, ckpt, sum(flops.values()), cuda_steps)
+              + (f"; one k={K} 512-px step = {row['step_tflop']} TFLOP" if with_flops else ""))
     return found
 
 
-def cuda_step(family, cls, config, shapes, ckpt, flops, steps):
-    # Real size on the GPU: bf16 random weights from the config, a random k=6 cache, gdro.train as in a real run.
-    # TFLOP/s counts the step's model FLOPs (no recomputation) over its time; peak memory includes the weights.
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            transformer = getattr(diffusers, cls)(**config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    cache = {"x0": torch.randn(1, 6, *shapes["x"]), "rewards": torch.rand(1, 6),
-             **{k: torch.randn(1, *shapes[k], dtype=torch.bfloat16) for k in ("prompt_embeds", "pooled_prompt_embeds")}}
-    scheduler_config = dict(gdro.build_tiny_pipeline(family).scheduler.config)  # the real models' shift settings
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            pairs, _ = timed_training(transformer, family, scheduler_config, cache,
-                                      train_args(out, steps, cache, ckpt, gdro.DEFAULT_GUIDANCE[family]), "cuda")
-        step_s = statistics.median(f[0] for f, _ in pairs)
-        result = {"step_s": round(step_s, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  "tflops": round(flops / step_s / 1e12, 1), "step_overhead": round(statistics.median(f[0] / b[0] for f, b in pairs), 3)}
-    except torch.OutOfMemoryError:
-        result = {"oom": True}
-    del transformer
-    gc.collect()
-    torch.cuda.empty_cache()
-    print(f"  {cls} bf16, checkpointing {'on' if ckpt else 'off'}: {result}")
-    return result
+def measure_rollouts(pipe, family, prompt, run, work, device):
+    """Seconds per prompt group through gdro.build_cache for each sampler; on CUDA again with the transformer
+    compiled (gdro's --compile). Returns ({"eager": {sampler: s}, "compiled": ... or None}, euler's cache folder)."""
+    def rollout(tag, sampler):
+        args = rollout_args(family, run["images"], run["steps"], run["resolution"], sampler)
+        s = seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"{tag}_{sampler}", args), device)
+        print(f"  rollout {tag} {sampler}: {s:.3f} s per prompt group ({run['images']} images, {run['steps']} steps, "
+              f"{run['resolution']} px)")
+        return s
+
+    found = {"eager": None, "compiled": None}
+    for tag in ("eager", "compiled"):
+        if tag == "compiled":
+            if device.type != "cuda":
+                print("  rollout compiled: skipped (torch.compile's GPU backend needs CUDA)")
+                break
+            pipe.transformer.compile()
+        seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"warmup_{tag}",
+                                         rollout_args(family, run["images"], run["steps"], run["resolution"])), device)
+        found[tag] = {sampler: rollout(tag, sampler) for sampler in gdro.SAMPLERS}
+    return found, work / "eager_euler"
+
+
+def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work, device, dtype):
+    """Per setting (checkpointing on and off with one group per micro-batch; 2 and 4 groups per micro-batch with
+    checkpointing) a fresh transformer through gdro.train: step time, peak memory (CUDA, weights included), model
+    TFLOP/s and its share of the matmul peak, and (at real size) the step's overhead over its transformer work."""
+    family, found = real["family"], {}
+    settings = [(True, 1), (False, 1)] + [(True, m) for m in MICRO_BATCHES if m > 1]
+    for ckpt, micro in settings:
+        key = f"ckpt_{'on' if ckpt else 'off'}_m{micro}"
+        transformer = build_transformer(real, device, dtype)
+        args = train_args(work / key, family, run["train_steps"], groups=micro, micro_batch=micro, ckpt=ckpt, k=run["k"])
+        free_memory(device)
+        try:
+            pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=not small)
+            step_s = median(f[0] for f, _ in pairs)
+            tflops = flops * micro / step_s / 1e12
+            found[key] = {"step_s": round(step_s, 4), "tflops": round(tflops, 4),
+                          "matmul_fraction": round(tflops / peak_tflops, 4),
+                          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                          "step_overhead": None if small else round(median(f[0] / b[0] for f, b in pairs), 3)}
+        except torch.cuda.OutOfMemoryError:
+            found[key] = {"oom": True}
+        del transformer
+        free_memory(device)
+        print(f"  training, checkpointing {'on' if ckpt else 'off'}, {micro} group(s) per micro-batch: {found[key]}")
+    return found
+
+
+def measure_real(name, small, peak_tflops, work, device, dtype):
+    """One architecture end to end: rollouts (per sampler, eager and compiled), then training (per setting)."""
+    real, run = spec(name, small), SMALL_RUN if small else REAL_RUN
+    print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on {device.type}")
+    pipe = build_pipeline(real, device, dtype)
+    rollout_s, cache_dir = measure_rollouts(pipe, real["family"], PROMPT, run, work / name, device)
+    del pipe
+    torch.compiler.reset()  # compiled graphs hold on to the rollout transformer
+    free_memory(device)
+    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
+    flops = sum(step_flops(real, cached_shapes(cache_dir), run["k"]).values())
+    training = measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work / name, device, dtype)
+    step_s = training["ckpt_on_m1"].get("step_s")
+    steps_per_rollout = rollout_s["eager"]["euler"] / step_s if step_s else None
+    print(f"  one prompt's rollout ({run['images']} images, {run['steps']} Euler steps) = "
+          f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group (checkpointing on)")
+    return {"small_config": small, "rollout_s": rollout_s, "step_tflop": round(flops / 1e12, 6), "training": training,
+            "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS, reference_steps=REFERENCE_STEPS,
+                      prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
+    """{sampler: {steps: distance}}: the relative RMS distance of each sampler's latents, on the tiny model of the
+    family, to a `reference_steps`-step Euler solution of the same ODE from the same noise (gdro.generate, one
+    generator per image)."""
+    pipe = gdro.build_tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    config, guidance, resolution = dict(pipe.scheduler.config), gdro.DEFAULT_GUIDANCE[family], gdro.TINY_RUN["resolution"]
+    encoded = [gdro.encode_prompt(pipe, family, prompt) for prompt in prompts]
+
+    def solve(sampler, n):
+        pipe.scheduler = gdro.make_scheduler(sampler, config)
+        return torch.cat([gdro.generate(pipe, cond, uncond, seeds, n, guidance, resolution) for cond, uncond in encoded])
+
+    reference, found = solve("euler", reference_steps), {}
+    for sampler in samplers:
+        found[sampler] = {}
+        for n in steps:
+            found[sampler][n] = relative_rms(solve(sampler, n), reference)
+            print(f"samplers {family} {sampler} {n} steps: {found[sampler][n]:.4f}")
+    return found
+
+
+def markdown_table(distances, steps):
+    """One row per sampler, one column per step count."""
+    lines = ["| sampler \\ steps | " + " | ".join(str(n) for n in steps) + " |", "| --- |" + " ---: |" * len(steps)]
+    lines += [f"| {sampler} | " + " | ".join(f"{row[n]:.4f}" for n in steps) + " |" for sampler, row in distances.items()]
+    return "\n".join(lines)
+
+
+def samplers_report():
+    found = {}
+    for family in ("sd3", "flux"):
+        found[family] = sampler_distances(family)
+        print(f"\ntiny {family} ({gdro.TINY_RUN['resolution']} px, guidance {gdro.DEFAULT_GUIDANCE[family]}): relative "
+              f"RMS distance of the latents to a {REFERENCE_STEPS}-step Euler solution from the same noise, "
+              f"{len(SAMPLER_PROMPTS)} prompts x {len(SAMPLER_SEEDS)} seeds\n")
+        print(markdown_table(found[family], SAMPLER_STEPS) + "\n")
+    return {"reference_steps": REFERENCE_STEPS, "samplers": {f: {s: {str(n): round(d, 5) for n, d in row.items()}
+                                                               for s, row in table.items()} for f, table in found.items()}}
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Measure what GDRO costs, as ratios in one run; the last line is JSON.")
-    p.add_argument("--quick", action="store_true", help="small version for CI smoke (under a minute)")
+    p = argparse.ArgumentParser(description="Measure what GDRO costs; the last line printed is one JSON object.")
+    p.add_argument("--quick", action="store_true", help="CPU smoke (CI), about a minute: small configs everywhere")
+    p.add_argument("--samplers", action="store_true", help="only the samplers' distance to a 200-step solution")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time then measures our work only)")
-    p.add_argument("--cuda-steps", type=int, default=6, help="training steps per real-size CUDA measurement")
     args = p.parse_args(argv)
-    s = argparse.Namespace(**(QUICK if args.quick else FULL))
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = bench_pipeline(s.width, s.layers, s.resolution, device)
-    base, scheduler_config = pipe.transformer, dict(pipe.scheduler.config)
-    print(f"bench model: SD3Transformer2DModel width {s.width}, {s.layers} layers, "
-          f"{sum(q.numel() for q in base.parameters()) / 1e6:.1f} M parameters, {s.resolution} px, k = 6, on {device}")
-    prompts = [f'a shop sign that reads "Offer {i}"' for i in range(s.prompts)]
-    gargs = gdro.parse_args(["--prompts", "-", "--images-per-prompt", str(s.images), "--rollout-batch", str(s.images),
-        "--steps", str(s.sampler_steps), "--resolution", str(s.resolution), "--guidance", str(gdro.DEFAULT_GUIDANCE["sd3"])])
-
-    rollout_overhead, cache, cache_rows_per_image, gen_s_per_image = measure_rollout(pipe, prompts, gargs, s.repeats, device)
-    step_overhead, train_rows_per_step = measure_step(base, cache, scheduler_config, s.train_steps, device)
-    ckpt_memory_ratio = measure_ckpt_memory(base, cache, scheduler_config, device)
-    shapes = {"x": cache["x0"].shape[2:], **{k: cache[k].shape[1:] for k in ("prompt_embeds", "pooled_prompt_embeds")}}
-    offline_amortization = measure_amortization(cache_rows_per_image, train_rows_per_step, 6, step_flops(base, "sd3", shapes),
-                                                cache["rewards"].numel(), s.train_steps)
-    ocr = measure_ocr(s.ocr_images, gen_s_per_image, device) if s.ocr_images else None
-    real = real_architectures(device, not args.quick, args.cuda_steps)
-
-    figures = {"step_overhead": step_overhead, "rollout_overhead": rollout_overhead, "ckpt_memory_ratio": ckpt_memory_ratio,
-               "offline_amortization": offline_amortization}
+    if args.samplers:
+        print(json.dumps(samplers_report()))
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as gdro.main
+    small = args.quick or device.type != "cuda"
+    s = BENCH["quick" if args.quick else "full"]
+    with tempfile.TemporaryDirectory() as tmp:
+        figures, gen_s_per_image = cost_ratios(s, Path(tmp), device, dtype)
+        result = {**{k: round(v, 4) for k, v in figures.items()}, "device": torch.cuda.get_device_name()
+                  if device.type == "cuda" else "cpu", "quick": args.quick, "default_plan": default_plan()}
+        result["ocr_s_per_image"] = measure_ocr(s["ocr_images"], gen_s_per_image, device) if s["ocr_images"] else None
+        result["real"] = real_architectures(with_flops=not args.quick)
+        peak = matmul_tflops(device, (SMALL_RUN if small else REAL_RUN)["matmul"])
+        result["matmul_peak_tflops"] = round(peak, 4)
+        result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in REAL}
     for name, target in (("step_overhead", 1.10), ("rollout_overhead", 1.10), ("ckpt_memory_ratio", 0.60)):
         print(f"{name:>20} {figures[name]:.3f}  (target <= {target:.2f}: {'met' if figures[name] <= target else 'MISSED'})")
-    print(f"{'offline_amortization':>20} {offline_amortization:.3f}  (online / GDRO forward-equivalents per training image)")
-    print(json.dumps({**{k: round(v, 4) for k, v in figures.items()}, "device": device, "quick": args.quick,
-                      "ocr_s_per_image": ocr and round(ocr, 3), "real": real}))
+    print(f"{'offline_amortization':>20} {figures['offline_amortization']:.3f}  (online / GDRO forward-equivalents "
+          "per training image)")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -719,8 +719,8 @@ def training_attention():
 
 
 def guess_family(args):
-    """The model family without loading the model (for the plan's estimate only): --tiny's, a local folder's
-    model_index.json, else the hub id's name."""
+    """The model family before the model loads (for the default guidance and the plan): --tiny's, a local folder's
+    model_index.json, else the hub id's name (main checks it once the model has loaded)."""
     if args.tiny:
         return args.family
     index = Path(args.model) / "model_index.json"
@@ -743,8 +743,7 @@ def training_plan(args, sizes):
     family = guess_family(args)
     if not args.tiny and family in H200_SECONDS and not args.from_images:
         h = H200_SECONDS[family]
-        evals = args.steps * (2 if args.sampler == "heun" else 1)
-        rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * evals / 10 / 3600
+        rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
         train_h = groups * h["group_step"] * k / 6 / 3600
         plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
     return plan

@@ -94,6 +94,7 @@ def grid_size(columns, rows):
 # ----------------------------------------------------------------------------- report, images, grid, trend
 
 
+@pytest.mark.slow
 def test_report_has_the_documented_keys_and_sane_values(evaluated):
     report, out = evaluated
     assert json.loads((out / "report.json").read_text()) == report
@@ -115,6 +116,7 @@ def test_report_has_the_documented_keys_and_sane_values(evaluated):
     assert Image.open(out / "trend.png").size[0] > 0
 
 
+@pytest.mark.slow
 def test_grid_with_checkpoints_alone_shows_base_and_the_newest_checkpoint(run):
     out = run["dir"] / "eval_ckpts"
     gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--max-prompts", "2",
@@ -152,6 +154,7 @@ def test_fit_lines_keeps_to_the_width_and_marks_a_cut():
     assert gdro_eval.fit_lines("x" * 200, font, 150, 3)[0].endswith("…")  # one word wider than the margin
 
 
+@pytest.mark.slow
 def test_the_final_lora_is_the_last_checkpoint_and_changes_the_images(evaluated):
     _, out = evaluated
     for k in range(3):
@@ -161,6 +164,7 @@ def test_the_final_lora_is_the_last_checkpoint_and_changes_the_images(evaluated)
                                   pixels(out / "images" / "base" / f"000{k}_0.png")) for k in range(3))
 
 
+@pytest.mark.slow
 def test_same_seeds_lora_at_scale_0_equals_base_and_the_judge_counts_garbage(run, evaluated, tiny_judge):
     """Through the CLI with a local judge folder: LoRA scaled to 0 gives exactly the base images (same seeds, adapter
     unloaded/loaded cleanly), base images are reproducible across runs, and the tiny random judge's garbage answers
@@ -187,6 +191,7 @@ def test_same_seeds_lora_at_scale_0_equals_base_and_the_judge_counts_garbage(run
     (["--lora", "missing_lora"], "LoRA folder"),
     (["--checkpoints", "missing_ckpts"], "checkpoints folder"),
 ])
+@pytest.mark.slow
 def test_bad_input_fails_with_one_line_before_heavy_work(run, argv, message):
     base = ["--prompts", str(run["prompts"]), "--tiny", "--judge", "none", "--out", str(run["dir"] / "bad")]
     with pytest.raises(SystemExit, match=f"^error: .*{message}") as e:
@@ -195,6 +200,7 @@ def test_bad_input_fails_with_one_line_before_heavy_work(run, argv, message):
     assert not (run["dir"] / "bad").exists()
 
 
+@pytest.mark.slow
 def test_a_lora_of_another_family_is_refused_before_generating(run):
     out = run["dir"] / "bad_family"
     with pytest.raises(SystemExit, match="^error: .* fit no layer of this transformer"):
@@ -203,6 +209,7 @@ def test_a_lora_of_another_family_is_refused_before_generating(run):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_real_model_without_cuda_is_refused(run):
     with pytest.raises(SystemExit, match="^error: no CUDA"):
@@ -251,6 +258,7 @@ def test_judge_prompt_is_the_trained_format():
     assert p.endswith("Your task is provided as follows:\nText Caption: [{prompt}]")
 
 
+@pytest.mark.slow
 def test_judge_plumbing_on_a_tiny_random_qwen25_vl(tiny_judge, monkeypatch):
     model, processor, _ = tiny_judge
     processor.tokenizer.padding_side = "left"

@@ -39,26 +39,31 @@ def ocr():
 
 # ---- the reward on real EasyOCR output ----
 
+@pytest.mark.slow
 def test_exactly_rendered_target_scores_one(ocr):
     assert ocr([render("Fresh Bread")], ['A bakery sign that reads "Fresh Bread"']) == [1.0]
 
 
+@pytest.mark.slow
 def test_one_wrong_letter_scores_one_minus_one_over_target_length(ocr):
     # "Fresh Braad" vs "Fresh Bread": one substitution, 10 characters without the space.
     [reward] = ocr([render("Fresh Braad")], ['A bakery sign that reads "Fresh Bread"'])
     assert reward == pytest.approx(1 - 1 / 10)
 
 
+@pytest.mark.slow
 def test_blank_image_scores_zero(ocr):
     assert ocr([blank()], ['A sign that reads "Fresh Bread"']) == [0.0]
 
 
+@pytest.mark.slow
 def test_batch_takes_pil_images_and_uint8_arrays_in_order(ocr):
     images = [np.asarray(render("Coffee Shop")), blank()]
     assert images[0].dtype == np.uint8 and images[0].shape == (512, 512, 3)
     assert ocr(images, ['A mug that says "Coffee Shop"', 'A mug that says "Coffee Shop"']) == [1.0, 0.0]
 
 
+@pytest.mark.slow
 def test_image_on_which_ocr_fails_scores_zero_with_a_warning_and_the_batch_goes_on(ocr, monkeypatch):
     calls = []
 
@@ -74,10 +79,12 @@ def test_image_on_which_ocr_fails_scores_zero_with_a_warning_and_the_batch_goes_
     assert rewards == [0.0, 1.0]
 
 
+@pytest.mark.slow
 def test_recognised_text_is_all_pieces_joined_without_separator(ocr):
     assert normalised(ocr.read(render("Welcome Home"))) == "welcomehome"
 
 
+@pytest.mark.slow
 def test_clean_renderings_of_test_targets_score_high_and_mismatched_targets_low(ocr):
     # The benchmark-size check (n=50) is `python reward_ocr.py --selfcheck 50 --prompts ocr_test.txt`;
     # 10 images keep this test fast.
@@ -96,6 +103,7 @@ def test_curly_quotes_work():
     assert ocr_target("A chalkboard that says \u201cSoup of the Day\u201d, close-up") == "Soup of the Day"
 
 
+@pytest.mark.slow
 def test_prompt_without_quotes_raises_value_error_naming_the_prompt(ocr):
     with pytest.raises(ValueError, match="A sign with no target"):
         ocr_target("A sign with no target")
@@ -154,6 +162,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_dir_mode_prints_the_mean_over_images_sorted_by_name(tmp_path):
     # Natural order: "2.png" pairs with prompt line 1, "10.png" with line 2.
     render("Fresh Bread").save(tmp_path / "2.png")
@@ -165,6 +174,7 @@ def test_cli_dir_mode_prints_the_mean_over_images_sorted_by_name(tmp_path):
     assert "mean OCR reward over 2 images: 0.5000" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing image", "count mismatch", "prompt line without quotes"])
 def test_cli_bad_input_exits_nonzero_with_one_line_error_and_no_traceback(tmp_path, case):
     blank().save(tmp_path / "0.png")

@@ -1,0 +1,149 @@
+"""GPU acceptance tests: the tiny pipeline end to end on CUDA, and SD3.5-Medium and FLUX.1-dev at real size (random
+bf16 weights built from their configs by bench.py's builders, no download) through gdro.build_cache and gdro.train.
+
+    pytest -m cuda -q        # one 80 GB GPU, about 5 minutes; skipped without CUDA (conftest.py)
+
+Only requirements.txt is needed (the toy reward, EasyOCR's packaged weights for eval.py). Every test prints what
+it measured (shown with -s) and puts the same figures in its assert messages.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bench
+import eval as gdro_eval
+import gdro
+
+DEVICE = torch.device("cuda")
+FAMILIES = ["sd3", "flux"]
+PROMPTS = ['a red shop sign that reads "Open Late"', 'a green mug printed with "Coffee 42"',
+           'a blue neon sign saying "Bar"', 'a red cake with "Happy Birthday Ana"']  # a colour for the reward, a text for OCR
+TOY_REWARD = f"{Path(__file__).with_name('toy_reward.py')}:colour_reward"
+PEAK_GIB = {"sd3.5-medium": 16, "flux.1-dev": 40}  # training with checkpointing must fit these
+
+
+@pytest.fixture(autouse=True)
+def free_gpu_memory():
+    """Each test starts from what the one before it left behind: nothing."""
+    yield
+    bench.free_memory(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cuda")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return d
+
+# ----------------------------------------------------------------------------- the tiny pipeline on CUDA
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_run(request, workdir):
+    """`python gdro.py --tiny` on CUDA, one per family: (family, its folder, its LoRA)."""
+    family, out = request.param, workdir / f"tiny_{request.param}"
+    t0 = time.perf_counter()
+    lora = gdro.main(["--prompts", str(workdir / "prompts.txt"), "--tiny", "--family", family, "--reward", TOY_REWARD,
+                      "--out", str(out)])
+    print(f"\n--tiny {family} on CUDA: {time.perf_counter() - t0:.1f} s end to end")
+    return family, out, lora
+
+
+@pytest.mark.cuda
+def test_tiny_run_on_cuda_logs_finite_losses_and_its_lora_changes_a_fresh_pipeline(tiny_run):
+    family, out, lora = tiny_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(f"{family}: losses {[round(l['loss'], 4) for l in lines]}, grad norms {[round(l['grad_norm'], 4) for l in lines]}")
+    assert lines and all(math.isfinite(l["loss"]) and math.isfinite(l["grad_norm"]) for l in lines), lines
+    assert json.loads((out / "config.json").read_text())["grad_checkpointing"] is True  # the CUDA default
+    pipe, _ = gdro.load_pipeline("", tiny=True, family=family, device=DEVICE)
+    cond, uncond = gdro.encode_prompt(pipe, family, PROMPTS[0])
+    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 4, gdro.DEFAULT_GUIDANCE[family], 64)
+    before = sample()
+    pipe.load_lora_weights(str(lora))
+    change = (sample() - before).abs().max().item()
+    print(f"{family}: the LoRA moves the latents of a fresh tiny pipeline by up to {change:.4f}")
+    assert change > 1e-4, f"{family}: the LoRA changed the latents by only {change}"
+
+
+@pytest.mark.cuda
+def test_eval_tiny_on_cuda_scores_the_base_and_the_lora_images(tiny_run, workdir):
+    family, out, lora = tiny_run
+    t0 = time.perf_counter()
+    report = gdro_eval.main(["--prompts", str(workdir / "prompts.txt"), "--tiny", "--family", family, "--lora",
+                             str(lora), "--judge", "none", "--out", str(out / "eval")])
+    print(f"eval --tiny {family} on CUDA: {time.perf_counter() - t0:.1f} s; OCR reward base "
+          f"{report['base']['ocr_reward']:.3f}, LoRA {report['lora']['ocr_reward']:.3f}")
+    for name in ("base", "lora"):
+        entry = report[name]
+        assert entry["n_images"] == len(PROMPTS) and 0 <= entry["ocr_reward"] <= 1, (name, entry)
+        assert len(list((out / "eval" / "images" / name).glob("*.png"))) == len(PROMPTS)
+    assert (out / "eval" / "grid.png").is_file()
+
+# ----------------------------------------------------------------------------- the real architectures
+
+
+@pytest.fixture(scope="module", params=list(bench.REAL))
+def real_cache(request, workdir):
+    """One prompt's rollout group at real size (16 images, 10 Euler steps, 512 px) through gdro.build_cache: the
+    real-size transformer and VAE, text encoders tiny in depth with outputs of the real shapes.
+    Returns (name, cache folder, seconds of the first call, peak GiB)."""
+    name, run = request.param, bench.REAL_RUN
+    real = bench.spec(name)
+    pipe = bench.build_pipeline(real, DEVICE, torch.bfloat16)
+    args = bench.rollout_args(real["family"], run["images"], run["steps"], run["resolution"])
+    bench.free_memory(DEVICE)
+    t0 = time.perf_counter()
+    gdro.build_cache(pipe, real["family"], [bench.PROMPT], bench.brightness, workdir / f"cache_{name}", args)
+    torch.cuda.synchronize()
+    seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    del pipe
+    bench.free_memory(DEVICE)
+    print(f"\n{name}: one prompt's rollout group in {seconds:.2f} s (first call, warm-up included), peak {peak:.1f} GiB")
+    return name, workdir / f"cache_{name}", seconds, peak
+
+
+@pytest.mark.cuda
+def test_real_size_rollout_group_writes_a_whole_shard_of_the_real_shapes(real_cache):
+    name, cache_dir, seconds, peak = real_cache
+    shapes, n = bench.REAL[name]["shapes"], bench.REAL_RUN["images"]
+    shard = gdro.read_shard(cache_dir, 0)
+    found = {key: tuple(value.shape) for key, value in shard.items()}
+    print(f"{name}: shard {found}; rollout {seconds:.2f} s, peak {peak:.1f} GiB")
+    assert found["x0"] == (n, *shapes["x0"]), found
+    assert all(found[key] == shapes[key] for key in ("prompt_embeds", "pooled_prompt_embeds")), found
+    assert shard["x0"].float().isfinite().all() and shard["rewards"].isfinite().all(), f"{name}: non-finite rollout"
+    assert shard["seeds"].tolist() == [gdro.image_seed(0, 0, j, n) for j in range(n)]
+
+
+@pytest.mark.cuda
+def test_real_size_training_steps_are_finite_change_the_lora_and_fit_in_memory(real_cache, workdir):
+    name, cache_dir, _, _ = real_cache
+    real = bench.spec(name)
+    family, steps = real["family"], 3
+    sizes, _ = gdro.check_cache(cache_dir, [bench.PROMPT])
+    transformer = bench.build_transformer(real, DEVICE, torch.bfloat16)
+    out = workdir / f"train_{name}"
+    args = bench.train_args(out, family, steps, groups=2, micro_batch=1, ckpt=True, log_every=1)  # k = 6, 2 groups
+    bench.free_memory(DEVICE)
+    t0 = time.perf_counter()
+    lora_dir = bench.train(transformer, family, cache_dir, sizes, args, DEVICE)
+    seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    del transformer
+    bench.free_memory(DEVICE)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses, norms = [l["loss"] for l in lines], [l["grad_norm"] for l in lines]
+    lora = load_file(lora_dir / gdro.LORA_FILE)
+    moved = max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k)  # B starts at zero
+    print(f"{name}: {steps} steps of 2 groups of {bench.K} in {seconds:.1f} s, peak {peak:.1f} GiB (limit "
+          f"{PEAK_GIB[name]}); losses {losses}, LoRA gradient norms {norms}; LoRA B moved up to {moved:.2e}")
+    assert [l["step"] for l in lines] == [1, 2, 3], lines
+    assert all(math.isfinite(x) for x in losses + norms), f"{name}: losses {losses}, gradient norms {norms}"
+    assert all(v.isfinite().all() for v in lora.values()), f"{name}: non-finite LoRA weights"
+    assert moved > 0, f"{name}: the LoRA did not change"
+    assert peak <= PEAK_GIB[name], f"{name}: peak {peak:.1f} GiB > {PEAK_GIB[name]} GiB"
