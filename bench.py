@@ -24,11 +24,10 @@ import contextlib
 import gc
 import importlib.util
 import json
-import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
@@ -38,15 +37,17 @@ from torch.utils.flop_counter import FlopCounterMode
 import gdro
 
 HERE = Path(__file__).parent
-K = 6  # images per group in the loss: gdro.py's default --group-size
+DEFAULTS = gdro.parse_args([])  # gdro.py's default recipe: 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
+K = DEFAULTS.group_size  # images per group in the loss
 # the CPU bench model (an SD3 transformer of the given width and depth) and the run it is measured on
 BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, sampler_steps=3, train_steps=9,
                       repeats=3, ocr_images=2),
          "quick": dict(width=128, layers=2, resolution=64, prompts=1, images=6, sampler_steps=2, train_steps=3,
                        repeats=1, ocr_images=0)}
-# the real architectures' run (the paper's rollout group, groups of k, training steps per measurement) and its
-# small CPU version
-REAL_RUN = dict(images=16, steps=10, resolution=512, k=K, train_steps=6, matmul=8192)
+# the real architectures' run (the default rollout group, groups of k, training steps per measurement, the side of
+# the matmul that measures the peak) and its small CPU version
+REAL_RUN = dict(images=DEFAULTS.images_per_prompt, steps=DEFAULTS.steps, resolution=DEFAULTS.resolution, k=K,
+                train_steps=6, matmul=8192)
 SMALL_RUN = dict(images=4, steps=2, resolution=64, k=2, train_steps=3, matmul=512)
 MICRO_BATCHES = (1, 2, 4)  # groups per micro-batch (--micro-batch), checkpointing on
 VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -93,7 +94,7 @@ SAMPLER_SEEDS = (0, 1)
 # ----------------------------------------------------------------------------- models
 
 
-def spec(name, small=False):
+def architecture(name, small=False):
     """REAL[name], or its small CPU version: REAL with SMALL's settings laid over each part."""
     real = REAL[name]
     if not small:
@@ -104,7 +105,7 @@ def spec(name, small=False):
 
 def bench_spec(width, layers):
     """The CPU bench model: SD3.5-Medium's structure at a width and depth a CPU measures in minutes."""
-    small = spec("sd3.5-medium", small=True)
+    small = architecture("sd3.5-medium", small=True)
     return {**small, "transformer": {**small["transformer"], "num_layers": layers, "num_attention_heads": width // 64,
                                      "caption_projection_dim": width, "sample_size": 32, "pos_embed_max_size": 32,
                                      "dual_attention_layers": tuple(range(layers // 2))}}
@@ -270,7 +271,7 @@ def step_flops(spec, shapes, k=K):
     recomputation is not counted. Returns {"forward": both forwards, "backward": ...}."""
     transformer = build_transformer(spec, "meta", torch.float32)
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=gdro.LORA_TARGETS))  # gdro's default rank
+    transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank, target_modules=gdro.LORA_TARGETS))
     with torch.device("meta"):
         x0, eps, t = torch.randn(1, k, *shapes["x0"]), torch.randn(1, *shapes["x0"]), torch.rand(1)
         cond = {name: torch.randn(1, *shapes[name]) for name in ("prompt_embeds", "pooled_prompt_embeds")}
@@ -321,9 +322,6 @@ def relative_rms(x, reference):
     return (rms(x - reference) / rms(reference)).mean().item()
 
 
-def median(xs):
-    return statistics.median(xs)
-
 # ----------------------------------------------------------------------------- the CPU ratios
 
 
@@ -331,7 +329,7 @@ def measure_rollout_overhead(pipe, prompts, args, repeats, work, device):
     """gdro.build_cache (encode, generate, decode, reward, write shards) against the bare pipeline calls that make
     the same images: same seeds, one call per prompt group on both sides. They take turns, in swapped order every
     other repeat, so that load changes and order effects hit both; the images are compared to show it is the same
-    work. Returns (ratio, the last cache's folder, transformer rows per image, bare seconds per image)."""
+    work. Returns (ratio, the last cache's folder, transformer rows per image)."""
     n = args.images_per_prompt
 
     def bare():
@@ -357,7 +355,7 @@ def measure_rollout_overhead(pipe, prompts, args, repeats, work, device):
     rows = args.steps * (2 if pipe.do_classifier_free_guidance else 1)  # CFG: a conditional and an unconditional row
     print(f"rollout: build_cache / bare pipeline = {median(ratios):.3f} (per repeat {[round(r, 3) for r in ratios]}, "
           f"wall {[round(r, 3) for r in wall]}); same images: max pixel difference {diff}")
-    return median(ratios), cache_dir, rows, median(b[0] for b in times["bare"]) / len(images[-1])
+    return median(ratios), cache_dir, rows
 
 
 def measure_step_overhead(spec, cache_dir, sizes, steps, work, device, dtype):
@@ -386,28 +384,27 @@ def measure_ckpt_memory(spec, cache_dir, sizes, work, device, dtype):
 
 def cost_ratios(s, work, device, dtype):
     """The four ratios on the bench model: step_overhead, rollout_overhead, ckpt_memory_ratio, offline_amortization."""
-    bench = bench_spec(s["width"], s["layers"])
-    pipe = build_pipeline(bench, device, dtype)
+    model = bench_spec(s["width"], s["layers"])
+    pipe = build_pipeline(model, device, dtype)
     params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"bench model: SD3 transformer width {s['width']}, {s['layers']} layers, {params / 1e6:.1f} M parameters, "
           f"{s['resolution']} px, k = {K}, on {device.type}")
     prompts = [f'a shop sign that reads "Offer {i}"' for i in range(s["prompts"])]
     args = rollout_args("sd3", s["images"], s["sampler_steps"], s["resolution"])
-    rollout_overhead, cache_dir, rows_per_image, gen_s_per_image = measure_rollout_overhead(
-        pipe, prompts, args, s["repeats"], work, device)
+    rollout_overhead, cache_dir, rows_per_image = measure_rollout_overhead(pipe, prompts, args, s["repeats"], work, device)
     del pipe
     free_memory(device)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
-    step_overhead = measure_step_overhead(bench, cache_dir, sizes, s["train_steps"], work, device, dtype)
-    ckpt_memory_ratio = measure_ckpt_memory(bench, cache_dir, sizes, work, device, dtype)
-    train_per_image = train_cost(step_flops(bench, cached_shapes(cache_dir)))
+    step_overhead = measure_step_overhead(model, cache_dir, sizes, s["train_steps"], work, device, dtype)
+    ckpt_memory_ratio = measure_ckpt_memory(model, cache_dir, sizes, work, device, dtype)
+    train_per_image = train_cost(step_flops(model, cached_shapes(cache_dir)))
     epochs = s["train_steps"] * K / sum(sizes)  # one group of K images per step
     amortization = offline_amortization(rows_per_image, train_per_image, epochs)
     print(f"amortization: per training image GDRO {rows_per_image / epochs + train_per_image:.2f} forward-equivalents "
           f"(cache {rows_per_image} per image / {epochs:.2f} epochs + step {train_per_image:.2f}), online "
           f"{rows_per_image + train_per_image:.2f}; ratio {amortization:.2f}")
     return {"step_overhead": step_overhead, "rollout_overhead": rollout_overhead, "ckpt_memory_ratio": ckpt_memory_ratio,
-            "offline_amortization": amortization}, gen_s_per_image
+            "offline_amortization": amortization}
 
 
 def default_plan():
@@ -439,8 +436,8 @@ def measure_ocr(n_images, gen_s_per_image, device):
     t0 = stamp(device)
     scores = reward(images, [f'a sign that says "{text}"' for text in texts])
     s = since(t0, device)[0] / len(images)
-    print(f"ocr: {s:.3f} s per 512-px image on {device.type} (scores {scores}); generating takes {gen_s_per_image:.3f} "
-          "s per image: build_cache hides whichever is shorter")
+    print(f"ocr: {s:.3f} s per 512-px image on {device.type} (scores {scores}); SD3.5-Medium's rollout (above) takes "
+          f"{gen_s_per_image:.3f} s per image: build_cache hides whichever is shorter")
     return s
 
 # ----------------------------------------------------------------------------- the real architectures
@@ -467,10 +464,8 @@ def measure_rollouts(pipe, family, prompt, run, work, device):
     compiled (gdro's --compile). Returns ({"eager": {sampler: s}, "compiled": ... or None}, euler's cache folder)."""
     def rollout(tag, sampler):
         args = rollout_args(family, run["images"], run["steps"], run["resolution"], sampler)
-        s = seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"{tag}_{sampler}", args), device)
-        print(f"  rollout {tag} {sampler}: {s:.3f} s per prompt group ({run['images']} images, {run['steps']} steps, "
-              f"{run['resolution']} px)")
-        return s
+        return seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"{tag}_{sampler}", args),
+                       device)
 
     found = {"eager": None, "compiled": None}
     for tag in ("eager", "compiled"):
@@ -479,9 +474,13 @@ def measure_rollouts(pipe, family, prompt, run, work, device):
                 print("  rollout compiled: skipped (torch.compile's GPU backend needs CUDA)")
                 break
             pipe.transformer.compile()
-        seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"warmup_{tag}",
-                                         rollout_args(family, run["images"], run["steps"], run["resolution"])), device)
-        found[tag] = {sampler: rollout(tag, sampler) for sampler in gdro.SAMPLERS}
+        found[tag] = {}
+        for sampler in gdro.SAMPLERS:
+            if tag == "compiled" or not found[tag]:  # an untimed first call: kernels, autotuning, compiled graphs
+                rollout(f"warmup_{tag}", sampler)
+            found[tag][sampler] = round(rollout(tag, sampler), 4)
+            print(f"  rollout {tag} {sampler}: {found[tag][sampler]:.3f} s per prompt group ({run['images']} images, "
+                  f"{run['steps']} steps, {run['resolution']} px)")
     return found, work / "eager_euler"
 
 
@@ -500,12 +499,12 @@ def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, wor
             pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=not small)
             step_s = median(f[0] for f, _ in pairs)
             tflops = flops * micro / step_s / 1e12
-            found[key] = {"step_s": round(step_s, 4), "tflops": round(tflops, 4),
+            found[key] = {"checkpointing": ckpt, "micro_batch": micro, "step_s": round(step_s, 4), "tflops": round(tflops, 4),
                           "matmul_fraction": round(tflops / peak_tflops, 4),
                           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                           "step_overhead": None if small else round(median(f[0] / b[0] for f, b in pairs), 3)}
         except torch.cuda.OutOfMemoryError:
-            found[key] = {"oom": True}
+            found[key] = {"checkpointing": ckpt, "micro_batch": micro, "oom": True}
         del transformer
         free_memory(device)
         print(f"  training, checkpointing {'on' if ckpt else 'off'}, {micro} group(s) per micro-batch: {found[key]}")
@@ -514,7 +513,7 @@ def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, wor
 
 def measure_real(name, small, peak_tflops, work, device, dtype):
     """One architecture end to end: rollouts (per sampler, eager and compiled), then training (per setting)."""
-    real, run = spec(name, small), SMALL_RUN if small else REAL_RUN
+    real, run = architecture(name, small), SMALL_RUN if small else REAL_RUN
     print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on {device.type}")
     pipe = build_pipeline(real, device, dtype)
     rollout_s, cache_dir = measure_rollouts(pipe, real["family"], PROMPT, run, work / name, device)
@@ -530,6 +529,23 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
           f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group (checkpointing on)")
     return {"small_config": small, "rollout_s": rollout_s, "step_tflop": round(flops / 1e12, 6), "training": training,
             "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
+
+def print_tables(measured):
+    """The measured architectures as markdown tables (README "Memory and cost")."""
+    print("\n| model | checkpointing | groups per micro-batch | step s | peak GiB | model TFLOP/s | of matmul peak |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, m in measured.items():
+        for row in m["training"].values():
+            figures = ["OOM"] * 4 if row.get("oom") else [row["step_s"], row["peak_gib"], row["tflops"], row["matmul_fraction"]]
+            print(f"| {name} | {'on' if row['checkpointing'] else 'off'} | {row['micro_batch']} | "
+                  + " | ".join(str(x) for x in figures) + " |")
+    print("\n| model | sampler | s per prompt group | compiled | one rollout in training steps |\n| --- | --- | ---: | ---: | ---: |")
+    for name, m in measured.items():
+        for sampler, s in m["rollout_s"]["eager"].items():
+            compiled = m["rollout_s"]["compiled"]
+            print(f"| {name} | {sampler} | {s:.3f} | {'-' if compiled is None else f'{compiled[sampler]:.3f}'} | "
+                  f"{m['rollout_in_training_steps'] if sampler == 'euler' else ''} |")
+    print()
 
 # ----------------------------------------------------------------------------- samplers
 
@@ -591,16 +607,18 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as gdro.main
     small = args.quick or device.type != "cuda"
-    s = BENCH["quick" if args.quick else "full"]
+    s, run = BENCH["quick" if args.quick else "full"], SMALL_RUN if small else REAL_RUN
     with tempfile.TemporaryDirectory() as tmp:
-        figures, gen_s_per_image = cost_ratios(s, Path(tmp), device, dtype)
+        figures = cost_ratios(s, Path(tmp), device, dtype)
         result = {**{k: round(v, 4) for k, v in figures.items()}, "device": torch.cuda.get_device_name()
                   if device.type == "cuda" else "cpu", "quick": args.quick, "default_plan": default_plan()}
-        result["ocr_s_per_image"] = measure_ocr(s["ocr_images"], gen_s_per_image, device) if s["ocr_images"] else None
         result["real"] = real_architectures(with_flops=not args.quick)
-        peak = matmul_tflops(device, (SMALL_RUN if small else REAL_RUN)["matmul"])
+        peak = matmul_tflops(device, run["matmul"])
         result["matmul_peak_tflops"] = round(peak, 4)
         result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in REAL}
+    print_tables(result["measured"])
+    gen_s_per_image = result["measured"]["sd3.5-medium"]["rollout_s"]["eager"]["euler"] / run["images"]
+    result["ocr_s_per_image"] = measure_ocr(s["ocr_images"], gen_s_per_image, device) if s["ocr_images"] else None
     for name, target in (("step_overhead", 1.10), ("rollout_overhead", 1.10), ("ckpt_memory_ratio", 0.60)):
         print(f"{name:>20} {figures[name]:.3f}  (target <= {target:.2f}: {'met' if figures[name] <= target else 'MISSED'})")
     print(f"{'offline_amortization':>20} {figures['offline_amortization']:.3f}  (online / GDRO forward-equivalents "

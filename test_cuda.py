@@ -94,7 +94,7 @@ def real_cache(request, workdir):
     real-size transformer and VAE, text encoders tiny in depth with outputs of the real shapes.
     Returns (name, cache folder, seconds of the first call, peak GiB)."""
     name, run = request.param, bench.REAL_RUN
-    real = bench.spec(name)
+    real = bench.architecture(name)
     pipe = bench.build_pipeline(real, DEVICE, torch.bfloat16)
     args = bench.rollout_args(real["family"], run["images"], run["steps"], run["resolution"])
     bench.free_memory(DEVICE)
@@ -124,7 +124,7 @@ def test_real_size_rollout_group_writes_a_whole_shard_of_the_real_shapes(real_ca
 @pytest.mark.cuda
 def test_real_size_training_steps_are_finite_change_the_lora_and_fit_in_memory(real_cache, workdir):
     name, cache_dir, _, _ = real_cache
-    real = bench.spec(name)
+    real = bench.architecture(name)
     family, steps = real["family"], 3
     sizes, _ = gdro.check_cache(cache_dir, [bench.PROMPT])
     transformer = bench.build_transformer(real, DEVICE, torch.bfloat16)
