@@ -580,7 +580,6 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     would otherwise leave the GPU idle for about as long as it generates. A shard exists only once scored and
     written. Under torchrun each process takes its share of the missing prompts."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
-    pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
     barrier()  # every process lists the missing shards before any writes one
     missing = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
     rank, world = rank_and_world()
@@ -591,6 +590,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
         write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor(rewards),
                                                "seeds": torch.tensor(seeds), **{k: v[0] for k, v in cond.items()}})
 
+    base_scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(args.sampler, pipe.scheduler.config)
     with ThreadPoolExecutor(max_workers=1) as scorer:
         scoring = None
         bar = tqdm(todo, desc="rollout cache", unit="prompt", disable=not is_main_process())
@@ -605,6 +605,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
             scoring = scorer.submit(score_and_save, i, x0, seeds, cond, images)
         if scoring is not None:
             scoring.result()
+    pipe.scheduler = base_scheduler  # the model's own schedule again (training's t follows it)
     barrier()
 
 
