@@ -107,7 +107,7 @@ def rank_accuracy(pipe, latents, rewards, conds, k=6, draws=4, seed=0):
     """The implicit reward s = -(err_policy - err_ref) of Eq. 5 on held-out groups of k base images (fresh seeds,
     held-out prompts), from gdro.velocity_errors as in training: how often it puts the best image first (top-1, chance
     1/k; groups whose best reward is tied are left out), and how often it orders a pair like the explicit reward
-    (pairwise, chance 1/2; tied pairs left out). `draws` (t, eps) per group, as in training."""
+    (pairwise, chance 1/2; pairs of equal reward left out). `draws` (t, eps) per group, as in training."""
     gen, config, top1, pairs = torch.Generator().manual_seed(seed), dict(pipe.scheduler.config), [], []
     for x_all, r_all, cond in zip(latents, rewards, conds):
         for g in range(len(r_all) // k):
@@ -117,11 +117,11 @@ def rank_accuracy(pipe, latents, rewards, conds, k=6, draws=4, seed=0):
                 t = gdro.sample_t(1, config, None, gen)
                 err_policy, err_ref = gdro.velocity_errors(pipe.transformer, "sd3", x0, cond, t, eps)
                 s = -(err_policy - err_ref)[0]
-                if (r == r.max()).sum() == 1:
-                    top1.append(float(r[s.argmax()] == r.max()))
+                if (r == r.max()).sum() == 1:  # tied implicit rewards (an untrained LoRA: all 0) count as a share
+                    top1.append((r[s == s.max()] == r.max()).float().mean().item())
                 i, j = torch.triu_indices(k, k, 1)
                 untied = r[i] != r[j]
-                pairs += (torch.sign(s[i] - s[j]) == torch.sign(r[i] - r[j]))[untied].float().tolist()
+                pairs += ((torch.sign(s[i] - s[j]) * torch.sign(r[i] - r[j]) + 1) / 2)[untied].tolist()  # tie in s: 1/2
     return {"top1": float(np.mean(top1)), "pairwise": float(np.mean(pairs)), "groups": len(top1) // draws}
 
 

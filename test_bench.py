@@ -81,6 +81,7 @@ def test_markdown_table_has_a_row_per_sampler_and_a_column_per_step_count():
     assert lines[0].endswith("| 2 | 4 |") and lines[3] == "| unipc | 0.0800 | 0.0200 |"
 
 
+@pytest.mark.slow
 def test_euler_at_the_reference_step_count_is_the_reference_and_fewer_steps_are_not():
     found = bench.sampler_distances("sd3", samplers=("euler", "unipc"), steps=(2, 8), reference_steps=8,
                                     prompts=["a red apple"], seeds=(0,))
