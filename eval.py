@@ -404,4 +404,8 @@ def main(argv=None):
     return report
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except gdro.BadInput as e:  # a refused input (the prompt file): one line, exit code 2, as in gdro.py
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

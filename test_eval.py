@@ -187,16 +187,16 @@ def test_same_seeds_lora_at_scale_0_equals_base_and_the_judge_counts_garbage(run
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompts", "missing.txt"], "prompt file"),
+    (["--prompts", "missing.txt"], "--prompts missing.txt: file not found"),
     (["--lora", "missing_lora"], "LoRA folder"),
     (["--checkpoints", "missing_ckpts"], "checkpoints folder"),
 ])
 @pytest.mark.slow
 def test_bad_input_fails_with_one_line_before_heavy_work(run, argv, message):
     base = ["--prompts", str(run["prompts"]), "--tiny", "--judge", "none", "--out", str(run["dir"] / "bad")]
-    with pytest.raises(SystemExit, match=f"^error: .*{message}") as e:
+    with pytest.raises(SystemExit, match=message) as e:
         gdro_eval.main(base + argv)
-    assert "\n" not in str(e.value.code)
+    assert "\n" not in str(e.value)
     assert not (run["dir"] / "bad").exists()
 
 
