@@ -549,9 +549,9 @@ def load_reward(spec):
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise SystemExit(f"error: --reward: importing {path} failed: {type(e).__name__}: {e}")
+        raise BadInput(f"--reward {spec}: importing {path} failed ({type(e).__name__}: {e})")
     if not callable(getattr(module, name, None)):
-        raise SystemExit(f"error: --reward: {path} has no function {name!r}")
+        raise BadInput(f"--reward {spec}: {path} has no function {name!r}")
     return getattr(module, name)
 
 

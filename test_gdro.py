@@ -438,3 +438,12 @@ def test_tiny_pipeline_is_reproducible_from_its_seed():
     a, b = gdro.build_tiny_pipeline("flux", seed=3), gdro.build_tiny_pipeline("flux", seed=3)
     for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_custom_reward_without_its_function_is_refused_before_anything_loads_or_is_written(tmp_path):
+    (tmp_path / "reward.py").write_text(BRIGHTNESS)
+    (tmp_path / "prompts.txt").write_text("a red sky\n")
+    with pytest.raises(gdro.BadInput, match=r"--reward .*reward.py:nope: .* has no function 'nope'") as e:
+        gdro.main(["--prompts", str(tmp_path / "prompts.txt"), "--tiny", "--out", str(tmp_path / "out"),
+                   "--reward", f"{tmp_path / 'reward.py'}:nope"])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
