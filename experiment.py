@@ -206,26 +206,6 @@ def ablations(out, settings, n_seeds, seeds, jobs, threads):
     return table
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Does GDRO learn? The tiny model, a toy colour reward, held-out seeds and prompts.")
-    p.add_argument("--out", default=None, help="run folder (default runs/experiment, or runs/ablations with --ablations)")
-    p.add_argument("--ablations", action="store_true", help="run the ablation table instead of the main experiment")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation runs (each: its own cache)")
-    p.add_argument("--eval-seeds", type=int, default=24, help="held-out seeds per prompt for the fresh images")
-    p.add_argument("--jobs", type=int, default=2, help="ablations: seeds run in this many processes at once")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
-    p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE", help="override a TOY gdro flag, e.g. max-steps=0")
-    args = p.parse_args(argv)
-    args.out = args.out or ("runs/ablations" if args.ablations else "runs/experiment")
-    args.command = " ".join(["python experiment.py", *(sys.argv[1:] if argv is None else argv)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run_cli(args, p)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run_cli(args, p):
     settings = dict(TOY)
     for item in args.set:
@@ -244,6 +224,26 @@ def run_cli(args, p):
     print(f"\nGDRO on the toy colour reward ({results['total_s']:.0f} s; {Path(args.out) / 'results.json'}):")
     show(results)
     return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Does GDRO learn? The tiny model, a toy colour reward, held-out seeds and prompts.")
+    p.add_argument("--out", default=None, help="run folder (default runs/experiment, or runs/ablations with --ablations)")
+    p.add_argument("--ablations", action="store_true", help="run the ablation table instead of the main experiment")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation runs (each: its own cache)")
+    p.add_argument("--eval-seeds", type=int, default=24, help="held-out seeds per prompt for the fresh images")
+    p.add_argument("--jobs", type=int, default=2, help="ablations: seeds run in this many processes at once")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE", help="override a TOY gdro flag, e.g. max-steps=0")
+    args = p.parse_args(argv)
+    args.out = args.out or ("runs/ablations" if args.ablations else "runs/experiment")
+    args.command = " ".join(["python experiment.py", *(sys.argv[1:] if argv is None else argv)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_cli(args, p)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ def image_seed(seed, i, j, n):
     return seed + i * n + j
 
 
+def shrink_if_tiny(args, argv, tiny_settings):
+    """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
+    if args.tiny:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
+        vars(args).update(shrunk)
+        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+    return args
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
     p.add_argument("--prompts", help="text file, one prompt per line (UTF-8)")
@@ -123,16 +134,6 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     return shrink_if_tiny(p.parse_args(argv), argv, TINY_RUN)
 
-
-def shrink_if_tiny(args, argv, tiny_settings):
-    """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
-    if args.tiny:
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
-        vars(args).update(shrunk)
-        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
-            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
-    return args
 
 # ============================================================================= 2. the method
 # Notation (diffusers' rectified flow): x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t in (0, 1).
@@ -272,6 +273,14 @@ def barrier():
         dist.barrier()
 
 
+def write_failed(path, e):
+    """The one-line stop for a write that failed (a full disk, permissions): what happened and what to do."""
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror)
+    return SystemExit(f"error: cannot write {path}: {what}. Free space or fix the folder, then rerun the same "
+                      "command: finished cache shards and the last complete checkpoint are kept")
+
+
 def write_atomic(path, data):
     """Write bytes to path so that a kill at any moment leaves the old file or the new one, never a torn one; a
     full disk or a permission problem stops the run with one line (what was already written stays usable)."""
@@ -296,13 +305,6 @@ def append_line(path, line):
     except OSError as e:
         raise write_failed(path, e)
 
-
-def write_failed(path, e):
-    """The one-line stop for a write that failed (a full disk, permissions): what happened and what to do."""
-    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-            errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror)
-    return SystemExit(f"error: cannot write {path}: {what}. Free space or fix the folder, then rerun the same "
-                      "command: finished cache shards and the last complete checkpoint are kept")
 
 # ============================================================================= 3. models
 # Two families side by side. What differs: prompt encoding (SD3: two CLIPs + T5 and real CFG; FLUX: CLIP pooled +
