@@ -805,9 +805,6 @@ def read_metrics(path, up_to_step):
     return kept
 
 
-METRICS = ("loss", "rank_acc", "tied_groups", "grad_norm", "err_policy", "err_ref")  # metrics.jsonl, means over --log-every steps
-
-
 def finish_step_then_stop(stop):
     """Ctrl-C in training: finish the step in flight, save, stop; a second Ctrl-C stops at once."""
     if stop:
@@ -852,7 +849,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
 
     G, M = args.groups_per_step, args.micro_batch
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    window, t0, stop = [], time.time(), []
+    log, t0, stop = [], time.time(), []  # log: this --log-every window's steps
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python catch signals
     previous_handler = signal.signal(signal.SIGINT, lambda *_: finish_step_then_stop(stop)) if in_main_thread else None
     step = start
@@ -886,18 +883,17 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            window.append([loss_sum / n, hits / strict if strict else float("nan"), 1 - strict / n,
-                           float(grad_norm), ep / n, er / n])
-            if rank == 0 and (done % args.log_every == 0 or done == args.max_steps):
-                means = [sum(c) / len(c) for c in zip(*window)]
-                accs = [w[1] for w in window if not math.isnan(w[1])]
-                means[1] = sum(accs) / len(accs) if accs else None  # only groups with a strict best image count
-                line = {"step": done, **dict(zip(METRICS, means)), "lr": args.lr, "time_s": round(time.time() - t0, 2)}
-                bar.set_postfix(loss=f"{line['loss']:.4f}", rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}",
-                                tied=f"{line['tied_groups']:.0%}")
-                append_line(metrics_path, json.dumps(line))
-            if done % args.log_every == 0:
-                window = []
+            log.append((loss_sum, n, strict, hits, ep, er, grad_norm))
+            if done % args.log_every == 0 or done == args.max_steps:  # metrics.jsonl: the window's groups pooled
+                loss_sum, n, strict, hits, ep, er = map(sum, zip(*[row[:6] for row in log]))
+                line = {"step": done, "loss": loss_sum / n, "rank_acc": hits / strict if strict else None,
+                        "tied_groups": 1 - strict / n, "grad_norm": torch.stack([row[6] for row in log]).mean().item(),
+                        "err_policy": ep / n, "err_ref": er / n, "lr": args.lr, "time_s": round(time.time() - t0, 2)}
+                if rank == 0:
+                    bar.set_postfix(loss=f"{line['loss']:.4f}", tied=f"{line['tied_groups']:.0%}",
+                                    rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}")
+                    append_line(metrics_path, json.dumps(line))
+                log = []
             stop_now = stop_now or (world == 1 and bool(stop))  # one process: a Ctrl-C up to here stops after this step
             if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
                 last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
