@@ -21,6 +21,7 @@ Every measurement drives gdro.py's own functions (build_cache, train, velocity_e
 """
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -374,7 +375,8 @@ def measure_ckpt_memory(spec, cache_dir, sizes, work, device, dtype):
     for ckpt in (False, True):  # one whole gdro.train step each, on a fresh transformer
         transformer = build_transformer(spec, device, dtype)
         args = train_args(work / f"memory_{ckpt}", spec["family"], 1, ckpt=ckpt)
-        _, peaks[ckpt] = peak_memory(lambda: train(transformer, spec["family"], cache_dir, sizes, args, device), device)
+        _, peaks[ckpt] = peak_memory(functools.partial(train, transformer, spec["family"], cache_dir, sizes, args, device),
+                                     device)
         del transformer
         free_memory(device)
     print(f"memory: peak of a training step beyond weights and cache: {peaks[False] / 2**20:.1f} MiB without "
