@@ -576,16 +576,22 @@ def score(reward_fn, spec, images, prompt, i):
     return rewards
 
 
+def my_missing_shards(cache_dir, n_prompts):
+    """The prompts without a shard that this process makes: all of them, or under torchrun every N-th. Every
+    process lists them before any writes one, so the lists agree, whatever was finished by an earlier run."""
+    barrier()
+    missing = [i for i in range(n_prompts) if not shard_path(cache_dir, i).exists()]
+    rank, world = rank_and_world()
+    return missing[rank::world]
+
+
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     """Phase 1: the frozen base model draws args.images_per_prompt images per prompt with the sampler args.sampler,
     the reward scores them. Scoring and writing prompt i run in a worker thread while prompt i+1 generates: OCR
     would otherwise leave the GPU idle for about as long as it generates. A shard exists only once scored and
     written. Under torchrun each process takes its share of the missing prompts."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
-    barrier()  # every process lists the missing shards before any writes one
-    missing = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
-    rank, world = rank_and_world()
-    todo = missing[rank::world]
+    todo = my_missing_shards(cache_dir, len(prompts))
 
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
@@ -651,10 +657,8 @@ def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
     """Phase 1 from your own data: each prompt's images are encoded with the model's own VAE and written as ordinary
     cache shards with their given rewards; training cannot tell them from rollouts."""
     from PIL import Image
-    barrier()
-    missing = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()]
-    rank, world = rank_and_world()
-    for i in tqdm(missing[rank::world], desc="encode images", unit="prompt", disable=not is_main_process()):
+    for i in tqdm(my_missing_shards(cache_dir, len(prompts)), desc="encode images", unit="prompt",
+                  disable=not is_main_process()):
         cond, _ = encode_prompt(pipe, family, prompts[i])
         images = [Image.open(file) for file, _ in groups[i]]
         x0 = torch.cat([encode_images(pipe, family, images[j:j + 8], args.resolution) for j in range(0, len(images), 8)])
@@ -683,20 +687,21 @@ def training_batch(cache_dir, sizes, groups, args, scheduler_config, device):
     """Global groups g (numbers over the whole run) -> the inputs of velocity_errors and gdro_loss for them.
     Group g visits prompt epoch_order[g mod P] of epoch g // P and takes k of its cached images; its own generator
     draws the images, t and eps. Returns dict(x0 [B,k,...], cond {name: [B,...]}, rewards [B,k], t [B], eps [B,...])."""
-    rows = []
+    rows, conds = [], []
     for g in groups:
         gen = keyed_generator(args.seed, "group", g)
         i = epoch_order(args.seed, g // len(sizes), len(sizes))[g % len(sizes)]
         shard = read_shard(cache_dir, i)
         images = torch.randperm(sizes[i], generator=gen)[:args.group_size]
-        x0 = shard["x0"][images].float()
+        x0 = shard.pop("x0")[images].float()
         seq_len = x0.shape[1] if x0.dim() == 3 else None  # FLUX's packed token count sets its shift
-        rows.append({"x0": x0, "rewards": shard["rewards"][images].float(),
+        rows.append({"x0": x0, "rewards": shard.pop("rewards")[images].float(),
                      "eps": torch.randn(x0.shape[1:], generator=gen),
-                     "t": sample_t(1, scheduler_config, seq_len, gen, args.uniform_t)[0],
-                     **{k: v for k, v in shard.items() if k not in ("x0", "rewards", "seeds")}})
-    batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
-    return {"cond": {k: batch.pop(k) for k in list(batch) if k not in ("x0", "rewards", "eps", "t")}, **batch}
+                     "t": sample_t(1, scheduler_config, seq_len, gen, args.uniform_t)[0]})
+        shard.pop("seeds", None)
+        conds.append(shard)  # what is left is the prompt's conditioning
+    stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]).to(device) for k in dicts[0]}
+    return {**stack(rows), "cond": stack(conds)}
 
 
 def group_stats(loss, err_policy, err_ref, rewards):
@@ -1026,7 +1031,7 @@ def main(argv=None):
     else:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
     out, cache_dir = Path(args.out), Path(args.out) / "cache"
-    args.family = guess_family(args) if not args.tiny else args.family
+    args.family = guess_family(args)
     args.guidance = DEFAULT_GUIDANCE[args.family] if args.guidance is None else args.guidance
     sizes = [len(g) for g in image_groups] if args.from_images else [args.images_per_prompt] * len(prompts)
     plan = training_plan(args, sizes)
