@@ -899,7 +899,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                                     rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}")
                     append_line(metrics_path, json.dumps(line))
                 log = []
-            stop_now = stop_now or (world == 1 and bool(stop))  # one process: a Ctrl-C up to here stops after this step
+            stop_now = stop_now if world > 1 else bool(stop)  # processes agree via all_reduce; alone, a Ctrl-C up to here counts
             if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
                 last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
             if on_step is not None:
