@@ -236,7 +236,7 @@ def transformer_work(transformer, family, batch, guidance, device):
     forwards) and the policy's backward, on a step's batch, as gdro.train runs them. autograd.grad leaves the LoRA's
     .grad untouched, so training goes on as if this had not run."""
     lora = [p for p in transformer.parameters() if p.requires_grad]
-    with gdro.training_attention():
+    with gdro.training_context(transformer):
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             err_policy, _ = gdro.velocity_errors(transformer, family, batch["x0"], batch["cond"], batch["t"],
                                                  batch["eps"], guidance)

@@ -402,6 +402,16 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
     return pipe.to(device), family  # from_pretrained already cast to dtype; the tiny model stays fp32
 
 
+def compile_transformer(transformer):
+    """--compile: torch.compile each repeated block where diffusers names them (FLUX: its two block classes, each
+    compiled once, not 57 blocks traced in a row: diffusers' regional compilation, the whole model's runtime gain for
+    minutes less compiling), else the whole model (SD3)."""
+    try:
+        transformer.compile_repeated_blocks()
+    except ValueError:  # diffusers names no repeated blocks for this model (SD3)
+        transformer.compile()
+
+
 def encode_prompt(pipe, family, prompt):
     """Text conditioning of one prompt: (cond, uncond). cond is cached for training; uncond (SD3's empty
     negative prompt for CFG) is only needed by rollouts. Tensors have a leading batch dimension of 1."""
@@ -717,13 +727,21 @@ def group_stats(loss, err_policy, err_ref, rewards):
                         (hit & strict).float().sum(), err_policy.detach().mean(1).sum(), err_ref.mean(1).sum()])
 
 
-def training_attention():
-    """The attention backends of the training forward AND backward: any but cuDNN's. On CUDA, PyTorch's cuDNN SDPA
-    backward returns NaN gradients (tiny FLUX) or fails outright (FLUX.1-dev size) (torch 2.11, H200). An op's
-    backward is that of the backend its forward chose, and gradient checkpointing re-runs forwards inside the
-    backward, so the whole step runs under this. Rollouts and eval keep PyTorch's own choice: no backward there."""
+@contextlib.contextmanager
+def training_context(transformer):
+    """How the training step's forward AND backward run. Gradient checkpointing re-runs forwards inside the
+    backward, and an op's backward is that of the kernel its forward chose, so the whole step runs under this.
+    - Attention: any SDPA backend but cuDNN's. On CUDA, PyTorch's cuDNN attention backward returns NaN gradients
+      (tiny FLUX) or fails outright (FLUX.1-dev size) (torch 2.11, H200). Rollouts and eval keep PyTorch's own
+      choice: no backward there.
+    - LoRA inputs stay in the compute dtype: peft would cast each LoRA layer's bf16 input to the LoRA's fp32 and
+      autocast would cast it back to bf16 for the matmul: two full-size copies per layer, one kept for the
+      backward, for a bit-identical result (bf16 -> fp32 -> bf16 is exact)."""
+    from peft.helpers import disable_input_dtype_casting
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), \
+            disable_input_dtype_casting(transformer):
+        yield
 
 
 def guess_family(args):
@@ -834,7 +852,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     if args.grad_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.compile:
-        transformer.compile()
+        compile_transformer(transformer)
     guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
@@ -870,7 +888,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
             for m, groups in enumerate(micro_batches):
                 batch = training_batch(cache_dir, sizes, groups, args, scheduler_config, device)
                 sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
-                with sync, training_attention():
+                with sync, training_context(transformer):
                     with autocast:
                         err_policy, err_ref = velocity_errors(model, family, batch["x0"], batch["cond"], batch["t"],
                                                               batch["eps"], guidance)
@@ -1067,7 +1085,7 @@ def main(argv=None):
                          "pass --guidance explicitly")
     if not cache_complete:
         if args.compile:
-            pipe.transformer.compile()
+            compile_transformer(pipe.transformer)
         try:
             if args.from_images:
                 build_cache_from_images(pipe, family, prompts, image_groups, cache_dir, args)

@@ -4,6 +4,7 @@ and the whole pipeline on both model families.
     pytest -q -m "not slow" test_gdro.py     # the specification: seconds
     pytest -q test_gdro.py                   # plus end-to-end runs on tiny models
 """
+import contextlib
 import json
 import math
 import signal
@@ -233,24 +234,55 @@ def test_gradient_accumulation_over_micro_batches_gives_the_one_pass_update(tmp_
         torch.testing.assert_close(loras[0][k], loras[1][k], rtol=1e-3, atol=1e-5)
 
 
-def test_training_attention_runs_forward_and_backward_without_cudnn(tmp_path):
-    """On CUDA, cuDNN's attention backward gives NaN or fails (README); the training step must never pick it, in its
-    forward or in gradient checkpointing's recomputation inside the backward."""
+def test_training_step_runs_forward_and_backward_without_cudnn_attention_or_lora_input_casts(tmp_path):
+    """On CUDA, cuDNN's attention backward gives NaN or fails (README), and peft's cast of each LoRA input to fp32
+    costs two copies per layer: the training step must run without either, in its forward and in gradient
+    checkpointing's recomputation inside the backward."""
     cache_dir, prompts = fake_cache(tmp_path / "cache", "flux", prompts=2)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
     pipe = gdro.build_tiny_pipeline("flux")
     attention = [m for m in pipe.transformer.modules() if hasattr(m, "processor")]
     seen = []
-    for m in attention:
-        m.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) and None)
+    for m in attention:  # m.to_q is the LoRA layer once training has added the adapter
+        m.register_forward_pre_hook(lambda m, _: seen.append(
+            (torch.backends.cuda.cudnn_sdp_enabled(), m.to_q.cast_input_dtype_enabled)) and None)
     args = train_args(tmp_path / "run", "--groups-per-step", "1", "--max-steps", "1")
     args.guidance = 3.5
     assert torch.backends.cuda.cudnn_sdp_enabled()  # PyTorch's default, outside training
     gdro.train(pipe.transformer, "flux", type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, args, torch.device("cpu"))
     # policy forward + reference forward + the policy's recomputation during backward, for every attention module
     assert len(seen) == 3 * len(attention)
-    assert not any(seen)
+    assert not any(cudnn or cast for cudnn, cast in seen), seen
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored for rollouts and eval
+    assert all(m.to_q.cast_input_dtype_enabled for m in attention)  # and peft's default, after the step
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_inputs_kept_in_bf16_give_bit_identical_errors_and_gradients_and_keep_less_for_backward(family):
+    # as on CUDA: a bf16 base, an fp32 LoRA, bf16 autocast (here the CPU's)
+    transformer = tiny_transformer_with_lora(family).to(torch.bfloat16)
+    lora = [p for p in transformer.parameters() if p.requires_grad]
+    for p in lora:
+        p.data = p.data.float().normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    x0, cond, t, eps = random_groups(family)
+
+    def step(context):
+        saved = {}  # bytes of each storage autograd keeps for the backward
+
+        def keep(x):
+            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+        with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+            with torch.autocast("cpu", torch.bfloat16):
+                err_policy, err_ref = gdro.velocity_errors(transformer, family, x0, cond, t, eps, 3.5)
+            grads = torch.autograd.grad(gdro_loss(err_policy, err_ref, torch.rand(2, 6, generator=torch.Generator())), lora)
+        return err_policy.detach(), grads, sum(saved.values())
+
+    err_cast, grads_cast, saved_cast = step(contextlib.nullcontext())  # peft's default: LoRA inputs cast to fp32
+    err, grads, saved = step(gdro.training_context(transformer))
+    assert torch.equal(err, err_cast) and not torch.equal(err, err[:, :1].expand_as(err))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast)) and any(g.abs().sum() > 0 for g in grads)
+    assert saved < saved_cast, (saved, saved_cast)
 
 # ----------------------------------------------------------------------------- the plan
 
