@@ -3,6 +3,7 @@
     python bench.py              # a few minutes on CPU; on CUDA also SD3.5-Medium and FLUX.1-dev at real size
     python bench.py --quick      # CPU smoke (CI), about a minute: the same code on small configs
     python bench.py --samplers   # each rollout sampler's distance to a 200-step solution (tiny models, CPU)
+    python bench.py --real flux.1-dev   # one real architecture only (a short GPU session)
 
 A progress line per measurement; the last line printed is one JSON object holding every figure:
   step_overhead         full gdro.train step / the transformer work inside it          target <= 1.10
@@ -12,11 +13,14 @@ A progress line per measurement; the last line printed is one JSON object holdin
   default_plan          how much of ocr.txt's cache the default recipe trains (gdro.training_plan, as --dry-run)
   real                  SD3.5-Medium and FLUX.1-dev from their configs (meta device): parameters, FLOPs of a step
   measured              the same two architectures with random weights (no download), end to end: seconds per
-                        prompt group through gdro.build_cache for each sampler, with and without compile; per
-                        training setting (checkpointing, groups per micro-batch) through gdro.train the step time,
-                        peak memory, model TFLOP/s and its share of the matmul peak measured in the same run; and
-                        one prompt's rollout in training steps. On CUDA at real size (16 images, 10 steps, 512 px,
-                        k = 6, bf16); on CPU the same code on small configs (figures that only show it runs).
+                        prompt group through gdro.build_cache for each sampler at the steps that give Euler's ODE
+                        accuracy (measured on the tiny model), with and without --compile, and the fastest against
+                        Euler; per training setting (TRAINING_SETTINGS: checkpointing, groups per micro-batch,
+                        --compile) through gdro.train the step time, peak memory, model TFLOP/s and its share of the
+                        matmul peak measured in the same run; one prompt's rollout in training steps. On CUDA at
+                        real size (16 images, 10 steps, 512 px, k = 6, bf16), with the GPU targets met or missed
+                        (FLUX.1-dev >= 0.45 of the matmul peak within 40 GiB; rollouts >= 1.5x Euler's); on CPU
+                        the same code on small configs (figures that only show it runs).
 Every measurement drives gdro.py's own functions (build_cache, train, velocity_errors, generate), never a copy.
 """
 import argparse
@@ -50,7 +54,15 @@ BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, 
 REAL_RUN = dict(images=DEFAULTS.images_per_prompt, steps=DEFAULTS.steps, resolution=DEFAULTS.resolution, k=K,
                 train_steps=6, matmul=8192)
 SMALL_RUN = dict(images=4, steps=2, resolution=64, k=2, train_steps=3, matmul=512)
-MICRO_BATCHES = (1, 2, 4)  # groups per micro-batch (--micro-batch), checkpointing on
+# the training settings measured at real size: (checkpointing, groups per micro-batch, --compile); the first is
+# gdro.py's default, the compiled one is compared with the same setting eager
+TRAINING_SETTINGS = ((True, 1, False), (False, 1, False), (True, 2, False), (True, 4, False), (True, 2, True))
+# the GPU targets (README "Memory and cost"): training with checkpointing fits PEAK_GIB; FLUX.1-dev trains at
+# TARGET_MATMUL_FRACTION of the measured matmul peak or more within its PEAK_GIB; one prompt's rollout group is
+# TARGET_ROLLOUT_SPEEDUP times faster than Euler at gdro's default steps, at the same ODE accuracy
+PEAK_GIB = {"sd3.5-medium": 16, "flux.1-dev": 40}
+TARGET_MATMUL_FRACTION = 0.45
+TARGET_ROLLOUT_SPEEDUP = 1.5
 VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=16,
            sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)  # both families' VAE: 8x down, 16 channels
@@ -170,12 +182,12 @@ def rollout_args(family, images, steps, resolution, sampler="euler"):
                             "--guidance", str(gdro.DEFAULT_GUIDANCE[family])])
 
 
-def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every=10, k=K):
+def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every=10, k=K, compile=False):
     """gdro.train's settings: groups of k images, the default LoRA and loss, one checkpoint at the end."""
     return gdro.parse_args(["--out", str(out), "--max-steps", str(steps), "--groups-per-step", str(groups),
                             "--micro-batch", str(micro_batch), "--group-size", str(k), "--log-every", str(log_every),
                             "--save-every", str(steps), "--guidance", str(gdro.DEFAULT_GUIDANCE[family]),
-                            "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"])
+                            "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"] + ["--compile"] * compile)
 
 
 def train(transformer, family, cache_dir, sizes, args, device, on_step=None):
@@ -420,7 +432,7 @@ def default_plan():
     return plan
 
 
-def measure_ocr(n_images, gen_s_per_image, device):
+def measure_ocr(n_images, name, gen_s_per_image, device):
     # build_cache scores each prompt's images in a worker thread while the next prompt generates, so OCR adds to a
     # rollout only where it is slower than generating. Timed alone here, on 512-px renderings of text.
     if importlib.util.find_spec("easyocr") is None:
@@ -438,125 +450,16 @@ def measure_ocr(n_images, gen_s_per_image, device):
     t0 = stamp(device)
     scores = reward(images, [f'a sign that says "{text}"' for text in texts])
     s = since(t0, device)[0] / len(images)
-    print(f"ocr: {s:.3f} s per 512-px image on {device.type} (scores {scores}); SD3.5-Medium's rollout (above) takes "
+    print(f"ocr: {s:.3f} s per 512-px image on {device.type} (scores {scores}); {name}'s rollout (above) takes "
           f"{gen_s_per_image:.3f} s per image: build_cache hides whichever is shorter")
     return s
-
-# ----------------------------------------------------------------------------- the real architectures
-
-
-def real_architectures(with_flops):
-    """Parameters, bf16 weight memory and the FLOPs of one k = 6, 512-px step (meta device: computed, not run)."""
-    found = {}
-    for name, real in REAL.items():
-        transformer = build_transformer(real, "meta", torch.float32)
-        params = sum(p.numel() for p in transformer.parameters())
-        row = found[name] = {"params": params, "bf16_weight_gib": round(params * 2 / 2**30, 2)}
-        if with_flops:
-            flops = step_flops(real, real["shapes"])
-            row.update(step_tflop=round(sum(flops.values()) / 1e12, 1),
-                       forward_tflop_per_image=round(flops["forward"] / 2 / K / 1e12, 3))
-        print(f"{name}: {params / 1e9:.3f} B parameters, {row['bf16_weight_gib']} GiB of bf16 weights (computed)"
-              + (f"; one k={K} 512-px step = {row['step_tflop']} TFLOP" if with_flops else ""))
-    return found
-
-
-def measure_rollouts(pipe, family, prompt, run, work, device):
-    """Seconds per prompt group through gdro.build_cache for each sampler; on CUDA again with the transformer
-    compiled (gdro's --compile). Returns ({"eager": {sampler: s}, "compiled": ... or None}, euler's cache folder)."""
-    def rollout(tag, sampler):
-        args = rollout_args(family, run["images"], run["steps"], run["resolution"], sampler)
-        return seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"{tag}_{sampler}", args),
-                       device)
-
-    found = {"eager": None, "compiled": None}
-    for tag in ("eager", "compiled"):
-        if tag == "compiled":
-            if device.type != "cuda":
-                print("  rollout compiled: skipped (torch.compile's GPU backend needs CUDA)")
-                break
-            pipe.transformer.compile()
-        found[tag] = {}
-        for sampler in gdro.SAMPLERS:
-            if tag == "compiled" or not found[tag]:  # an untimed first call: kernels, autotuning, compiled graphs
-                rollout(f"warmup_{tag}", sampler)
-            found[tag][sampler] = round(rollout(tag, sampler), 4)
-            print(f"  rollout {tag} {sampler}: {found[tag][sampler]:.3f} s per prompt group ({run['images']} images, "
-                  f"{run['steps']} steps, {run['resolution']} px)")
-    return found, work / "eager_euler"
-
-
-def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work, device, dtype):
-    """Per setting (checkpointing on and off with one group per micro-batch; 2 and 4 groups per micro-batch with
-    checkpointing) a fresh transformer through gdro.train: step time, peak memory (CUDA, weights included), model
-    TFLOP/s and its share of the matmul peak, and (at real size) the step's overhead over its transformer work."""
-    family, found = real["family"], {}
-    settings = [(True, 1), (False, 1)] + [(True, m) for m in MICRO_BATCHES if m > 1]
-    for ckpt, micro in settings:
-        key = f"ckpt_{'on' if ckpt else 'off'}_m{micro}"
-        transformer = build_transformer(real, device, dtype)
-        args = train_args(work / key, family, run["train_steps"], groups=micro, micro_batch=micro, ckpt=ckpt, k=run["k"])
-        free_memory(device)
-        try:
-            pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=not small)
-            step_s = median(f[0] for f, _ in pairs)
-            tflops = flops * micro / step_s / 1e12
-            found[key] = {"checkpointing": ckpt, "micro_batch": micro, "step_s": round(step_s, 4), "tflops": round(tflops, 4),
-                          "matmul_fraction": round(tflops / peak_tflops, 4),
-                          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-                          "step_overhead": None if small else round(median(f[0] / b[0] for f, b in pairs), 3)}
-        except torch.cuda.OutOfMemoryError:
-            found[key] = {"checkpointing": ckpt, "micro_batch": micro, "oom": True}
-        del transformer
-        free_memory(device)
-        print(f"  training, checkpointing {'on' if ckpt else 'off'}, {micro} group(s) per micro-batch: {found[key]}")
-    return found
-
-
-def measure_real(name, small, peak_tflops, work, device, dtype):
-    """One architecture end to end: rollouts (per sampler, eager and compiled), then training (per setting)."""
-    real, run = architecture(name, small), SMALL_RUN if small else REAL_RUN
-    print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on {device.type}")
-    pipe = build_pipeline(real, device, dtype)
-    rollout_s, cache_dir = measure_rollouts(pipe, real["family"], PROMPT, run, work / name, device)
-    del pipe
-    torch.compiler.reset()  # compiled graphs hold on to the rollout transformer
-    free_memory(device)
-    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
-    flops = sum(step_flops(real, cached_shapes(cache_dir), run["k"]).values())
-    training = measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work / name, device, dtype)
-    step_s = training["ckpt_on_m1"].get("step_s")
-    steps_per_rollout = rollout_s["eager"]["euler"] / step_s if step_s else None
-    print(f"  one prompt's rollout ({run['images']} images, {run['steps']} Euler steps) = "
-          f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group (checkpointing on)")
-    return {"small_config": small, "rollout_s": rollout_s, "step_tflop": round(flops / 1e12, 6), "training": training,
-            "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
-
-def print_tables(measured):
-    """The measured architectures as markdown tables (README "Memory and cost")."""
-    print("\n| model | checkpointing | groups per micro-batch | step s | peak GiB | model TFLOP/s | of matmul peak |\n"
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, m in measured.items():
-        for row in m["training"].values():
-            figures = ["OOM"] * 4 if row.get("oom") else [row["step_s"], row["peak_gib"], row["tflops"], row["matmul_fraction"]]
-            print(f"| {name} | {'on' if row['checkpointing'] else 'off'} | {row['micro_batch']} | "
-                  + " | ".join(str(x) for x in figures) + " |")
-    print("\n| model | sampler | s per prompt group | compiled | one rollout in training steps |\n| --- | --- | ---: | ---: | ---: |")
-    for name, m in measured.items():
-        for sampler, s in m["rollout_s"]["eager"].items():
-            compiled = m["rollout_s"]["compiled"]
-            print(f"| {name} | {sampler} | {s:.3f} | {'-' if compiled is None else f'{compiled[sampler]:.3f}'} | "
-                  f"{m['rollout_in_training_steps'] if sampler == 'euler' else ''} |")
-    print()
 
 # ----------------------------------------------------------------------------- samplers
 
 
-def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS, reference_steps=REFERENCE_STEPS,
-                      prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
-    """{sampler: {steps: distance}}: the relative RMS distance of each sampler's latents, on the tiny model of the
-    family, to a `reference_steps`-step Euler solution of the same ODE from the same noise (gdro.generate, one
-    generator per image)."""
+def tiny_solver(family, prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
+    """solve(sampler, steps): the latents of every prompt x seed on the tiny model of the family, each image from its
+    own seeded noise (gdro.generate), so every solve starts from the same noise."""
     pipe = gdro.build_tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
     config, guidance, resolution = dict(pipe.scheduler.config), gdro.DEFAULT_GUIDANCE[family], gdro.TINY_RUN["resolution"]
@@ -565,13 +468,34 @@ def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS
     def solve(sampler, n):
         pipe.scheduler = gdro.make_scheduler(sampler, config)
         return torch.cat([gdro.generate(pipe, cond, uncond, seeds, n, guidance, resolution) for cond, uncond in encoded])
+    return solve
 
+
+def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS, reference_steps=REFERENCE_STEPS,
+                      prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
+    """{sampler: {steps: distance}}: the relative RMS distance of each sampler's latents, on the tiny model of the
+    family, to a `reference_steps`-step Euler solution of the same ODE from the same noise."""
+    solve = tiny_solver(family, prompts, seeds)
     reference, found = solve("euler", reference_steps), {}
     for sampler in samplers:
         found[sampler] = {}
         for n in steps:
             found[sampler][n] = relative_rms(solve(sampler, n), reference)
             print(f"samplers {family} {sampler} {n} steps: {found[sampler][n]:.4f}")
+    return found
+
+
+def equal_accuracy_steps(family, steps):
+    """{sampler: the fewest steps at which it is as close to a REFERENCE_STEPS-step Euler solution as Euler is at
+    `steps`}, on the tiny model of the family (README "Samplers"; a trained model's figures may differ)."""
+    solve = tiny_solver(family)
+    reference = solve("euler", REFERENCE_STEPS)
+    target, found = relative_rms(solve("euler", steps), reference), {"euler": steps}
+    for sampler in [name for name in gdro.SAMPLERS if name != "euler"]:
+        n = 1
+        while n < REFERENCE_STEPS and relative_rms(solve(sampler, n), reference) > target:
+            n += 1
+        found[sampler] = n
     return found
 
 
@@ -593,6 +517,172 @@ def samplers_report():
     return {"reference_steps": REFERENCE_STEPS, "samplers": {f: {s: {str(n): round(d, 5) for n, d in row.items()}
                                                                for s, row in table.items()} for f, table in found.items()}}
 
+# ----------------------------------------------------------------------------- the real architectures
+
+
+def real_architectures(with_flops):
+    """Parameters, bf16 weight memory and the FLOPs of one k = 6, 512-px step (meta device: computed, not run)."""
+    found = {}
+    for name, real in REAL.items():
+        transformer = build_transformer(real, "meta", torch.float32)
+        params = sum(p.numel() for p in transformer.parameters())
+        row = found[name] = {"params": params, "bf16_weight_gib": round(params * 2 / 2**30, 2)}
+        if with_flops:
+            flops = step_flops(real, real["shapes"])
+            row.update(step_tflop=round(sum(flops.values()) / 1e12, 1),
+                       forward_tflop_per_image=round(flops["forward"] / 2 / K / 1e12, 3))
+        print(f"{name}: {params / 1e9:.3f} B parameters, {row['bf16_weight_gib']} GiB of bf16 weights (computed)"
+              + (f"; one k={K} 512-px step = {row['step_tflop']} TFLOP" if with_flops else ""))
+    return found
+
+
+def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
+    """Seconds per prompt group through gdro.build_cache for each sampler at its step count in steps_for (the same
+    ODE accuracy); on CUDA again with the transformer compiled (gdro.compile_transformer, as --compile). Returns
+    ({"steps": steps_for, "eager": {sampler: s}, "compiled": ... or None}, Euler's cache folder)."""
+    def rollout(tag, sampler, steps):
+        args = rollout_args(family, run["images"], steps, run["resolution"], sampler)
+        return seconds(lambda: gdro.build_cache(pipe, family, [prompt], brightness, work / f"{tag}_{sampler}_{steps}",
+                                                args), device)
+
+    found = {"steps": steps_for, "eager": None, "compiled": None}
+    for tag in ("eager", "compiled"):
+        if tag == "compiled":
+            if device.type != "cuda":
+                print("  rollout compiled: skipped (torch.compile's GPU backend needs CUDA)")
+                break
+            gdro.compile_transformer(pipe.transformer)
+        found[tag] = {}
+        for sampler, steps in steps_for.items():
+            rollout(f"warmup_{tag}", sampler, 2)  # untimed: kernels, autotuning, compiling
+            found[tag][sampler] = round(rollout(tag, sampler, steps), 4)
+            print(f"  rollout {tag} {sampler}, {steps} steps: {found[tag][sampler]:.3f} s per prompt group "
+                  f"({run['images']} images, {run['resolution']} px)")
+    return found, work / f"eager_euler_{steps_for['euler']}"
+
+
+def rollout_speedup(rollout_s, baseline_s=None):
+    """The fastest rollout against Euler at gdro's default steps, eager, in the same run (and against an earlier
+    measurement, baseline_s, where given): {"fastest", "s", "vs_euler", "vs_baseline"}."""
+    s, tag, sampler = min((s, tag, sampler) for tag in ("eager", "compiled") for sampler, s in (rollout_s[tag] or {}).items())
+    return {"fastest": f"{sampler} {rollout_s['steps'][sampler]} steps {tag}", "s": s,
+            "vs_euler": round(rollout_s["eager"]["euler"] / s, 3), "vs_baseline": baseline_s and round(baseline_s / s, 3)}
+
+
+def final_loss(out):
+    """The loss of the last line of a run's metrics.jsonl."""
+    return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+
+
+def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work, device, dtype):
+    """Per setting of TRAINING_SETTINGS a fresh transformer through gdro.train: step time, peak memory (CUDA,
+    weights included), model TFLOP/s and its share of the matmul peak; the default setting's overhead over its
+    transformer work (real size); the compiled setting's loss against the same setting eager (same seed, same
+    draws: equal up to kernel rounding). A setting that runs out of memory or fails is recorded, and the bench
+    goes on."""
+    family, found = real["family"], {}
+    for i, (ckpt, micro, compiled) in enumerate(TRAINING_SETTINGS):
+        key = f"ckpt_{'on' if ckpt else 'off'}_m{micro}" + "_compiled" * compiled
+        row = found[key] = {"checkpointing": ckpt, "micro_batch": micro, "compiled": compiled}
+        if compiled and device.type != "cuda":
+            row["skipped"] = "torch.compile's GPU backend needs CUDA"
+            print(f"  training {key}: skipped ({row['skipped']})")
+            continue
+        transformer = build_transformer(real, device, dtype)
+        args = train_args(work / key, family, run["train_steps"], groups=micro, micro_batch=micro, ckpt=ckpt, k=run["k"],
+                          compile=compiled)
+        free_memory(device)
+        try:
+            pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=i == 0 and not small)
+            step_s = median(f[0] for f, _ in pairs)
+            tflops = flops * micro / step_s / 1e12
+            row.update(step_s=round(step_s, 4), tflops=round(tflops, 4), matmul_fraction=round(tflops / peak_tflops, 4),
+                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                       loss=final_loss(work / key))
+            if i == 0 and not small:
+                row["step_overhead"] = round(median(f[0] / b[0] for f, b in pairs), 3)
+            eager = found.get(key.removesuffix("_compiled"), {})
+            if compiled and "loss" in eager:
+                row["loss_vs_eager"] = round(abs(row["loss"] - eager["loss"]) / abs(eager["loss"]), 6)
+        except torch.cuda.OutOfMemoryError:
+            row["oom"] = True
+        except Exception as e:  # a compiler's failure, say: recorded in the figures, the other settings still run
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        del transformer
+        if compiled:
+            torch.compiler.reset()  # its compiled graphs hold on to the transformer
+        free_memory(device)
+        print(f"  training {key}: {row}")
+    return found
+
+
+def best_within_memory(training, peak_gib):
+    """(setting, row) of the measured training setting with the largest share of the matmul peak within peak_gib."""
+    fits = [(row["matmul_fraction"], key) for key, row in training.items()
+            if "matmul_fraction" in row and row["peak_gib"] is not None and row["peak_gib"] <= peak_gib]
+    return (max(fits)[1], training[max(fits)[1]]) if fits else (None, None)
+
+
+def measure_real(name, small, peak_tflops, work, device, dtype):
+    """One architecture end to end: rollouts (per sampler at the same ODE accuracy, eager and compiled), then
+    training (per setting)."""
+    real, run = architecture(name, small), SMALL_RUN if small else REAL_RUN
+    family = real["family"]
+    steps_for = equal_accuracy_steps(family, run["steps"])
+    print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on "
+          f"{device.type}; steps per sampler for the ODE accuracy of {run['steps']} Euler steps (tiny {family}): {steps_for}")
+    pipe = build_pipeline(real, device, dtype)
+    rollout_s, cache_dir = measure_rollouts(pipe, family, PROMPT, run, steps_for, work / name, device)
+    del pipe
+    torch.compiler.reset()  # compiled graphs hold on to the rollout transformer
+    free_memory(device)
+    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
+    flops = sum(step_flops(real, cached_shapes(cache_dir), run["k"]).values())
+    training = measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work / name, device, dtype)
+    step_s = training["ckpt_on_m1"].get("step_s")
+    steps_per_rollout = rollout_s["eager"]["euler"] / step_s if step_s else None
+    print(f"  one prompt's rollout ({run['images']} images, {run['steps']} Euler steps) = "
+          f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group (checkpointing on)")
+    baseline = None if small else gdro.H200_SECONDS[family]["rollout_16x10"]  # before this bench's changes, on an H200
+    return {"small_config": small, "rollout_s": rollout_s, "rollout_speedup": rollout_speedup(rollout_s, baseline),
+            "step_tflop": round(flops / 1e12, 6), "training": training,
+            "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
+
+
+def print_tables(measured):
+    """The measured architectures as markdown tables (README "Memory and cost")."""
+    print("\n| model | checkpointing | groups per micro-batch | compiled | step s | peak GiB | model TFLOP/s | "
+          "of matmul peak |\n| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for name, m in measured.items():
+        for row in m["training"].values():
+            failed = "OOM" if row.get("oom") else row.get("error") or row.get("skipped")
+            figures = [failed, "", "", ""] if failed else [row["step_s"], row["peak_gib"], row["tflops"], row["matmul_fraction"]]
+            print(f"| {name} | {'on' if row['checkpointing'] else 'off'} | {row['micro_batch']} | "
+                  f"{'yes' if row['compiled'] else 'no'} | " + " | ".join(str(x) for x in figures) + " |")
+    print("\n| model | sampler | steps (same ODE accuracy) | s per prompt group | compiled |\n| --- | --- | ---: | ---: | ---: |")
+    for name, m in measured.items():
+        rollout_s = m["rollout_s"]
+        for sampler, s in rollout_s["eager"].items():
+            compiled = "-" if rollout_s["compiled"] is None else f"{rollout_s['compiled'][sampler]:.3f}"
+            print(f"| {name} | {sampler} | {rollout_s['steps'][sampler]} | {s:.3f} | {compiled} |")
+    print()
+
+
+def report_targets(measured, small):
+    """The GPU targets, met or missed (real size only: small configs' figures only show that the code runs)."""
+    if small:
+        print("GPU targets: not measured (small configs; they need real sizes on a CUDA GPU)")
+        return
+    for name, m in measured.items():
+        key, row = best_within_memory(m["training"], PEAK_GIB[name])
+        fraction = row["matmul_fraction"] if row else 0
+        print(f"{name} training: the fastest setting within {PEAK_GIB[name]} GiB is {key}, at {fraction:.3f} of the "
+              f"matmul peak (target >= {TARGET_MATMUL_FRACTION}: {'met' if fraction >= TARGET_MATMUL_FRACTION else 'MISSED'})")
+        speedup = m["rollout_speedup"]
+        print(f"{name} rollout: fastest {speedup['fastest']}, {speedup['s']:.3f} s per prompt group: {speedup['vs_euler']}x "
+              f"Euler's {REAL_RUN['steps']} steps in this run, {speedup['vs_baseline']}x the earlier H200 figure (target >= "
+              f"{TARGET_ROLLOUT_SPEEDUP}: {'met' if speedup['vs_euler'] >= TARGET_ROLLOUT_SPEEDUP else 'MISSED'})")
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -601,6 +691,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU smoke (CI), about a minute: small configs everywhere")
     p.add_argument("--samplers", action="store_true", help="only the samplers' distance to a 200-step solution")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time then measures our work only)")
+    p.add_argument("--real", choices=list(REAL), action="append", help="measure only this real architecture (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.samplers:
@@ -613,14 +704,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         figures = cost_ratios(s, Path(tmp), device, dtype)
         result = {**{k: round(v, 4) for k, v in figures.items()}, "device": torch.cuda.get_device_name()
-                  if device.type == "cuda" else "cpu", "quick": args.quick, "default_plan": default_plan()}
+                  if device.type == "cuda" else "cpu", "torch": torch.__version__, "quick": args.quick,
+                  "default_plan": default_plan()}
         result["real"] = real_architectures(with_flops=not args.quick)
         peak = matmul_tflops(device, run["matmul"])
         result["matmul_peak_tflops"] = round(peak, 4)
-        result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in REAL}
+        result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in args.real or REAL}
     print_tables(result["measured"])
-    gen_s_per_image = result["measured"]["sd3.5-medium"]["rollout_s"]["eager"]["euler"] / run["images"]
-    result["ocr_s_per_image"] = measure_ocr(s["ocr_images"], gen_s_per_image, device) if s["ocr_images"] else None
+    name, first = next(iter(result["measured"].items()))
+    gen_s_per_image = first["rollout_s"]["eager"]["euler"] / run["images"]
+    result["ocr_s_per_image"] = measure_ocr(s["ocr_images"], name, gen_s_per_image, device) if s["ocr_images"] else None
+    report_targets(result["measured"], small)
     for name, target in (("step_overhead", 1.10), ("rollout_overhead", 1.10), ("ckpt_memory_ratio", 0.60)):
         print(f"{name:>20} {figures[name]:.3f}  (target <= {target:.2f}: {'met' if figures[name] <= target else 'MISSED'})")
     print(f"{'offline_amortization':>20} {figures['offline_amortization']:.3f}  (online / GDRO forward-equivalents "

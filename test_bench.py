@@ -33,14 +33,34 @@ def test_quick_run_prints_every_figure_in_one_json_object_on_its_last_line():
         computed, measured = result["real"][name], result["measured"][name]
         assert computed["params"] > 1e9 and computed["bf16_weight_gib"] > 1  # the real configs, on the meta device
         assert measured["small_config"] is (result["quick"] or result["device"] == "cpu")
-        assert set(measured["rollout_s"]["eager"]) == set(gdro.SAMPLERS)
-        assert all(positive(s) for s in measured["rollout_s"]["eager"].values()), measured["rollout_s"]
-        assert "compiled" in measured["rollout_s"]
-        assert set(measured["training"]) == {"ckpt_on_m1", "ckpt_off_m1", "ckpt_on_m2", "ckpt_on_m4"}
+        rollout_s = measured["rollout_s"]
+        assert set(rollout_s["eager"]) == set(rollout_s["steps"]) == set(gdro.SAMPLERS)
+        assert rollout_s["steps"]["euler"] == bench.SMALL_RUN["steps"] and all(n >= 1 for n in rollout_s["steps"].values())
+        assert all(positive(s) for s in rollout_s["eager"].values()), rollout_s
+        assert rollout_s["compiled"] is None and positive(measured["rollout_speedup"]["vs_euler"])  # CPU: nothing compiled
+        assert list(measured["training"]) == ["ckpt_on_m1", "ckpt_off_m1", "ckpt_on_m2", "ckpt_on_m4", "ckpt_on_m2_compiled"]
         for setting, row in measured["training"].items():
+            if row["compiled"]:
+                assert "skipped" in row, row
+                continue
             assert all(positive(row[key]) for key in ("step_s", "tflops", "matmul_fraction")), (setting, row)
-            assert "peak_gib" in row
+            assert "peak_gib" in row and math.isfinite(row["loss"])
         assert positive(measured["rollout_in_training_steps"])
+
+
+def test_the_fastest_training_setting_is_chosen_among_those_that_fit_in_memory():
+    training = {"a": {"matmul_fraction": 0.5, "peak_gib": 72.0}, "b": {"matmul_fraction": 0.3, "peak_gib": 27.0},
+                "c": {"matmul_fraction": 0.4, "peak_gib": 39.9}, "d": {"oom": True}, "e": {"skipped": "no CUDA"}}
+    assert bench.best_within_memory(training, 40) == ("c", training["c"])
+    assert bench.best_within_memory(training, 20) == (None, None)
+
+
+def test_rollout_speedup_is_eager_euler_over_the_fastest_rollout_eager_or_compiled():
+    rollout_s = {"steps": {"euler": 10, "unipc": 6}, "eager": {"euler": 9.0, "unipc": 5.6},
+                 "compiled": {"euler": 6.0, "unipc": 3.6}}
+    speedup = bench.rollout_speedup(rollout_s, baseline_s=10.8)
+    assert speedup == {"fastest": "unipc 6 steps compiled", "s": 3.6, "vs_euler": 2.5, "vs_baseline": 3.0}
+    assert bench.rollout_speedup({**rollout_s, "compiled": None})["vs_euler"] == pytest.approx(9.0 / 5.6, abs=1e-3)
 
 
 def test_peak_memory_counts_live_bytes_on_cpu():

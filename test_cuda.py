@@ -24,7 +24,6 @@ FAMILIES = ["sd3", "flux"]
 PROMPTS = ['a red shop sign that reads "Open Late"', 'a green mug printed with "Coffee 42"',
            'a blue neon sign saying "Bar"', 'a red cake with "Happy Birthday Ana"']  # a colour for the reward, a text for OCR
 TOY_REWARD = f"{Path(__file__).with_name('toy_reward.py')}:colour_reward"
-PEAK_GIB = {"sd3.5-medium": 16, "flux.1-dev": 40}  # training with checkpointing must fit these
 
 
 @pytest.fixture(autouse=True)
@@ -141,9 +140,9 @@ def test_real_size_training_steps_are_finite_change_the_lora_and_fit_in_memory(r
     lora = load_file(lora_dir / gdro.LORA_FILE)
     moved = max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k)  # B starts at zero
     print(f"{name}: {steps} steps of 2 groups of {bench.K} in {seconds:.1f} s, peak {peak:.1f} GiB (limit "
-          f"{PEAK_GIB[name]}); losses {losses}, LoRA gradient norms {norms}; LoRA B moved up to {moved:.2e}")
+          f"{bench.PEAK_GIB[name]}); losses {losses}, LoRA gradient norms {norms}; LoRA B moved up to {moved:.2e}")
     assert [l["step"] for l in lines] == [1, 2, 3], lines
     assert all(math.isfinite(x) for x in losses + norms), f"{name}: losses {losses}, gradient norms {norms}"
     assert all(v.isfinite().all() for v in lora.values()), f"{name}: non-finite LoRA weights"
     assert moved > 0, f"{name}: the LoRA did not change"
-    assert peak <= PEAK_GIB[name], f"{name}: peak {peak:.1f} GiB > {PEAK_GIB[name]} GiB"
+    assert peak <= bench.PEAK_GIB[name], f"{name}: peak {peak:.1f} GiB > {bench.PEAK_GIB[name]} GiB"
