@@ -3,9 +3,12 @@ bf16 weights built from their configs by bench.py's builders, no download) throu
 
     pytest -m cuda -q        # one 80 GB GPU, about 5 minutes; skipped without CUDA (conftest.py)
 
-Only requirements.txt is needed (the toy reward, EasyOCR's packaged weights for eval.py). Every test prints what
-it measured (shown with -s) and puts the same figures in its assert messages.
+Only requirements.txt is needed, and not all of it: training uses the toy reward, and eval.py reads text with
+EasyOCR where its weights are installed, else with a stand-in reward (the weights are a 91 MB package a GPU machine
+may lack; OCR itself is tested on CPU). Every test prints what it measured (shown with -s) and puts the same figures
+in its assert messages.
 """
+import importlib.util
 import json
 import math
 import time
@@ -71,8 +74,11 @@ def test_tiny_run_on_cuda_logs_finite_losses_and_its_lora_changes_a_fresh_pipeli
 
 
 @pytest.mark.cuda
-def test_eval_tiny_on_cuda_scores_the_base_and_the_lora_images(tiny_run, workdir):
+def test_eval_tiny_on_cuda_scores_the_base_and_the_lora_images(tiny_run, workdir, monkeypatch):
     family, out, lora = tiny_run
+    if importlib.util.find_spec("easyocr") is None or importlib.util.find_spec("easyocr_en_models") is None:
+        print("\neval on CUDA: EasyOCR or its weights are not installed; the mean brightness stands in for OCR")
+        monkeypatch.setattr(gdro_eval, "load_ocr", lambda: bench.brightness)
     t0 = time.perf_counter()
     report = gdro_eval.main(["--prompts", str(workdir / "prompts.txt"), "--tiny", "--family", family, "--lora",
                              str(lora), "--judge", "none", "--out", str(out / "eval")])
