@@ -86,6 +86,8 @@ def shrink_if_tiny(args, argv, tiny_settings):
     """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
     if args.tiny:
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        if args.from_images:  # nothing is sampled: the rollout settings stay as they are
+            given |= {"--images-per-prompt", "--steps"}
         shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
         vars(args).update(shrunk)
         if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once

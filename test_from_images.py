@@ -131,6 +131,15 @@ def test_a_bad_metadata_line_is_refused_with_its_line_number_before_any_model_lo
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
+def test_tiny_shrinks_only_what_an_image_folder_run_uses(capsys):
+    args = gdro.parse_args(["--from-images", "d", "--tiny"])
+    default = gdro.parse_args(["--from-images", "d"])
+    assert (args.images_per_prompt, args.steps) == (default.images_per_prompt, default.steps)  # nothing is sampled
+    assert args.resolution == gdro.TINY_RUN["resolution"] and args.max_steps == gdro.TINY_RUN["max_steps"]
+    said = capsys.readouterr().out.strip().removeprefix("--tiny: ").split(", ")  # what --tiny says it shrank
+    assert "resolution=64" in said and not any(s.startswith(("images_per_prompt=", "steps=")) for s in said), said
+
+
 def test_a_folder_without_metadata_is_refused(tmp_path, no_model):
     with pytest.raises(gdro.BadInput, match="metadata.jsonl not found"):
         gdro.main(["--from-images", str(tmp_path), "--tiny", "--out", str(tmp_path / "out")])
