@@ -626,7 +626,7 @@ def best_within_memory(training, peak_gib):
 def measure_real(name, small, peak_tflops, work, device, dtype):
     """One architecture end to end: rollouts (per sampler at the same ODE accuracy, eager and compiled), then
     training (per setting)."""
-    real, run = architecture(name, small), SMALL_RUN if small else REAL_RUN
+    real, run, started = architecture(name, small), SMALL_RUN if small else REAL_RUN, time.perf_counter()
     family = real["family"]
     steps_for = equal_accuracy_steps(family, run["steps"])
     print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on "
@@ -644,7 +644,9 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
     print(f"  one prompt's rollout ({run['images']} images, {run['steps']} Euler steps) = "
           f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group (checkpointing on)")
     baseline = None if small else gdro.H200_SECONDS[family]["rollout_16x10"]  # before this bench's changes, on an H200
-    return {"small_config": small, "rollout_s": rollout_s, "rollout_speedup": rollout_speedup(rollout_s, baseline),
+    wall_s = round(time.perf_counter() - started, 1)
+    print(f"  {name}: measured in {wall_s} s")
+    return {"small_config": small, "wall_s": wall_s, "rollout_s": rollout_s, "rollout_speedup": rollout_speedup(rollout_s, baseline),
             "step_tflop": round(flops / 1e12, 6), "training": training,
             "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
 
