@@ -86,8 +86,6 @@ def shrink_if_tiny(args, argv, tiny_settings):
     """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
     if args.tiny:
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        if args.from_images:  # nothing is sampled: the rollout settings stay as they are
-            given |= {"--images-per-prompt", "--steps"}
         shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
         vars(args).update(shrunk)
         if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
@@ -134,7 +132,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of rollouts (see image_seed) and of training's draws (default: %(default)s)")
     argv = sys.argv[1:] if argv is None else argv
-    return shrink_if_tiny(p.parse_args(argv), argv, TINY_RUN)
+    args = p.parse_args(argv)
+    unused = ("images_per_prompt", "steps") if args.from_images else ()  # an image folder samples nothing
+    return shrink_if_tiny(args, argv, {k: v for k, v in TINY_RUN.items() if k not in unused})
 
 
 # ============================================================================= 2. the method
