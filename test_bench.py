@@ -63,6 +63,19 @@ def test_rollout_speedup_is_eager_euler_over_the_fastest_rollout_eager_or_compil
     assert bench.rollout_speedup({**rollout_s, "compiled": None})["vs_euler"] == pytest.approx(9.0 / 5.6, abs=1e-3)
 
 
+def test_gpu_targets_are_judged_where_an_architecture_has_them_and_only_within_its_memory(capsys):
+    speedup = {"fastest": "unipc 5 steps compiled", "s": 4.0, "vs_euler": 1.4, "vs_baseline": 2.25}
+    bench.report_targets({"flux.1-dev": {"training": {"fast": {"matmul_fraction": 0.6, "peak_gib": 72.0},
+                                                      "fits": {"matmul_fraction": 0.46, "peak_gib": 30.0}},
+                                         "rollout_speedup": speedup},
+                          "sd3.5-medium": {"training": {"big": {"matmul_fraction": 0.2, "peak_gib": 20.0}},
+                                           "rollout_speedup": speedup}}, small=False)
+    flux_training, flux_rollout, sd3_training, sd3_rollout = capsys.readouterr().out.strip().splitlines()
+    assert "is fits, at 0.460" in flux_training and flux_training.endswith("(target >= 0.45: met)")
+    assert flux_rollout.endswith("(target >= 1.5: MISSED)")
+    assert "no setting fits in 16 GiB" in sd3_training and "target" not in sd3_training + sd3_rollout
+
+
 def test_peak_memory_counts_live_bytes_on_cpu():
     def run():
         a = torch.empty(4 << 20, dtype=torch.uint8)
