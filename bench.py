@@ -582,6 +582,7 @@ def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, wor
     family, found = real["family"], {}
     for i, (ckpt, micro, compiled) in enumerate(TRAINING_SETTINGS):
         key = f"ckpt_{'on' if ckpt else 'off'}_m{micro}" + "_compiled" * compiled
+        with_overhead = i == 0 and not small  # the default setting, at real size
         row = found[key] = {"checkpointing": ckpt, "micro_batch": micro, "compiled": compiled}
         if compiled and device.type != "cuda":
             row["skipped"] = "torch.compile's GPU backend needs CUDA"
@@ -592,13 +593,13 @@ def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, wor
                           compile=compiled)
         free_memory(device)
         try:
-            pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=i == 0 and not small)
+            pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=with_overhead)
             step_s = median(f[0] for f, _ in pairs)
             tflops = flops * micro / step_s / 1e12
             row.update(step_s=round(step_s, 4), tflops=round(tflops, 4), matmul_fraction=round(tflops / peak_tflops, 4),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                        loss=final_loss(work / key))
-            if i == 0 and not small:
+            if with_overhead:
                 row["step_overhead"] = round(median(f[0] / b[0] for f, b in pairs), 3)
             eager = found.get(key.removesuffix("_compiled"), {})
             if compiled and "loss" in eager:
@@ -606,7 +607,7 @@ def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, wor
         except torch.cuda.OutOfMemoryError:
             row["oom"] = True
         except Exception as e:  # a compiler's failure, say: recorded in the figures, the other settings still run
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
         del transformer
         if compiled:
             torch.compiler.reset()  # its compiled graphs hold on to the transformer
