@@ -203,6 +203,15 @@ def assert_same_run(out, reference):
     assert metrics(out) == metrics(reference)
 
 
+def resume_to_the_same_run(gdro_cli, out, reference, from_step=None):
+    """`--resume` completes (from the checkpoint of from_step, where given) and ends as the uninterrupted run."""
+    resumed = gdro_cli(out, "--resume")
+    assert resumed.code == 0, resumed.err
+    if from_step is not None:
+        assert f"resumed from {out / 'checkpoints' / f'step_{from_step:06d}'}" in resumed.out, resumed.out
+    assert_same_run(out, reference)
+
+
 def shard_times(out):
     return {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("prompt_*.safetensors")}
 
@@ -416,10 +425,7 @@ def test_sigkill_in_training_then_resume_ends_with_the_uninterrupted_lora_even_a
     assert gdro_cli(out, faults=[fault(BACKWARD, calls=IN_STEP_3)]).code == -signal.SIGKILL  # in step 3
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 0.12')  # what a kill in the middle of appending a line leaves
-    resumed = gdro_cli(out, "--resume")
-    assert resumed.code == 0, resumed.err
-    assert f"resumed from {out / 'checkpoints' / 'step_000002'}" in resumed.out
-    assert_same_run(out, reference)
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
 
 
 @pytest.mark.slow
@@ -431,10 +437,7 @@ def test_ctrl_c_in_training_finishes_the_step_saves_and_resume_ends_with_the_uni
     saved = out / "checkpoints" / "step_000003"
     assert last_line(stopped) == f"interrupted after step 3; saved {saved}; continue with the same command and --resume"
     assert "Traceback" not in stopped.err and gdro.newest_checkpoint(out / "checkpoints") == saved
-    resumed = gdro_cli(out, "--resume")
-    assert resumed.code == 0, resumed.err
-    assert f"resumed from {saved}" in resumed.out
-    assert_same_run(out, reference)
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=3)
 
 
 @pytest.mark.slow
@@ -445,9 +448,7 @@ def test_a_second_ctrl_c_discards_the_step_in_flight_and_resume_still_ends_with_
     previous = out / "checkpoints" / "step_000002"
     line = assert_one_line_error(stopped, "interrupted during step 3, which was discarded", str(previous))
     assert gdro.newest_checkpoint(out / "checkpoints") == previous, line
-    resumed = gdro_cli(out, "--resume")
-    assert resumed.code == 0, resumed.err
-    assert_same_run(out, reference)
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
 
 # ----------------------------------------------------------------------------- kills in a checkpoint save
 
@@ -468,10 +469,7 @@ def test_sigkill_at_any_point_of_a_checkpoint_save_leaves_a_checkpoint_that_resu
         gdro_cli, reference, tmp_path, point, resumes_from):
     out = with_cache(reference, tmp_path)
     assert gdro_cli(out, faults=[point]).code == -signal.SIGKILL
-    resumed = gdro_cli(out, "--resume")
-    assert resumed.code == 0, resumed.err
-    assert f"resumed from {out / 'checkpoints' / f'step_{resumes_from:06d}'}" in resumed.out
-    assert_same_run(out, reference)
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=resumes_from)
 
 
 @pytest.mark.slow
@@ -516,9 +514,7 @@ def test_a_full_disk_in_training_stops_with_one_line_keeps_the_last_checkpoint_a
     stopped = gdro_cli(out, faults=[point])
     assert_one_line_error(stopped, file, "the disk is full")
     assert gdro.newest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_000002"
-    resumed = gdro_cli(out, "--resume")
-    assert resumed.code == 0, resumed.err
-    assert_same_run(out, reference)
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
 
 # ----------------------------------------------------------------------------- a broken reward, a broken shard
 
