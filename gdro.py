@@ -404,14 +404,14 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
     return pipe.to(device), family  # from_pretrained already cast to dtype; the tiny model stays fp32
 
 
-def compile_transformer(transformer):
-    """--compile: torch.compile each transformer block (regional compilation, as diffusers' compile_repeated_blocks).
-    Blocks of one kind share their compiled code, so compiling costs a few blocks, not the 24 (SD3.5-M) to 57
-    (FLUX.1) of the whole model traced in a row, for nearly all of the whole model's gain."""
+def compile_transformer(transformer, **options):
+    """--compile: torch.compile(**options) each transformer block (regional compilation, as diffusers'
+    compile_repeated_blocks). Blocks of one kind share their compiled code, so compiling costs a few blocks, not
+    the 24 (SD3.5-M) to 57 (FLUX.1) of the whole model traced in a row, for nearly all of the whole model's gain."""
     for child in transformer.children():
         if isinstance(child, torch.nn.ModuleList):  # transformer_blocks, FLUX's single_transformer_blocks
             for block in child:
-                block.compile()
+                block.compile(**options)
 
 
 def encode_prompt(pipe, family, prompt):

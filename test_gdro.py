@@ -284,6 +284,33 @@ def test_lora_inputs_kept_in_bf16_give_bit_identical_errors_and_gradients_and_ke
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast)) and any(g.abs().sum() > 0 for g in grads)
     assert saved < saved_cast, (saved, saved_cast)
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_blocks_give_the_eager_training_step_bit_for_bit(family):
+    # --compile's blocks through torch.compile's graph capture, with what a training step adds: the LoRA, the adapter
+    # switched off for the reference, checkpointing's recomputation, training_context. The backend runs each
+    # captured graph as it is (no kernel generation: seconds on a CPU; bench.py measures the GPU's)
+    transformer = tiny_transformer_with_lora(family)
+    lora = [p for p in transformer.parameters() if p.requires_grad]
+    for p in lora:
+        p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    transformer.enable_gradient_checkpointing()
+    x0, cond, t, eps = random_groups(family)
+
+    def step():
+        with gdro.training_context(transformer):
+            err_policy, err_ref = gdro.velocity_errors(transformer, family, x0, cond, t, eps, 3.5)
+            loss = gdro_loss(err_policy, err_ref, torch.arange(12.0).view(2, 6))
+            return err_policy.detach(), err_ref, torch.autograd.grad(loss, lora)
+
+    eager, graphs = step(), []
+    gdro.compile_transformer(transformer, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+    compiled = step()
+    assert graphs, "nothing was compiled"
+    assert not torch.equal(eager[0], eager[1])  # a trained LoRA: the policy differs from the reference
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+    assert all(torch.equal(a, b) for a, b in zip(compiled[2], eager[2]))
+
 # ----------------------------------------------------------------------------- the plan
 
 
