@@ -284,6 +284,7 @@ def test_lora_inputs_kept_in_bf16_give_bit_identical_errors_and_gradients_and_ke
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast)) and any(g.abs().sum() > 0 for g in grads)
     assert saved < saved_cast, (saved, saved_cast)
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_blocks_give_the_eager_training_step_bit_for_bit(family):
