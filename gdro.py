@@ -66,7 +66,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_
 TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
 # Measured on one H200 (bf16, 512 px, see README "Memory and cost"): one prompt's rollout group of 16 images with
-# 10 Euler steps, and one training step of one k = 6 group with checkpointing. Only the --dry-run estimate uses them.
+# 10 Euler steps, and one training step of one k = 6 group with checkpointing: --dry-run's estimate, bench.py's baseline.
 H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
 
 # --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
