@@ -40,6 +40,7 @@ from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 import gdro
+import small_models
 
 HERE = Path(__file__).parent
 DEFAULTS = gdro.parse_args([])  # gdro.py's default recipe: 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
@@ -51,7 +52,7 @@ BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, 
                        repeats=1, ocr_images=0)}
 # the real architectures' run (the default rollout group, groups of k, training steps per measurement, the side of
 # the matmul that measures the peak) and its small CPU version
-REAL_RUN = dict(images=DEFAULTS.images_per_prompt, steps=DEFAULTS.steps, resolution=DEFAULTS.resolution, k=K,
+REAL_RUN = dict(images=DEFAULTS.images_per_prompt, steps=DEFAULTS.steps, resolution=gdro.PAPER_RESOLUTION, k=K,
                 train_steps=6, matmul=8192)
 SMALL_RUN = dict(images=4, steps=2, resolution=64, k=2, train_steps=3, matmul=512)
 # the training settings measured at real size: (checkpointing, groups per micro-batch, --compile); the first is
@@ -149,7 +150,7 @@ def build(cls, *args, device, dtype, seed=0, **kwargs):
 
 def build_transformer(spec, device, dtype, seed=0):
     """The spec's transformer, of the family's class (as in gdro's tiny pipeline), with random weights."""
-    cls = type(gdro.build_tiny_pipeline(spec["family"]).transformer)
+    cls = type(small_models.build_tiny_pipeline(spec["family"]).transformer)
     return build(cls, **spec["transformer"], device=device, dtype=dtype, seed=seed)
 
 
@@ -157,7 +158,7 @@ def build_pipeline(spec, device, dtype, seed=0):
     """A pipeline of the spec's family with random weights: the spec's transformer and VAE, gdro's tiny pipeline's
     text encoders widened to the spec's output sizes, its tokenizers, and its scheduler on the real models' flow
     schedule (gdro.SCHEDULER_CONFIG)."""
-    tiny = gdro.build_tiny_pipeline(spec["family"])
+    tiny = small_models.build_tiny_pipeline(spec["family"])
     parts = {**tiny.components, "transformer": build_transformer(spec, device, dtype, seed),
              "vae": build(type(tiny.vae), **spec["vae"], device=device, dtype=dtype, seed=seed)}
     for name, sizes in spec["text_encoders"].items():
@@ -459,7 +460,7 @@ def measure_ocr(n_images, name, gen_s_per_image, device):
 def tiny_solver(family, prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
     """solve(sampler, steps): the latents of every prompt x seed on the tiny model of the family, each image from its
     own seeded noise (gdro.generate), so every solve starts from the same noise."""
-    pipe = gdro.build_tiny_pipeline(family)
+    pipe = small_models.build_tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
     config, guidance, resolution = dict(pipe.scheduler.config), gdro.DEFAULT_GUIDANCE[family], gdro.TINY_RUN["resolution"]
     encoded = [gdro.encode_prompt(pipe, family, prompt) for prompt in prompts]

@@ -37,7 +37,7 @@ TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: OCR reward, judge scores, corrected score.")
     p.add_argument("--prompts", required=True, help="test prompt file, one prompt per line, target text in double quotes")
-    p.add_argument("--lora", default=None, help="LoRA folder to compare with the base model (gdro.py's OUT/lora)")
+    p.add_argument("--lora", nargs="+", default=None, help="LoRA folder(s) to compare with the base model (gdro.py's OUT/lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 reproduces the base images exactly")
     p.add_argument("--checkpoints", default=None, help="gdro.py's OUT/checkpoints: evaluate every step_* for the trend")
     p.add_argument("--out", default="runs/eval", help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--family", default="sd3", choices=["sd3", "flux"], help="model family of --tiny (a real --model says its own)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt and per model")
-    p.add_argument("--resolution", type=int, default=512, help="image height and width in pixels (gdro.py trains at 512)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 512, or a smaller model's own)")
     p.add_argument("--steps", type=int, default=40, help="ODE sampler steps (the evaluation setting; rollouts use fewer)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX); default: the family's usual")
     p.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--judge-batch", type=int, default=8, help="images per judge call")
     p.add_argument("--judge-max-new-tokens", type=int, default=256, help="longest judge answer, in tokens")
     argv = sys.argv[1:] if argv is None else argv
-    return gdro.shrink_if_tiny(p.parse_args(argv), argv, TINY_EVAL)
+    return gdro.settle_model(gdro.shrink_if_tiny(p.parse_args(argv), argv, TINY_EVAL))
 
 
 # ----------------------------------------------------------------------------- inputs (checked before heavy work)
@@ -223,16 +223,17 @@ def summarize(rewards, scores):
         judge["mean"] = mean([sum(s.values()) / len(AXES) for s in parsed])  # u: per image the mean of the three
         judge["unparsed"] = len(scores) - len(parsed)
         corrected = None if judge["mean"] is None else corrected_score(r, judge["mean"])
-    return {"ocr_reward": r, "n_images": len(rewards), "judge": judge, "corrected_score": corrected}
+    return {"ocr_reward": r, "ocr_exact": mean([float(x == 1.0) for x in rewards]), "n_images": len(rewards),
+            "judge": judge, "corrected_score": corrected}
 
 def print_table(entries):
     fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}"
-    print(f"{'':<12}" + "".join(f"{h:>10}" for h in ("OCR", "align", "coher", "style", "judge u", "unparsed",
-                                                    "corrected", "images")))
+    print(f"{'':<12}" + "".join(f"{h:>10}" for h in ("OCR", "exact", "align", "coher", "style", "judge u",
+                                                    "unparsed", "corrected", "images")))
     for name, e in entries.items():
         j = e["judge"] or {}
-        cells = [e["ocr_reward"], j.get("alignment"), j.get("coherence"), j.get("style"), j.get("mean"),
-                 j.get("unparsed"), e["corrected_score"], e["n_images"]]
+        cells = [e["ocr_reward"], e["ocr_exact"], j.get("alignment"), j.get("coherence"), j.get("style"),
+                 j.get("mean"), j.get("unparsed"), e["corrected_score"], e["n_images"]]
         print(f"{name:<12}" + "".join(fmt(v) for v in cells))
 
 def grid_columns(sets, twins):
@@ -243,7 +244,7 @@ def grid_columns(sets, twins):
     same = lambda name: twins.get(name, name)  # twins: a set -> the earlier set of the same weights
     if "lora" in sets and newest is not None and same(newest) == same("lora"):
         newest = None
-    return [name for name in ("base", newest, "lora") if name in sets]
+    return [name for name in ("base", newest, "lora") if name in sets] + [n for n in sets if re.fullmatch(r"lora\d+", n)]
 
 def column_label(name, twins):
     """A column's header: 'base', 'step 300', 'LoRA', or 'LoRA = step 300' when the LoRA is that checkpoint."""
@@ -252,7 +253,7 @@ def column_label(name, twins):
         return step(name)
     if name == "lora":
         return f"LoRA = {step(twins['lora'])}" if twins.get("lora", "").startswith("step_") else "LoRA"
-    return name
+    return f"LoRA {name.removeprefix('lora')}" if name.startswith("lora") else name
 
 def fit_lines(text, font, width, max_lines):
     """Word-wrap text to lines of at most width pixels; a cut (too many lines, or one overlong word) ends in '…'."""
@@ -334,10 +335,11 @@ def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
-        raise SystemExit("error: no CUDA GPU found; a real model needs one. Try the whole evaluation on CPU with --tiny")
+        print("note: no CUDA GPU, running on the CPU: fine for a small local model; SD3.5 and FLUX.1 need a GPU")
     prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)  # bad input fails before heavy work
-    if args.lora is not None and not (Path(args.lora) / gdro.LORA_FILE).is_file():
-        raise SystemExit(f"error: LoRA folder {args.lora} not found (expected {gdro.LORA_FILE} in it)")
+    for lora in args.lora or []:
+        if not (Path(lora) / gdro.LORA_FILE).is_file():
+            raise SystemExit(f"error: LoRA folder {lora} not found (expected {gdro.LORA_FILE} in it)")
     checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
     if min(args.images_per_prompt, args.batch, args.judge_batch) < 1:
         raise SystemExit("error: --images-per-prompt, --batch and --judge-batch must be at least 1")
@@ -346,11 +348,13 @@ def main(argv=None):
 
     # every set of images: the base, each checkpoint (the trend), the LoRA; all from the same seeds
     sets = {"base": None, **{f"step_{s:06d}": d for s, d in checkpoints.items()}}
-    if args.lora is not None:
-        sets["lora"] = Path(args.lora)
+    loras = args.lora or []  # one is "lora"; several (say, ablations) are lora1, lora2, ... in the given order
+    sets.update({"lora" if len(loras) == 1 else f"lora{i + 1}": Path(f) for i, f in enumerate(loras)})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe, family = gdro.load_pipeline(args.model, args.tiny, args.family, device, dtype)
-    args.guidance = gdro.DEFAULT_GUIDANCE[family] if args.guidance is None else args.guidance
+    if family != args.family:  # gdro.settle_model read the name wrong: the default guidance was another family's
+        raise SystemExit(f"error: {args.model} is a {family} model, not {args.family} as its name suggested; "
+                         "pass --guidance explicitly")
     for folder in sets.values():  # a LoRA that does not fit this model fails now, not after the base images
         set_lora(pipe, folder, args.lora_scale)
     out, images_dir = Path(args.out), Path(args.out) / "images"
@@ -381,7 +385,7 @@ def main(argv=None):
     scores = {name: None if a is None else [parse_judge(x) for x in a] for name, a in answers.items()}
 
     entries = {name: summarize(rewards[name], scores[name]) for name in sets}
-    report = {k: entries[k] for k in ("base", "lora") if k in entries}
+    report = {k: v for k, v in entries.items() if not k.startswith("step_")}  # the base and each LoRA
     (out / "report.json").write_text(json.dumps(report, indent=2))
     n = args.images_per_prompt
     with open(out / "scores.jsonl", "w") as f:

@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 DEFAULT_GUIDANCE = {"sd3": 4.5, "flux": 3.5}  # SD3.5-Medium's usual CFG; FLUX.1-dev's distilled guidance
 RESOLUTION_FACTOR = 16  # both families: the VAE downsamples 8x and the transformer takes 2x2 patches
+PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
 # The flow-matching schedules of the real models (their scheduler_config.json); the tiny pipelines use them too.
 SCHEDULER_CONFIG = {"sd3": dict(shift=3.0),  # SD3 / SD3.5: a fixed shift
                     "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -106,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
     # phase 1: rollout cache
     p.add_argument("--images-per-prompt", type=int, default=16, help="images the frozen base model draws per prompt, once (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=512, help=f"image side in pixels, a multiple of {RESOLUTION_FACTOR} (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=None, help=f"image side in pixels, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
     p.add_argument("--steps", type=int, default=10, help="ODE sampler steps per rollout (default: %(default)s)")
     p.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="rollout ODE solver (default: %(default)s, the model's own)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
@@ -336,61 +337,11 @@ def make_scheduler(name, config):
     return scheduler
 
 
-def build_tiny_pipeline(family="sd3", seed=0):
-    """A tiny random StableDiffusion3Pipeline or FluxPipeline of diffusers' real classes, built from configs
-    with no download (tokenizers included). The same seed gives the same weights."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                              T5Config, T5EncoderModel, T5TokenizerFast)
-    # character-level tokenizers: every printable ASCII character is a token
-    chars = [chr(c) for c in range(33, 127)]
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        clip_vocab.setdefault(c, len(clip_vocab)), clip_vocab.setdefault(c + "</w>", len(clip_vocab))
-    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    t5_tok = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-                             + [(c, -2.0) for c in chars] + [("\u2581" + c, -2.0) for c in chars], extra_ids=0)
-    clip = CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    t5 = T5Config(vocab_size=len(t5_tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    vae_kw = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  block_out_channels=(16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16,
-                  sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "sd3":
-            pipe = StableDiffusion3Pipeline(
-                transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
-                    num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
-                    caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
-                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG["sd3"]),
-                vae=AutoencoderKL(**vae_kw, scaling_factor=1.5305, shift_factor=0.0609),
-                text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
-                text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
-                text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
-        elif family == "flux":
-            pipe = FluxPipeline(
-                transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
-                    guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG["flux"]),
-                vae=AutoencoderKL(**vae_kw, scaling_factor=0.3611, shift_factor=0.1159),
-                text_encoder=CLIPTextModel(clip), tokenizer=clip_tok,
-                text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tok)
-        else:
-            raise ValueError(f"unknown family {family!r}: expected 'sd3' or 'flux'")
-    for module in pipe.components.values():  # models built from configs start in train mode (dropout on)
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    return pipe
-
-
 def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
     """The pipeline named by `model` (hub id or local folder), or the tiny one; returns (pipe, family)."""
     from diffusers import DiffusionPipeline
     if tiny:
+        from small_models import build_tiny_pipeline  # tiny random pipelines live outside the reading path
         pipe = build_tiny_pipeline(family)
     else:
         try:
@@ -417,12 +368,15 @@ def compile_transformer(transformer, **options):
 def encode_prompt(pipe, family, prompt):
     """Text conditioning of one prompt: (cond, uncond). cond is cached for training; uncond (SD3's empty
     negative prompt for CFG) is only needed by rollouts. Tensors have a leading batch dimension of 1."""
+    t5 = pipe.tokenizer_3 if family == "sd3" else pipe.tokenizer_2
+    length = min(t5.model_max_length, 256 if family == "sd3" else 512)  # the pipeline's T5 length, or a shorter T5's
     with torch.no_grad():
         if family == "sd3":
-            pe, neg_pe, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device=pipe.device)
+            pe, neg_pe, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device=pipe.device,
+                                                                max_sequence_length=length)
             return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
                     {"negative_prompt_embeds": neg_pe, "negative_pooled_prompt_embeds": neg_pooled})
-        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device)  # FLUX: guidance-distilled, no uncond
+        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device, max_sequence_length=length)  # FLUX: guidance-distilled, no uncond
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}
 
 
@@ -746,15 +700,23 @@ def training_context(transformer):
         yield
 
 
-def guess_family(args):
-    """The model family before the model loads (for the default guidance and the plan): --tiny's, a local folder's
-    model_index.json, else the hub id's name (main checks it once the model has loaded)."""
-    if args.tiny:
-        return args.family
-    index = Path(args.model) / "model_index.json"
-    if index.is_file():
-        return "flux" if "Flux" in json.loads(index.read_text()).get("_class_name", "") else "sd3"
-    return "flux" if "flux" in args.model.lower() else "sd3"
+def settle_model(args):
+    """Before the model loads, what follows from it: args.family (--tiny's, a local folder's model_index.json, else
+    the hub id's name; main checks it once the model has loaded), the family's usual --guidance, and --resolution
+    (the paper's 512, or a local model's own size when smaller). gdro.py and eval.py both settle them here."""
+    folder = Path(args.model)
+    if not args.tiny and (folder / "model_index.json").is_file():
+        args.family = "flux" if "Flux" in json.loads((folder / "model_index.json").read_text())["_class_name"] else "sd3"
+    elif not args.tiny:
+        args.family = "flux" if "flux" in args.model.lower() else "sd3"
+    args.guidance = DEFAULT_GUIDANCE[args.family] if args.guidance is None else args.guidance
+    native = PAPER_RESOLUTION
+    configs = [folder / "transformer" / "config.json", folder / "vae" / "config.json"]
+    if not args.tiny and all(c.is_file() for c in configs):
+        transformer, vae = (json.loads(c.read_text()) for c in configs)  # latent side x the VAE's downsampling
+        native = transformer.get("sample_size", native) * 2 ** (len(vae["block_out_channels"]) - 1)
+    args.resolution = min(PAPER_RESOLUTION, native) if args.resolution is None else args.resolution
+    return args
 
 
 def training_plan(args, sizes):
@@ -768,9 +730,8 @@ def training_plan(args, sizes):
             "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
             "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
             "image_coverage": round(seen / P, 4)}
-    family = guess_family(args)
-    if not args.tiny and family in H200_SECONDS and not args.from_images:
-        h = H200_SECONDS[family]
+    if not args.tiny and args.family in H200_SECONDS and not args.from_images:
+        h = H200_SECONDS[args.family]
         rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
         train_h = groups * h["group_step"] * k / 6 / 3600
         plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
@@ -1041,7 +1002,7 @@ def check_run_state(args, out):
 
 def main(argv=None):
     """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
-    args = parse_args(argv)
+    args = settle_model(parse_args(argv))
     device = init_distributed()
     rank, world = rank_and_world()
     check_args(args, world)
@@ -1051,8 +1012,6 @@ def main(argv=None):
     else:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
     out, cache_dir = Path(args.out), Path(args.out) / "cache"
-    args.family = guess_family(args)
-    args.guidance = DEFAULT_GUIDANCE[args.family] if args.guidance is None else args.guidance
     sizes = [len(g) for g in image_groups] if args.from_images else [args.images_per_prompt] * len(prompts)
     plan = training_plan(args, sizes)
     if rank == 0:
@@ -1064,8 +1023,8 @@ def main(argv=None):
         if rank == 0:
             print(json.dumps(plan))
         return None
-    if device.type == "cpu" and not args.tiny:
-        raise BadInput("no CUDA GPU found; a real model needs one. Try the whole pipeline on CPU with --tiny")
+    if device.type == "cpu" and not args.tiny and rank == 0:
+        print("note: no CUDA GPU, running on the CPU: fine for a small local model; SD3.5 and FLUX.1 need a GPU")
     check_out(out)
     check_run_state(args, out)
     manifest = cache_manifest(args)
@@ -1082,7 +1041,7 @@ def main(argv=None):
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)
-    if family != args.family:  # guess_family read the name wrong: the default guidance and the plan were another family's
+    if family != args.family:  # settle_model read the name wrong: the default guidance and the plan were another family's
         raise SystemExit(f"error: {args.model} is a {family} model, not {args.family} as its name suggested; "
                          "pass --guidance explicitly")
     if not cache_complete:

@@ -11,6 +11,7 @@ import torch
 
 import bench
 import gdro
+import small_models
 
 FIGURES = ("step_overhead", "rollout_overhead", "ckpt_memory_ratio", "offline_amortization")
 
@@ -141,7 +142,7 @@ def test_the_bare_work_measured_after_each_step_leaves_training_unchanged(tmp_pa
                                                  "pooled_prompt_embeds": torch.randn(64, generator=g)})
     loras = []
     for measured in (False, True):
-        transformer = gdro.build_tiny_pipeline("sd3").transformer
+        transformer = small_models.build_tiny_pipeline("sd3").transformer
         args = bench.train_args(tmp_path / str(measured), "sd3", 4, ckpt=True)  # the CUDA default: recomputation
         if measured:
             pairs = bench.timed_training(transformer, "sd3", tmp_path / "cache", [8], args, torch.device("cpu"))

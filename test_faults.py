@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import gdro
+import small_models
 
 HERE = Path(__file__).resolve().parent
 REWARD = f"{HERE / 'toy_reward.py'}:colour_reward"
@@ -62,7 +63,7 @@ import torch
 import gdro
 import peft
 for family in gdro.SCHEDULER_CONFIG:
-    gdro.build_tiny_pipeline(family)  # imports diffusers and transformers once, before the forks
+    small_models.build_tiny_pipeline(family)  # imports diffusers and transformers once, before the forks
 
 OWNERS = {"os": os, "builtins": builtins, "pathlib.Path": pathlib.Path, "torch.Tensor": torch.Tensor}
 

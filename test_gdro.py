@@ -15,6 +15,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 import gdro
+import small_models
 from gdro import gdro_loss
 
 FAMILIES = ["sd3", "flux"]
@@ -114,7 +115,7 @@ def test_training_noise_levels_follow_the_schedulers_shift():
 
 
 def tiny_transformer_with_lora(family):
-    transformer = gdro.build_tiny_pipeline(family).transformer
+    transformer = small_models.build_tiny_pipeline(family).transformer
     transformer.requires_grad_(False)
     torch.manual_seed(0)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=gdro.LORA_TARGETS))
@@ -217,7 +218,7 @@ def test_gradient_accumulation_over_micro_batches_gives_the_one_pass_update(tmp_
     sizes, _ = gdro.check_cache(cache_dir, prompts)
     loras, grad_norms = [], []
     for micro in ("4", "1"):
-        pipe = gdro.build_tiny_pipeline(family)
+        pipe = small_models.build_tiny_pipeline(family)
         args = train_args(tmp_path / micro, "--groups-per-step", "4", "--micro-batch", micro, "--max-steps", "2",
                           "--lora-rank", "4", "--lr", "1e-2", "--log-every", "1")
         args.guidance = 3.5
@@ -240,7 +241,7 @@ def test_training_step_runs_forward_and_backward_without_cudnn_attention_or_lora
     checkpointing's recomputation inside the backward."""
     cache_dir, prompts = fake_cache(tmp_path / "cache", "flux", prompts=2)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
-    pipe = gdro.build_tiny_pipeline("flux")
+    pipe = small_models.build_tiny_pipeline("flux")
     attention = [m for m in pipe.transformer.modules() if hasattr(m, "processor")]
     seen = []
     for m in attention:  # m.to_q is the LoRA layer once training has added the adapter
@@ -495,7 +496,7 @@ def test_tiny_flags_given_explicitly_win_over_the_tiny_defaults():
 
 
 def test_tiny_pipeline_is_reproducible_from_its_seed():
-    a, b = gdro.build_tiny_pipeline("flux", seed=3), gdro.build_tiny_pipeline("flux", seed=3)
+    a, b = small_models.build_tiny_pipeline("flux", seed=3), small_models.build_tiny_pipeline("flux", seed=3)
     for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
         assert torch.equal(p, q), name
 
