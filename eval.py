@@ -36,22 +36,33 @@ TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: OCR reward, judge scores, corrected score.")
-    p.add_argument("--prompts", required=True, help="test prompt file, one prompt per line, target text in double quotes")
-    p.add_argument("--lora", nargs="+", default=None, help="LoRA folder(s) to compare with the base model (gdro.py's OUT/lora)")
+    p.add_argument("--prompts", required=True,
+                   help="test prompt file, one prompt per line, target text in double quotes")
+    p.add_argument("--lora", nargs="+", default=None,
+                   help="LoRA folder(s) to compare with the base model (gdro.py's OUT/lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 reproduces the base images exactly")
     p.add_argument("--checkpoints", default=None, help="gdro.py's OUT/checkpoints: evaluate every step_* for the trend")
-    p.add_argument("--out", default="runs/eval", help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="SD3/SD3.5 or FLUX.1: hub id or local folder")
-    p.add_argument("--tiny", action="store_true", help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=["sd3", "flux"], help="model family of --tiny (a real --model says its own)")
+    p.add_argument("--out", default="runs/eval",
+                   help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
+    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
+                   help="SD3/SD3.5 or FLUX.1: hub id or local folder")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random model of the same classes, no download; shrinks the run for CPU")
+    p.add_argument("--family", default="sd3", choices=["sd3", "flux"],
+                   help="model family of --tiny (a real --model says its own)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt and per model")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 512, or a smaller model's own)")
-    p.add_argument("--steps", type=int, default=40, help="ODE sampler steps (the evaluation setting; rollouts use fewer)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX); default: the family's usual")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels (default: 512, or a smaller model's own)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="ODE sampler steps (the evaluation setting; rollouts use fewer)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (SD3) or distilled guidance (FLUX); default: the family's usual")
     p.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
-    p.add_argument("--seed", type=int, default=10**6, help="image j of prompt i uses seed+i*n+j; far from gdro.py's rollout seeds")
-    p.add_argument("--judge", default="CodeGoat24/UnifiedReward-2.0-qwen-7b", help="UnifiedReward (Qwen2.5-VL) hub id or local folder, or 'none'")
+    p.add_argument("--seed", type=int, default=10**6,
+                   help="image j of prompt i uses seed+i*n+j; far from gdro.py's rollout seeds")
+    p.add_argument("--judge", default="CodeGoat24/UnifiedReward-2.0-qwen-7b",
+                   help="UnifiedReward (Qwen2.5-VL) hub id or local folder, or 'none'")
     p.add_argument("--judge-batch", type=int, default=8, help="images per judge call")
     p.add_argument("--judge-max-new-tokens", type=int, default=256, help="longest judge answer, in tokens")
     argv = sys.argv[1:] if argv is None else argv

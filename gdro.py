@@ -67,7 +67,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_
 TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
 # Measured on one H200 (bf16, 512 px, see README "Memory and cost"): one prompt's rollout group of 16 images with
-# 10 Euler steps, and one training step of one k = 6 group with checkpointing: --dry-run's estimate, bench.py's baseline.
+# 10 Euler steps, and one training step of one k = 6 group with checkpointing: --dry-run's estimate, bench.py's
+# baseline.
 H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
 
 # --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
@@ -97,41 +98,68 @@ def shrink_if_tiny(args, argv, tiny_settings):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
     p.add_argument("--prompts", help="text file, one prompt per line (UTF-8)")
-    p.add_argument("--from-images", metavar="DIR", help="build the cache from DIR/metadata.jsonl and its images instead of sampling (see README)")
-    p.add_argument("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl (default: %(default)s)")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="SD3/SD3.5 or FLUX.1: hub id or local folder (default: %(default)s)")
-    p.add_argument("--tiny", action="store_true", help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=["sd3", "flux"], help="model family of --tiny; a real --model says its own (default: %(default)s)")
-    p.add_argument("--reward", default="ocr", help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION with fn(images, prompts) -> list[float] (default: %(default)s)")
+    p.add_argument("--from-images", metavar="DIR",
+                   help="build the cache from DIR/metadata.jsonl and its images instead of sampling (see README)")
+    p.add_argument("--out", default="runs/gdro",
+                   help="output folder: cache/, checkpoints/, lora/, metrics.jsonl (default: %(default)s)")
+    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
+                   help="SD3/SD3.5 or FLUX.1: hub id or local folder (default: %(default)s)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random model of the same classes, no download; shrinks the run for CPU")
+    p.add_argument("--family", default="sd3", choices=["sd3", "flux"],
+                   help="model family of --tiny; a real --model says its own (default: %(default)s)")
+    p.add_argument("--reward", default="ocr",
+                   help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION: fn(images, prompts) -> list[float] (default: ocr)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
     # phase 1: rollout cache
-    p.add_argument("--images-per-prompt", type=int, default=16, help="images the frozen base model draws per prompt, once (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=None, help=f"image side in pixels, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
+    p.add_argument("--images-per-prompt", type=int, default=16,
+                   help="images the frozen base model draws per prompt, once (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
     p.add_argument("--steps", type=int, default=10, help="ODE sampler steps per rollout (default: %(default)s)")
-    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="rollout ODE solver (default: %(default)s, the model's own)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
-    p.add_argument("--rollout-batch", type=int, default=None, help="images per pipeline call (default: a whole prompt group)")
+    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS),
+                   help="rollout ODE solver (default: %(default)s, the model's own)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
+    p.add_argument("--rollout-batch", type=int, default=None,
+                   help="images per pipeline call (default: a whole prompt group)")
     # the loss (Eqs. 5-9)
-    p.add_argument("--beta", type=float, default=12.0, help="implicit-reward scale, Eq. 5; OCR 12, GenEval 6 (default: %(default)s)")
-    p.add_argument("--tau", type=float, default=0.05, help="reward softmax temperature, Eq. 7; 0 = hard ranking, Eq. 12 (default: %(default)s)")
-    p.add_argument("--gamma", type=float, default=0.5, help="weight of the top-1 flow-matching stabiliser, Eq. 8; OCR 0.5, GenEval 1.0 (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=6, help="k: images per group in the loss, drawn from one prompt's cache (default: %(default)s)")
-    p.add_argument("--normalize-rewards", action="store_true", help="z-score rewards within each group before /tau (not in the paper)")
-    p.add_argument("--uniform-t", action="store_true", help="draw t uniformly instead of the base model's shifted logit-normal")
+    p.add_argument("--beta", type=float, default=12.0,
+                   help="implicit-reward scale, Eq. 5; OCR 12, GenEval 6 (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=0.05,
+                   help="reward softmax temperature, Eq. 7; 0 = hard ranking, Eq. 12 (default: %(default)s)")
+    p.add_argument("--gamma", type=float, default=0.5,
+                   help="weight of the top-1 stabiliser, Eq. 8; OCR 0.5, GenEval 1.0 (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=6,
+                   help="k: images per group in the loss, drawn from one prompt's cache (default: %(default)s)")
+    p.add_argument("--normalize-rewards", action="store_true",
+                   help="z-score rewards within each group before /tau (not in the paper)")
+    p.add_argument("--uniform-t", action="store_true",
+                   help="draw t uniformly instead of the base model's shifted logit-normal")
     # phase 2: training
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps; the paper's OCR run peaks near 300 (default: %(default)s)")
-    p.add_argument("--groups-per-step", type=int, default=8, help="groups per optimizer step, all processes together (default: %(default)s)")
-    p.add_argument("--micro-batch", type=int, default=1, help="groups per forward/backward pass; gradients accumulate to --groups-per-step (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=300,
+                   help="optimizer steps; the paper's OCR run peaks near 300 (default: %(default)s)")
+    p.add_argument("--groups-per-step", type=int, default=8,
+                   help="groups per optimizer step, all processes together (default: %(default)s)")
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="groups per forward/backward; gradients accumulate to --groups-per-step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: %(default)s)")
-    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on the transformer's attention projections (default: %(default)s)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="gradient checkpointing (default: on with CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer for rollouts and training (CUDA only)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=32,
+                   help="LoRA rank on the transformer's attention projections (default: %(default)s)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default: on with CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer for rollouts and training (CUDA only)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between lines of metrics.jsonl (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--seed", type=int, default=0, help="seed of rollouts (see image_seed) and of training's draws (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue training from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of rollouts (see image_seed) and of training's draws (default: %(default)s)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     unused = ("images_per_prompt", "steps") if args.from_images else ()  # an image folder samples nothing
@@ -333,7 +361,8 @@ def make_scheduler(name, config):
     flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0),
                 use_dynamic_shifting=bool(config.get("use_dynamic_shifting")))
     scheduler = getattr(diffusers, cls)(num_train_timesteps=config.get("num_train_timesteps", 1000), **flow, **settings)
-    scheduler.register_to_config(**{k: v for k, v in config.items() if k not in scheduler.config and not k.startswith("_")})
+    scheduler.register_to_config(**{k: v for k, v in config.items()
+                                    if k not in scheduler.config and not k.startswith("_")})
     return scheduler
 
 
@@ -376,7 +405,8 @@ def encode_prompt(pipe, family, prompt):
                                                                 max_sequence_length=length)
             return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
                     {"negative_prompt_embeds": neg_pe, "negative_pooled_prompt_embeds": neg_pooled})
-        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device, max_sequence_length=length)  # FLUX: guidance-distilled, no uncond
+        # FLUX: guidance-distilled, no uncond
+        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device, max_sequence_length=length)
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}
 
 
@@ -461,7 +491,8 @@ def check_cache(cache_dir, prompts):
     """Every shard's header: its group size (rewards are tiny, read them) and its prompt. Returns [P] group sizes and
     the mean reward. A shard that is unreadable or made for another prompt file stops the run, saying what to do."""
     sizes, total = [], 0.0
-    for i, prompt in enumerate(tqdm(prompts, desc="check cache", unit="shard", disable=len(prompts) < 1000 or not is_main_process())):
+    quiet = len(prompts) < 1000 or not is_main_process()
+    for i, prompt in enumerate(tqdm(prompts, desc="check cache", unit="shard", disable=quiet)):
         path = shard_path(cache_dir, i)
         try:
             with safe_open(path, "pt") as f:
@@ -483,7 +514,8 @@ def cache_manifest(args):
         source = {"source": "images", "images": str(Path(args.from_images).resolve()), "group_size": args.group_size,
                   "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
     else:
-        reward_file = Path(__file__).with_name("reward_ocr.py") if args.reward == "ocr" else args.reward.rpartition(":")[0]
+        reward_file = (Path(__file__).with_name("reward_ocr.py") if args.reward == "ocr"
+                       else args.reward.rpartition(":")[0])
         source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
                   "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
                   "reward_sha256": file_sha256(reward_file), "seed": args.seed}
@@ -535,7 +567,8 @@ def score(reward_fn, spec, images, prompt, i):
         rewards = [float(r) for r in returned] if real else None  # never parse strings as rewards
     except Exception as e:
         frames = "".join(traceback.format_exception(e)[1:])
-        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); {rerun}\n{frames}")
+        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); "
+                         f"{rerun}\n{frames}")
     if rewards is None or len(rewards) != n or not all(math.isfinite(r) for r in rewards):
         raise SystemExit(f"error: the reward {spec} returned {returned[:8]!r} for the {n} images of prompt {i + 1}; "
                          f"expected {n} finite numbers; {rerun}")
@@ -612,7 +645,8 @@ def read_image_folder(folder, group_size):
         groups.setdefault(prompt.strip(), []).append((file, reward))
     small = [p for p, g in groups.items() if len(g) < group_size]
     if small and is_main_process():
-        print(f"--from-images: skipped {len(small)} of {len(groups)} prompts with fewer than --group-size {group_size} images")
+        print(f"--from-images: skipped {len(small)} of {len(groups)} prompts with fewer than --group-size "
+              f"{group_size} images")
     groups = {p: g for p, g in groups.items() if len(g) >= group_size}
     if not groups:
         raise BadInput(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
@@ -627,7 +661,8 @@ def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
                   disable=not is_main_process()):
         cond, _ = encode_prompt(pipe, family, prompts[i])
         images = [Image.open(file) for file, _ in groups[i]]
-        x0 = torch.cat([encode_images(pipe, family, images[j:j + 8], args.resolution) for j in range(0, len(images), 8)])
+        x0 = torch.cat([encode_images(pipe, family, images[j:j + 8], args.resolution)
+                        for j in range(0, len(images), 8)])
         write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor([r for _, r in groups[i]]),
                                                **{k: v[0] for k, v in cond.items()}},
                     files=json.dumps([f.name for f, _ in groups[i]]))
@@ -706,7 +741,8 @@ def settle_model(args):
     (the paper's 512, or a local model's own size when smaller). gdro.py and eval.py both settle them here."""
     folder = Path(args.model)
     if not args.tiny and (folder / "model_index.json").is_file():
-        args.family = "flux" if "Flux" in json.loads((folder / "model_index.json").read_text())["_class_name"] else "sd3"
+        pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        args.family = "flux" if "Flux" in pipeline else "sd3"
     elif not args.tiny:
         args.family = "flux" if "flux" in args.model.lower() else "sd3"
     args.guidance = DEFAULT_GUIDANCE[args.family] if args.guidance is None else args.guidance
@@ -768,7 +804,8 @@ def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
 
 def newest_checkpoint(ckpt_dir):
     """The newest complete checkpoint (LoRA + state.pt), or None."""
-    found = [d for d in sorted(Path(ckpt_dir).glob("step_*")) if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
+    found = [d for d in sorted(Path(ckpt_dir).glob("step_*"))
+             if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
     return found[-1] if found else None
 
 
@@ -791,114 +828,143 @@ def read_metrics(path, up_to_step):
     return kept
 
 
-def finish_step_then_stop(stop):
-    """Ctrl-C in training: finish the step in flight, save, stop; a second Ctrl-C stops at once."""
-    if stop:
-        raise KeyboardInterrupt
-    stop.append(True)
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step():
+    """Within the block a first Ctrl-C only marks the yielded list: training finishes the step in flight, saves a
+    checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt at once. (Python catches signals in its main
+    thread only; elsewhere Ctrl-C keeps its usual meaning.)"""
+    stop = []
+
+    def handler(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        if is_main_process():
+            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if in_main_thread else None
+    try:
+        yield stop
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def add_lora(transformer, args):
+    """The trained part: a LoRA on LORA_TARGETS, A drawn from --seed and B zero (the policy starts as the reference),
+    in fp32 with its AdamW state while the frozen base stays in bf16 on CUDA. Returns the LoRA's parameters."""
+    from peft import LoraConfig
+    transformer.requires_grad_(False)
+    torch.manual_seed(args.seed)
+    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if args.grad_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.compile:
+        compile_transformer(transformer)
+    return params
+
+
+def start_or_resume(args, transformer, optimizer):
+    """(first step, last checkpoint): (0, None) for a new run; with --resume the newest checkpoint's, loaded. Rank 0
+    cuts metrics.jsonl back to that step (a kill may have left lines past it, or a torn last line)."""
+    start, last_ckpt = 0, None
+    if args.resume:
+        last_ckpt = newest_checkpoint(Path(args.out) / "checkpoints")
+        start = load_checkpoint(last_ckpt, transformer, optimizer)
+        if is_main_process():
+            print(f"resumed from {last_ckpt} (step {start} of {args.max_steps})")
     if is_main_process():
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        metrics = Path(args.out) / "metrics.jsonl"
+        write_atomic(metrics, "".join(line + "\n" for line in read_metrics(metrics, start)).encode())
+    return start, last_ckpt
+
+
+def log_line(window, step, args, t0):
+    """A line of metrics.jsonl: the groups of the --log-every window pooled. window: per step, the group_stats sums
+    [loss, groups, strict groups, hits, err_policy, err_ref] and the gradient norm."""
+    loss, n, strict, hits, ep, er = map(sum, zip(*[row[:6] for row in window]))
+    return {"step": step, "loss": loss / n, "rank_acc": hits / strict if strict else None,
+            "tied_groups": 1 - strict / n, "grad_norm": torch.stack([row[6] for row in window]).mean().item(),
+            "err_policy": ep / n, "err_ref": er / n, "lr": args.lr, "time_s": round(time.time() - t0, 2)}
 
 
 def train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device, on_step=None):
     """Phase 2: GDRO on the cache. Only the LoRA trains; the reference is the adapter switched off.
     on_step(step, batch), if given, runs after each optimizer step with the last micro-batch's inputs (bench.py)."""
-    from peft import LoraConfig
     rank, world = rank_and_world()
-    transformer.requires_grad_(False)
-    torch.manual_seed(args.seed)  # LoRA init (A random, B zero: the policy starts as the reference) follows --seed
-    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights and AdamW state in fp32; the frozen base stays in bf16 on CUDA
-    if args.grad_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if args.compile:
-        compile_transformer(transformer)
-    guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
+    params = add_lora(transformer, args)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
-    out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
-    start, last_ckpt = 0, None
-    if args.resume:
-        last_ckpt = newest_checkpoint(ckpt_dir)
-        start = load_checkpoint(last_ckpt, transformer, optimizer)
-        if rank == 0:
-            print(f"resumed from {last_ckpt} (step {start} of {args.max_steps})")
-    model = transformer
-    if world > 1:  # -------- distributed: gradients of the LoRA averaged across processes
+    start, last_ckpt = start_or_resume(args, transformer, optimizer)
+    model = transformer  # under torchrun: DDP averages the LoRA's gradients across processes
+    if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False)
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(metrics_path, "".join(l + "\n" for l in read_metrics(metrics_path, start)).encode())
-
-    G, M = args.groups_per_step, args.micro_batch
+    guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
+    G, M, ckpt_dir = args.groups_per_step, args.micro_batch, Path(args.out) / "checkpoints"
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    log, t0, stop = [], time.time(), []  # log: this --log-every window's steps
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python catch signals
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: finish_step_then_stop(stop)) if in_main_thread else None
-    step = start
-    bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start,
-               total=args.max_steps, disable=rank != 0)
-    try:
-        for step in bar:
-            # this process's share of the step's G groups, in micro-batches of M; the loss of each is scaled so the
-            # accumulated (and, across processes, averaged) gradient is that of the mean over all G groups
-            mine = range(step * G + rank * G // world, step * G + (rank + 1) * G // world)
-            micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
-            stats = torch.zeros(6, device=device)
-            for m, groups in enumerate(micro_batches):
-                batch = training_batch(cache_dir, sizes, groups, args, scheduler_config, device)
-                sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
-                with sync, training_context(transformer):
-                    with autocast:
-                        err_policy, err_ref = velocity_errors(model, family, batch["x0"], batch["cond"], batch["t"],
-                                                              batch["eps"], guidance)
-                    loss = gdro_loss(err_policy, err_ref, batch["rewards"], args.beta, args.tau, args.gamma,
-                                     args.normalize_rewards)
-                    (loss * len(groups) * world / G).backward()
-                stats += group_stats(loss, err_policy, err_ref, batch["rewards"])
-            stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=device)])
-            if world > 1:
-                dist.all_reduce(stats)  # the log's sums, and whether any process was asked to stop
-            loss_sum, n, strict, hits, ep, er, stop_now = stats.tolist()  # the one host-device sync per step
-            if not math.isfinite(loss_sum):
-                raise SystemExit(f"error: non-finite loss at step {step}; stopped. Last good checkpoint: {last_ckpt}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            log.append((loss_sum, n, strict, hits, ep, er, grad_norm))
-            if done % args.log_every == 0 or done == args.max_steps:  # metrics.jsonl: the window's groups pooled
-                loss_sum, n, strict, hits, ep, er = map(sum, zip(*[row[:6] for row in log]))
-                line = {"step": done, "loss": loss_sum / n, "rank_acc": hits / strict if strict else None,
-                        "tied_groups": 1 - strict / n, "grad_norm": torch.stack([row[6] for row in log]).mean().item(),
-                        "err_policy": ep / n, "err_ref": er / n, "lr": args.lr, "time_s": round(time.time() - t0, 2)}
-                if rank == 0:
-                    bar.set_postfix(loss=f"{line['loss']:.4f}", tied=f"{line['tied_groups']:.0%}",
-                                    rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}")
-                    append_line(metrics_path, json.dumps(line))
-                log = []
-            stop_now = stop_now if world > 1 else bool(stop)  # processes agree via all_reduce; alone, a Ctrl-C up to here counts
-            if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
-                last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
-            if on_step is not None:
-                on_step(step, batch)
-            if stop_now:
-                barrier()
-                raise SystemExit(f"interrupted after step {done}; saved {ckpt_dir / f'step_{done:06d}'}; "
-                                 "continue with the same command and --resume")
-    except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is discarded
-        raise SystemExit(f"interrupted during step {step + 1}, which was discarded; last checkpoint: {last_ckpt}")
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
+    window, t0, step = [], time.time(), start
+    bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start, total=args.max_steps,
+               disable=rank != 0)
+    with ctrl_c_finishes_the_step() as stop:
+        try:
+            for step in bar:
+                # this process's share of the step's G groups, in micro-batches of M; each loss is scaled so that the
+                # accumulated (and, across processes, averaged) gradient is that of the mean over all G groups
+                mine = range(step * G + rank * G // world, step * G + (rank + 1) * G // world)
+                micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
+                stats = torch.zeros(6, device=device)
+                for m, groups in enumerate(micro_batches):
+                    batch = training_batch(cache_dir, sizes, groups, args, scheduler_config, device)
+                    sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
+                    with sync, training_context(transformer):
+                        with autocast:
+                            err_policy, err_ref = velocity_errors(model, family, batch["x0"], batch["cond"],
+                                                                  batch["t"], batch["eps"], guidance)
+                        loss = gdro_loss(err_policy, err_ref, batch["rewards"], args.beta, args.tau, args.gamma,
+                                         args.normalize_rewards)
+                        (loss * len(groups) * world / G).backward()
+                    stats += group_stats(loss, err_policy, err_ref, batch["rewards"])
+                stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=device)])
+                if world > 1:
+                    dist.all_reduce(stats)  # the log's sums, and whether any process was asked to stop
+                *sums, stop_now = stats.tolist()  # the one host-device sync per step
+                if not math.isfinite(sums[0]):
+                    raise SystemExit(f"error: non-finite loss at step {step}; stopped. Last good checkpoint: "
+                                     f"{last_ckpt}")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                window.append((*sums, grad_norm))
+                if done % args.log_every == 0 or done == args.max_steps:
+                    line, window = log_line(window, done, args, t0), []
+                    if rank == 0:
+                        bar.set_postfix(loss=f"{line['loss']:.4f}", tied=f"{line['tied_groups']:.0%}",
+                                        rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}")
+                        append_line(Path(args.out) / "metrics.jsonl", json.dumps(line))
+                stop_now = stop_now if world > 1 else bool(stop)  # alone, a Ctrl-C up to here counts
+                if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
+                    last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
+                if on_step is not None:
+                    on_step(step, batch)
+                if stop_now:
+                    barrier()
+                    raise SystemExit(f"interrupted after step {done}; saved {ckpt_dir / f'step_{done:06d}'}; "
+                                     "continue with the same command and --resume")
+        except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is discarded
+            raise SystemExit(f"interrupted during step {step + 1}, which was discarded; last checkpoint: {last_ckpt}")
+        finally:
+            bar.close()
     if rank == 0:
-        save_lora(pipeline_class, transformer, out / "lora")
+        save_lora(pipeline_class, transformer, Path(args.out) / "lora")
     barrier()
-    return out / "lora"
+    return Path(args.out) / "lora"
 
 
 # ============================================================================= 6. main
@@ -997,7 +1063,8 @@ def check_run_state(args, out):
         raise BadInput(f"--resume: {out / 'checkpoints'} holds no complete checkpoint; drop --resume to start "
                        "training (a finished cache is reused either way)")
     if not args.resume and found is not None:
-        raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found.name}); continue it with --resume, or use another --out")
+        raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found.name}); continue it with --resume, or use "
+                       "another --out")
 
 
 def main(argv=None):
@@ -1041,7 +1108,7 @@ def main(argv=None):
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)
-    if family != args.family:  # settle_model read the name wrong: the default guidance and the plan were another family's
+    if family != args.family:  # settle_model read the name wrong: the default guidance, the plan: another family's
         raise SystemExit(f"error: {args.model} is a {family} model, not {args.family} as its name suggested; "
                          "pass --guidance explicitly")
     if not cache_complete:
@@ -1054,7 +1121,8 @@ def main(argv=None):
                 build_cache(pipe, family, prompts, reward_fn, cache_dir, args)
         except KeyboardInterrupt:
             done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
-            raise SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to continue")
+            raise SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to "
+                             "continue")
     sizes, mean_reward = check_cache(cache_dir, prompts)
     if rank == 0:
         print(f"cache: {len(prompts)} prompts, {sum(sizes)} images, mean reward {mean_reward:.4f}")

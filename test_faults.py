@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import load_file
 
 import gdro
-import small_models
 
 HERE = Path(__file__).resolve().parent
 REWARD = f"{HERE / 'toy_reward.py'}:colour_reward"
@@ -62,6 +61,7 @@ import builtins, errno, json, os, pathlib, runpy, signal, sys, time
 import torch
 import gdro
 import peft
+import small_models
 for family in gdro.SCHEDULER_CONFIG:
     small_models.build_tiny_pipeline(family)  # imports diffusers and transformers once, before the forks
 
