@@ -1,18 +1,23 @@
-"""Does GDRO learn? A CPU experiment on the tiny random SD3 model, with the paper's ablations.
+"""Does GDRO learn? Two CPU experiments, each with the paper's ablations.
 
-No pretrained model runs on a CPU, so the task is a toy one that the tiny random model can move: the prompt
-names a colour (red, green or blue) and toy_reward.py scores how much that colour dominates the image. The run
-is the real one, through gdro.main and the --reward hook: the frozen base model draws a cached group of images
-per training prompt, the reward scores them once, GDRO trains a LoRA on the cache. Then the base and the trained
-model draw FRESH images from seeds never used in the cache, for held-out prompts (the same colours in sentences
-never trained on) and for the training prompts, and the rewards are compared.
-The three colour rewards of one image sum to zero, so no prompt-independent change can raise all three:
+--ocr: GDRO with the OCR reward on a small text-rendering model pretrained here on the CPU
+(small_models.build_text_model: 3-digit strings, 64 px, SD3's classes). The real commands end to end: gdro.py
+--model DIR --reward ocr on training strings, eval.py --model DIR on held-out strings and seeds, base vs GDRO.
+
+    python experiment.py --ocr                # the text model (once), two seeds: JSON on the last line
+    python experiment.py --ocr --ablations    # k = 2, gamma = 0, tau = 0 / 0.5, beta = 6 / 0 on the same caches
+
+The colour toy (no flag): the tiny random SD3 model draws noise that OCR cannot read, so the prompt names a colour
+(red, green or blue) and toy_reward.py scores how much that colour dominates the image. The run is the real one,
+through gdro.main and the --reward hook. Then the base and the trained model draw FRESH images from seeds never
+used in the cache, for held-out prompts (the same colours in sentences never trained on) and for the training
+prompts. The three colour rewards of one image sum to zero, so no prompt-independent change can raise all three:
 improving every colour means the LoRA reads the colour word in the prompt.
 
     python experiment.py                # main experiment, prints the measures (about 2 minutes on 2 CPU cores)
-    python experiment.py --ablations    # the paper's ablations on this toy, two seeds: a markdown table (12 minutes)
+    python experiment.py --ablations    # the paper's ablations on this toy, two seeds: a markdown table
 
-Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md.
+Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md (docs/experiments.md).
 """
 import argparse
 import json

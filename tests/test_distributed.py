@@ -4,7 +4,7 @@ Every run is a real command line in a subprocess: `python gdro.py ...` for one p
 `python -m torch.distributed.run --nproc_per_node=2 gdro.py ...` (gloo on CPU) for two. One thread per process, so
 the processes do not fight over the cores and the rollouts are bit for bit reproducible.
 
-Run: pytest -q test_distributed.py   (about 2 minutes on 2 cores: each process spends most of it importing)
+Run: pytest -q tests/test_distributed.py   (about 2 minutes on 2 cores: each process spends most of it importing)
 """
 import json
 import os

@@ -22,7 +22,7 @@ def positive(x):
 
 @pytest.mark.slow
 def test_quick_run_prints_every_figure_in_one_json_object_on_its_last_line():
-    run = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=Path(__file__).parent,
+    run = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=Path(__file__).resolve().parent.parent,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])

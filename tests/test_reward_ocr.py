@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reward_ocr import OcrReward, ocr_score, ocr_target, selfcheck
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository
 
 
 def render(text, size=64):

@@ -26,7 +26,7 @@ DEVICE = torch.device("cuda")
 FAMILIES = ["sd3", "flux"]
 PROMPTS = ['a red shop sign that reads "Open Late"', 'a green mug printed with "Coffee 42"',
            'a blue neon sign saying "Bar"', 'a red cake with "Happy Birthday Ana"']  # a colour for the reward, a text for OCR
-TOY_REWARD = f"{Path(__file__).with_name('toy_reward.py')}:colour_reward"
+TOY_REWARD = f"{Path(__file__).resolve().parent.parent / 'toy_reward.py'}:colour_reward"
 
 
 @pytest.fixture(autouse=True)

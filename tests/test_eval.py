@@ -1,7 +1,7 @@
 """Tests of eval.py: the report, same-seed base vs LoRA images, the judge's parser and plumbing, the corrected score.
 
 Tiny random models only (no download): one tiny GDRO run makes a LoRA with a cheap reward, a tiny random
-Qwen2.5-VL stands in for the UnifiedReward judge. Run: pytest -q test_eval.py
+Qwen2.5-VL stands in for the UnifiedReward judge. Run: pytest -q tests/test_eval.py
 """
 import json
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 import gdro
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository
 REWARD = f"{HERE / 'toy_reward.py'}:colour_reward"
 PROMPTS = "a red ball\na green tree\na blue sky\na red car\n"
 # a tiny run: 3 prompts of 6 images, 4 steps, a checkpoint every 2 steps (and at the last), a metrics line per step

@@ -2,7 +2,7 @@
 "imagefolder" convention (one JSON object per image: file_name, prompt, reward; other keys ignored); each image is
 encoded with the model's own VAE into an ordinary cache shard, and training runs unchanged.
 
-Run: pytest -q test_from_images.py   (-m "not slow": the input checks and the encoding, seconds)
+Run: pytest -q tests/test_from_images.py   (-m "not slow": the input checks and the encoding, seconds)
 """
 import json
 
