@@ -44,20 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoints", default=None, help="gdro.py's OUT/checkpoints: evaluate every step_* for the trend")
     p.add_argument("--out", default="runs/eval",
                    help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
-                   help="SD3/SD3.5 or FLUX.1: hub id or local folder")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=["sd3", "flux"],
-                   help="model family of --tiny (a real --model says its own)")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
+    gdro.add_model_flags(p)
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt and per model")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels (default: 512, or a smaller model's own)")
     p.add_argument("--steps", type=int, default=40,
                    help="ODE sampler steps (the evaluation setting; rollouts use fewer)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale (SD3) or distilled guidance (FLUX); default: the family's usual")
     p.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
     p.add_argument("--seed", type=int, default=10**6,
                    help="image j of prompt i uses seed+i*n+j; far from gdro.py's rollout seeds")
@@ -255,7 +245,8 @@ def grid_columns(sets, twins):
     same = lambda name: twins.get(name, name)  # twins: a set -> the earlier set of the same weights
     if "lora" in sets and newest is not None and same(newest) == same("lora"):
         newest = None
-    return [name for name in ("base", newest, "lora") if name in sets] + [n for n in sets if re.fullmatch(r"lora\d+", n)]
+    several = [name for name in sets if re.fullmatch(r"lora\d+", name)]  # eval.py --lora A B ...: lora1, lora2, ...
+    return [name for name in ("base", newest, "lora") if name in sets] + several
 
 def column_label(name, twins):
     """A column's header: 'base', 'step 300', 'LoRA', or 'LoRA = step 300' when the LoRA is that checkpoint."""

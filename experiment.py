@@ -70,7 +70,8 @@ def prompts(templates):
 
 
 def gdro_argv(settings, prompt_file, out):
-    flags = [x for k, v in settings.items() if v is not False for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
+    flags = [x for k, v in settings.items() if v is not False
+             for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
     return ["--tiny", "--prompts", str(prompt_file), "--reward", f"{HERE / 'toy_reward.py'}:colour_reward",
             "--out", str(out), "--max-prompts", str(len(prompts(TRAIN_TEMPLATES))), "--rollout-batch", "16",
             "--log-every", "25", "--save-every", "100000", *flags]
@@ -141,7 +142,8 @@ def evaluate(lora, base, settings, n_seeds):
     pipe, _ = gdro.load_pipeline(None, tiny=True)
     pipe.load_lora_weights(str(lora))
     out = {}
-    for split, prompt_list in (("held_out_prompts", prompts(HELD_OUT_TEMPLATES)), ("train_prompts", prompts(TRAIN_TEMPLATES))):
+    for split, prompt_list in (("held_out_prompts", prompts(HELD_OUT_TEMPLATES)),
+                               ("train_prompts", prompts(TRAIN_TEMPLATES))):
         _, trained, _ = fresh_samples(pipe, prompt_list, n_seeds, settings)
         out[split] = effect(base[split][1], trained)
     out["rank_acc_held_out"] = rank_accuracy(pipe, *base["held_out_prompts"], seed=settings["seed"])
@@ -388,17 +390,21 @@ def ocr_ablations(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Does GDRO learn? The tiny model, a toy colour reward, held-out seeds and prompts.")
-    p.add_argument("--out", default=None, help="run folder (default runs/experiment, or runs/ablations with --ablations)")
+    p = argparse.ArgumentParser(description="Does GDRO learn? CPU experiments: the colour toy, and --ocr.")
+    p.add_argument("--out", default=None,
+                   help="run folder (default runs/experiment, runs/ablations with --ablations, runs/ocr with --ocr)")
     p.add_argument("--ablations", action="store_true", help="run the ablation table instead of the main experiment")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation runs (each: its own cache)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="seeds of the --ocr and ablation runs (each: its own cache)")
     p.add_argument("--eval-seeds", type=int, default=24, help="held-out seeds per prompt for the fresh images")
     p.add_argument("--jobs", type=int, default=2, help="ablations: seeds run in this many processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
-    p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE", help="override a TOY gdro flag, e.g. max-steps=0")
-    p.add_argument("--ocr", action="store_true", help="GDRO on the text model pretrained here, OCR reward (see --ocr above)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE",
+                   help="override a TOY gdro flag, e.g. max-steps=0")
+    p.add_argument("--ocr", action="store_true", help="GDRO with the OCR reward on the text model pretrained here")
     p.add_argument("--model-dir", default="runs/text_model", help="--ocr: the text model's folder, built there once")
-    p.add_argument("--split", default="test", choices=["test", "val"], help="--ocr: score on the held-out test strings, or val (to choose settings)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="--ocr: score on the held-out test strings, or on val (to choose settings)")
     p.add_argument("--ocr-set", nargs="*", default=[], type=lambda s: s.split("=", 1), metavar="FLAG=VALUE",
                    help="--ocr: change a gdro.py flag of OCR_GDRO, e.g. lr=3e-4")
     args = p.parse_args(argv)

@@ -95,6 +95,21 @@ def shrink_if_tiny(args, argv, tiny_settings):
     return args
 
 
+def add_model_flags(p):
+    """The flags gdro.py and eval.py share: the model, the prompts used, how it draws (settle_model fills defaults)."""
+    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
+                   help="SD3/SD3.5 or FLUX.1: hub id or local folder (default: %(default)s)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random model of the same classes, no download; shrinks the run for CPU")
+    p.add_argument("--family", default="sd3", choices=["sd3", "flux"],
+                   help="model family of --tiny; a real --model says its own (default: %(default)s)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
     p.add_argument("--prompts", help="text file, one prompt per line (UTF-8)")
@@ -102,27 +117,17 @@ def parse_args(argv=None):
                    help="build the cache from DIR/metadata.jsonl and its images instead of sampling (see README)")
     p.add_argument("--out", default="runs/gdro",
                    help="output folder: cache/, checkpoints/, lora/, metrics.jsonl (default: %(default)s)")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
-                   help="SD3/SD3.5 or FLUX.1: hub id or local folder (default: %(default)s)")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=["sd3", "flux"],
-                   help="model family of --tiny; a real --model says its own (default: %(default)s)")
+    add_model_flags(p)
     p.add_argument("--reward", default="ocr",
                    help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION: fn(images, prompts) -> list[float] (default: ocr)")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
     # phase 1: rollout cache
     p.add_argument("--images-per-prompt", type=int, default=16,
                    help="images the frozen base model draws per prompt, once (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
     p.add_argument("--steps", type=int, default=10, help="ODE sampler steps per rollout (default: %(default)s)")
     p.add_argument("--sampler", default="euler", choices=list(SAMPLERS),
                    help="rollout ODE solver (default: %(default)s, the model's own)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
     p.add_argument("--rollout-batch", type=int, default=None,
                    help="images per pipeline call (default: a whole prompt group)")
     # the loss (Eqs. 5-9)

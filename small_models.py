@@ -144,7 +144,8 @@ def render(text, rng, size=TEXT_RESOLUTION):
 def to_pixels(images):
     """PIL images -> [N, 3, H, W] in [-1, 1], the VAE's input."""
     import numpy as np
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def train_vae(pixels, r):
@@ -270,11 +271,13 @@ def build_text_model(folder, recipe=None):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         z = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-        x0 = ((z - vae.config.shift_factor) * vae.config.scaling_factor).view(len(train_strings), r["variants"], *z.shape[1:])
+        x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        x0 = x0.view(len(train_strings), r["variants"], *z.shape[1:])
     conds = [gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(s))[0] for s in train_strings]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
     _, neg = gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
-    uncond = {"prompt_embeds": neg["negative_prompt_embeds"], "pooled_prompt_embeds": neg["negative_pooled_prompt_embeds"]}
+    uncond = {"prompt_embeds": neg["negative_prompt_embeds"],
+              "pooled_prompt_embeds": neg["negative_pooled_prompt_embeds"]}
     train_text_transformer(pipe, x0, cond, uncond, r, work / "transformer_state.pt")
     pipe.save_pretrained(folder)
     write_text_prompts(folder)
@@ -286,7 +289,8 @@ def build_text_model(folder, recipe=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the small text-rendering model on CPU (once; reused afterwards).")
     p.add_argument("--out", default="runs/text_model", help="model folder (default: %(default)s)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a TEXT_RECIPE value, e.g. steps=100")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change a TEXT_RECIPE value, e.g. steps=100")
     args = p.parse_args(argv)
     recipe = {}
     for item in args.set:
