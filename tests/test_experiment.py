@@ -4,6 +4,9 @@ Runs the main experiment of experiment.py (tiny random SD3, CPU, about 1.5 minut
 LoRA -> fresh samples from seeds never cached, for prompts never trained on. It fails when training does nothing
 (`--set max-steps=0`, or `--set beta=0 gamma=0`: effect size exactly 0, no prompt improved).
 """
+import json
+
+import numpy as np
 import pytest
 
 import experiment
@@ -15,3 +18,19 @@ def test_gdro_raises_reward_on_held_out_prompts_and_seeds(tmp_path):
     held_out = results["held_out_prompts"]
     assert held_out["effect_size"] >= 1.0, held_out
     assert held_out["improved"] >= 0.75, held_out
+
+
+def test_the_ocr_gain_is_the_mean_per_prompt_paired_difference_with_its_standard_error(tmp_path):
+    # eval.py's scores.jsonl: 3 prompts x 2 images (same seeds) for the base and the LoRA
+    base = {0: [0.0, 1 / 3], 1: [2 / 3, 2 / 3], 2: [1.0, 0.0]}
+    lora = {0: [1 / 3, 1 / 3], 1: [1.0, 2 / 3], 2: [1.0, 1.0]}
+    rows = [{"set": name, "prompt_index": i, "ocr_reward": r}
+            for name, per in (("base", base), ("lora", lora)) for i, rs in per.items() for r in rs]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    g = experiment.paired_gain(scores)
+    d = [np.mean(lora[i]) - np.mean(base[i]) for i in range(3)]  # 1/6, 1/6, 1/2
+    assert g["gain"] == pytest.approx(np.mean(d)) and g["gdro_ocr"] - g["base_ocr"] == pytest.approx(np.mean(d))
+    assert g["gain_se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(3))
+    assert g["base_exact"] == pytest.approx(1 / 6) and g["gdro_exact"] == pytest.approx(3 / 6)
+    assert g["prompts_improved"] == pytest.approx(1.0) and g["prompts_worse"] == 0.0
