@@ -774,7 +774,8 @@ def training_plan(args, sizes):
             "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
             "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
             "image_coverage": round(seen / P, 4)}
-    if not args.tiny and args.family in H200_SECONDS and not args.from_images:
+    measured = args.resolution == PAPER_RESOLUTION and not args.tiny  # the H200 figures: real models at 512 px
+    if measured and args.family in H200_SECONDS and not args.from_images:
         h = H200_SECONDS[args.family]
         rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
         train_h = groups * h["group_step"] * k / 6 / 3600
