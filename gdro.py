@@ -273,7 +273,8 @@ def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, norm
 # ============================================================================= plumbing
 # Used by the phases below and kept out of the method's way: refused inputs, processes (torchrun), files.
 # Exit codes, for every stop: 2 = a refused input (BadInput: checked before anything heavy, nothing written),
-# 1 = a failure or a Ctrl-C in the cache build or training (one line saying what to do; finished work is kept),
+# 1 = a failure, or a Ctrl-C / SIGTERM in training (one line saying what to do; finished work is kept) or a Ctrl-C
+# in the cache build,
 # 130 = a Ctrl-C anywhere else (nothing half-written), 0 = done.
 
 
@@ -837,28 +838,33 @@ def read_metrics(path, up_to_step):
     return kept
 
 
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+
+
 @contextlib.contextmanager
-def ctrl_c_finishes_the_step():
-    """Within the block a first Ctrl-C only marks the yielded list: training finishes the step in flight, saves a
-    checkpoint and stops. A second Ctrl-C raises KeyboardInterrupt at once. (Python catches signals in its main
-    thread only; elsewhere Ctrl-C keeps its usual meaning.)"""
+def stop_after_this_step():
+    """Within the block a first Ctrl-C, SIGTERM (a cluster's preemption, torchrun's shutdown) or SIGUSR1 (SLURM's
+    early warning) only marks the yielded list: training finishes the step in flight, saves a checkpoint and stops.
+    A second signal raises KeyboardInterrupt at once. (Python catches signals in its main thread only; elsewhere
+    they keep their usual meaning.)"""
     stop = []
 
-    def handler(*_):
+    def handler(signum, _):
         if stop:
             raise KeyboardInterrupt
         stop.append(True)
         if is_main_process():
-            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
                   file=sys.stderr)
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, handler) if in_main_thread else None
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
         yield stop
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def add_lora(transformer, args):
@@ -920,7 +926,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     window, t0, step = [], time.time(), start
     bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start, total=args.max_steps,
                disable=rank != 0)
-    with ctrl_c_finishes_the_step() as stop:
+    with stop_after_this_step() as stop:
         try:
             for step in bar:
                 # this process's share of the step's G groups, in micro-batches of M; each loss is scaled so that the
@@ -966,7 +972,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                     barrier()
                     raise SystemExit(f"interrupted after step {done}; saved {ckpt_dir / f'step_{done:06d}'}; "
                                      "continue with the same command and --resume")
-        except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is discarded
+        except KeyboardInterrupt:  # a second signal: the step in flight is discarded
             raise SystemExit(f"interrupted during step {step + 1}, which was discarded; last checkpoint: {last_ckpt}")
         finally:
             bar.close()

@@ -430,10 +430,11 @@ def test_sigkill_in_training_then_resume_ends_with_the_uninterrupted_lora_even_a
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_training_finishes_the_step_saves_and_resume_ends_with_the_uninterrupted_lora(gdro_cli, reference,
-                                                                                                tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGUSR1"])  # Ctrl-C, a preemption, SLURM's early warning
+def test_ctrl_c_or_sigterm_in_training_finishes_the_step_saves_and_resume_ends_with_the_uninterrupted_lora(
+        gdro_cli, reference, tmp_path, stop):
     out = with_cache(reference, tmp_path)
-    stopped = gdro_cli(out, faults=[fault(BACKWARD, calls=IN_STEP_3, do="SIGINT")])
+    stopped = gdro_cli(out, faults=[fault(BACKWARD, calls=IN_STEP_3, do=stop)])
     assert stopped.code == 1
     saved = out / "checkpoints" / "step_000003"
     assert last_line(stopped) == f"interrupted after step 3; saved {saved}; continue with the same command and --resume"
