@@ -246,7 +246,7 @@ def run_cli(args, p):
 # thread each. The ablations train on each seed's cache and are scored on the same held-out images.
 OCR_TRAIN_PROMPTS = 200  # training strings drawn from the model's train split; each cached with 16 images
 OCR_EVAL = {"images-per-prompt": 8, "steps": 10, "batch": 16}  # 100 held-out strings x 8 images per model
-OCR_ABLATION_IMAGES = 4  # the ablations: the same strings and seeds, the first 4 of the 8 images (CPU time)
+OCR_ABLATION_IMAGES = 4  # the ablations: the same 100 strings, 4 images each (held-out seeds; CPU time)
 # The paper's loss (k = 6 of 16, beta 12, tau 0.05, gamma 0.5), 300 steps of 8 groups, LoRA rank 32. For this model:
 # CFG 4.5 (SD3's usual; on the val split the base read 0.305 at 4.5, 0.290 at 3, 0.277 at 2), lr 1e-3 (a first
 # trial on a similar model: 3e-4 did not move the held-out reward in 300 steps, 1e-3 did; docs/experiments.md).
