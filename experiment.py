@@ -69,12 +69,16 @@ def prompts(templates):
     return [t.format(c) for t in templates for c in COLOURS]
 
 
+def flags(settings):
+    """{flag: value} -> command-line words: True is the bare flag, False leaves it out."""
+    return [x for k, v in settings.items() if v is not False
+            for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
+
+
 def gdro_argv(settings, prompt_file, out):
-    flags = [x for k, v in settings.items() if v is not False
-             for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
     return ["--tiny", "--prompts", str(prompt_file), "--reward", f"{HERE / 'toy_reward.py'}:colour_reward",
             "--out", str(out), "--max-prompts", str(len(prompts(TRAIN_TEMPLATES))), "--rollout-batch", "16",
-            "--log-every", "25", "--save-every", "100000", *flags]
+            "--log-every", "25", "--save-every", "100000", *flags(settings)]
 
 
 def train(out, settings, cache_from=None):
@@ -262,10 +266,6 @@ OCR_ABLATIONS = [  # (row label, changes to OCR_GDRO); the first row is the main
     ("beta = 6 (the paper's OCR reward-hacking setting)", {"beta": 6.0}),
     ("beta = 0 (flow matching on the best image: rejection sampling)", {"beta": 0.0}),
 ]
-
-
-def flags(settings):
-    return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
 
 
 def run_chains(chains, log_names):

@@ -375,7 +375,8 @@ def make_scheduler(name, config):
 
 
 def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
-    """The pipeline named by `model` (hub id or local folder), or the tiny one; returns (pipe, family)."""
+    """The pipeline named by `model` (hub id or local folder), or the tiny one of `family`; returns (pipe, family).
+    A model of another family than the one settle_model expected stops here."""
     from diffusers import DiffusionPipeline
     if tiny:
         from small_models import build_tiny_pipeline  # tiny random pipelines live outside the reading path
@@ -385,11 +386,14 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
-    family = next((name for name, cls in pipeline_classes().items() if isinstance(pipe, cls)), None)
-    if family is None:
+    found = next((name for name, cls in pipeline_classes().items() if isinstance(pipe, cls)), None)
+    if found is None:
         raise SystemExit(f"error: {model!r} is a {type(pipe).__name__}; GDRO here supports SD3/SD3.5 and FLUX.1")
+    if found != family:  # settle_model read the name wrong: its default guidance and the plan were another family's
+        raise SystemExit(f"error: {model} is a {found} model, not {family} as its name suggested; "
+                         "pass --guidance explicitly")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), family  # from_pretrained already cast to dtype; the tiny model stays fp32
+    return pipe.to(device), found  # from_pretrained already cast to dtype; the tiny model stays fp32
 
 
 def compile_transformer(transformer, **options):
@@ -1122,9 +1126,6 @@ def main(argv=None):
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)
-    if family != args.family:  # settle_model read the name wrong: the default guidance, the plan: another family's
-        raise SystemExit(f"error: {args.model} is a {family} model, not {args.family} as its name suggested; "
-                         "pass --guidance explicitly")
     if not cache_complete:
         if args.compile:
             compile_transformer(pipe.transformer)

@@ -63,3 +63,9 @@ def test_gdro_trains_a_lora_on_the_text_model_with_the_ocr_reward(text_model, tm
     assert rewards.shape == (8,) and ((0 <= rewards) & (rewards <= 1)).all()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "lora" / gdro.LORA_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_a_model_of_another_family_than_expected_stops_in_one_line(text_model):
+    with pytest.raises(SystemExit, match=r"is a sd3 model, not flux as its name suggested; pass --guidance"):
+        gdro.load_pipeline(str(text_model), family="flux")
