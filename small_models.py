@@ -166,11 +166,7 @@ def train_vae(pixels, r):
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():  # the latent normalisation SD3's pipeline applies: (z - shift) * scale has unit variance
-        z = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
-    return vae
+    return vae.eval().requires_grad_(False)
 
 
 def train_text_transformer(pipe, x0, cond, uncond, r, state_file):
@@ -271,8 +267,10 @@ def build_text_model(folder, recipe=None):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         z = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-        x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor
-        x0 = x0.view(len(train_strings), r["variants"], *z.shape[1:])
+    # the latent normalisation SD3's pipeline applies: (z - shift) * scale has unit variance over the renders
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
+    x0 = ((z - vae.config.shift_factor) * vae.config.scaling_factor).view(len(train_strings), r["variants"],
+                                                                           *z.shape[1:])
     conds = [gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(s))[0] for s in train_strings]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
     _, neg = gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
