@@ -343,6 +343,11 @@ def main(argv=None):
         if not (Path(lora) / gdro.LORA_FILE).is_file():
             raise SystemExit(f"error: LoRA folder {lora} not found (expected {gdro.LORA_FILE} in it)")
     checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
+    for folder in [*map(Path, args.lora or []), *checkpoints.values()]:
+        damaged = gdro.damaged_file(folder, [gdro.LORA_FILE])
+        if damaged:
+            raise SystemExit(f"error: LoRA file {damaged} is damaged (not what its {gdro.SHA256_FILE} recorded when "
+                             "it was saved); train it again, or evaluate another checkpoint")
     if min(args.images_per_prompt, args.batch, args.judge_batch) < 1:
         raise SystemExit("error: --images-per-prompt, --batch and --judge-batch must be at least 1")
     if args.judge != "none":

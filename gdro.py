@@ -27,6 +27,7 @@ Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method table 
 import argparse
 import contextlib
 import errno
+import fcntl
 import functools
 import gc
 import hashlib
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load as safetensors_load, load_file, save as safetensors_bytes
 from tqdm import tqdm
 
 # ============================================================================= 1. settings
@@ -345,6 +346,90 @@ def append_line(path, line):
         raise write_failed(path, e)
 
 
+HELD_LOCKS = {}  # OUT -> its open lock file, held for the life of the process
+
+
+def lock_out(out, create=True):
+    """One run per --out: an exclusive flock on OUT/.lock, taken before anything else is written there (create=False:
+    only if OUT exists, so that a refused input writes nothing). The kernel drops it when the process ends, however
+    it ends, so a killed run leaves no stale lock. Under torchrun rank 0 holds it for the job and tells the others."""
+    holder, key = None, str(Path(out).resolve())
+    if is_main_process() and key not in HELD_LOCKS and (create or Path(out).is_dir()):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        f = open(Path(out) / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+        else:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            HELD_LOCKS[key] = f
+    if dist.is_initialized():
+        shared = [holder]
+        dist.broadcast_object_list(shared, src=0)
+        holder = shared[0]
+    if holder is not None:
+        raise BadInput(f"--out {out} is in use by another run (PID {holder}); wait for it to end, or use another --out")
+
+
+SHA256_FILE = "sha256.json"  # in a checkpoint or LoRA folder: the SHA-256 of its other files, written last
+
+
+def record_sha256(folder):
+    hashes = {p.name: file_sha256(p) for p in sorted(Path(folder).iterdir())
+              if p.is_file() and p.name != SHA256_FILE and not p.name.startswith(".")}
+    write_atomic(Path(folder) / SHA256_FILE, json.dumps(hashes, indent=2).encode())
+
+
+def damaged_file(folder, names):
+    """The first file of `names` in folder that is not what sha256.json recorded, or None (all whole, or a folder
+    saved before such records)."""
+    record = Path(folder) / SHA256_FILE
+    if not record.is_file():
+        return None
+    try:
+        hashes = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return record
+    for name in names:
+        path = Path(folder) / name
+        if name in hashes and (not path.is_file() or file_sha256(path) != hashes[name]):
+            return path
+    return None
+
+
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+
+
+@contextlib.contextmanager
+def stop_when_done(doing):
+    """Within the block a first Ctrl-C, SIGTERM (a cluster's preemption, torchrun's shutdown) or SIGUSR1 (SLURM's
+    early warning) only marks the yielded list: the caller finishes what it is `doing`, saves and stops. A second
+    signal raises KeyboardInterrupt at once. (Python catches signals in its main thread only; elsewhere they keep
+    their usual meaning.)"""
+    stop = []
+
+    def handler(signum, _):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        if is_main_process():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: {doing}, then stopping (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 # ============================================================================= 3. models
 # Two families side by side. What differs: prompt encoding (SD3: two CLIPs + T5 and real CFG; FLUX: CLIP pooled +
 # T5 and distilled guidance), the latent layout (FLUX packs 2x2 patches into a sequence; the cache holds latents
@@ -488,15 +573,33 @@ def shard_path(cache_dir, i):
     return Path(cache_dir) / f"prompt_{i:06d}.safetensors"
 
 
+def tensor_bytes(data):
+    """The tensors' part of a safetensors file's bytes (after its 8-byte length and JSON header)."""
+    return data[8 + int.from_bytes(data[:8], "little"):]
+
+
 def write_shard(cache_dir, i, prompt, tensors, **metadata):
+    """The shard's header records its prompt, and the SHA-256 of its tensors that read_shard checks."""
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(shard_path(cache_dir, i), safetensors_bytes(tensors, metadata={"prompt": prompt, **metadata}))
+    metadata = {"prompt": prompt, **metadata}
+    metadata["sha256"] = hashlib.sha256(tensor_bytes(safetensors_bytes(tensors, metadata=metadata))).hexdigest()
+    write_atomic(shard_path(cache_dir, i), safetensors_bytes(tensors, metadata=metadata))
 
 
 def read_shard(cache_dir, i):
-    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors."""
-    return load_file(shard_path(cache_dir, i))
+    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors, checked against its recorded SHA-256."""
+    path = shard_path(cache_dir, i)
+    data = path.read_bytes()
+    with contextlib.suppress(Exception):  # an unreadable header: check_cache has said so before training
+        recorded = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"].get("sha256")
+        if recorded and hashlib.sha256(tensor_bytes(data)).hexdigest() != recorded:
+            data = None
+    if data is None:
+        raise SystemExit(f"error: cache shard {path} is damaged (its tensors differ from the SHA-256 written with them); "
+                         "delete it and rerun the same command (with --resume once training has started) to "
+                         "regenerate it")
+    return safetensors_load(data)
 
 
 def check_cache(cache_dir, prompts):
@@ -596,6 +699,11 @@ def my_missing_shards(cache_dir, n_prompts):
     return missing[rank::world]
 
 
+def cache_interrupted(cache_dir, prompts):
+    done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
+    return SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to continue")
+
+
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     """Phase 1: the frozen base model draws args.images_per_prompt images per prompt with the sampler args.sampler,
     the reward scores them. Scoring and writing prompt i run in a worker thread while prompt i+1 generates: OCR
@@ -610,10 +718,12 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
                                                "seeds": torch.tensor(seeds), **{k: v[0] for k, v in cond.items()}})
 
     base_scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(args.sampler, pipe.scheduler.config)
-    with ThreadPoolExecutor(max_workers=1) as scorer:
+    with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = None
         bar = tqdm(todo, desc="rollout cache", unit="prompt", disable=not is_main_process())
         for i in bar:
+            if stop:  # a first Ctrl-C or SIGTERM: what is generated gets scored and written below, then we stop
+                break
             cond, uncond = encode_prompt(pipe, family, prompts[i])
             seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
             x0 = torch.cat([generate(pipe, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
@@ -624,6 +734,8 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
             scoring = scorer.submit(score_and_save, i, x0, seeds, cond, images)
         if scoring is not None:
             scoring.result()
+    if stop:
+        raise cache_interrupted(cache_dir, prompts)
     pipe.scheduler = base_scheduler  # the model's own schedule again (training's t follows it)
     barrier()
 
@@ -788,38 +900,44 @@ def training_plan(args, sizes):
 
 
 def save_lora(pipeline_class, transformer, folder):
-    """folder/pytorch_lora_weights.safetensors in diffusers' format: pipe.load_lora_weights(folder) reads it."""
+    """folder/pytorch_lora_weights.safetensors in diffusers' format (pipe.load_lora_weights(folder) reads it), and
+    folder/sha256.json."""
     from peft.utils import get_peft_model_state_dict
     Path(folder).mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
                                      weight_name=LORA_FILE, save_function=lambda weights, path: write_atomic(
                                          path, safetensors_bytes(weights, metadata={"format": "pt"})))
+    record_sha256(folder)
 
 
 def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
-    """OUT/checkpoints/step_NNNNNN/: the LoRA (diffusers format) + state.pt (step, optimizer). Written whole into a
-    temporary folder, renamed into place, and only then do older checkpoints give up their state.pt (they keep their
-    LoRA for eval's trend): a kill at any moment leaves at least one complete checkpoint to resume from."""
+    """OUT/checkpoints/step_NNNNNN/: the LoRA (diffusers format), state.pt (step, optimizer) and, last, sha256.json.
+    Written whole into a temporary folder, renamed into place, and only then do checkpoints older than the two newest
+    give up their state.pt (they keep their LoRA for eval's trend): a kill at any moment leaves a complete checkpoint
+    to resume from, and a damaged newest one (sha256.json says which) leaves the one before."""
     final, tmp = Path(ckpt_dir) / f"step_{step:06d}", Path(ckpt_dir) / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_lora(pipeline_class, transformer, tmp)
     state = io.BytesIO()
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, state)
     write_atomic(tmp / "state.pt", state.getvalue())
+    record_sha256(tmp)
     if final.exists():  # a LoRA-only leftover of an earlier run at this step
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in Path(ckpt_dir).glob("step_*/state.pt"):
+    for old in sorted(Path(ckpt_dir).glob("step_*/state.pt"))[:-2]:
         if old.parent != final:
             old.unlink()
     return final
 
 
+def complete_checkpoints(ckpt_dir):
+    """The checkpoints that can be resumed from (LoRA + state.pt), oldest first."""
+    return [d for d in sorted(Path(ckpt_dir).glob("step_*")) if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
+
+
 def newest_checkpoint(ckpt_dir):
-    """The newest complete checkpoint (LoRA + state.pt), or None."""
-    found = [d for d in sorted(Path(ckpt_dir).glob("step_*"))
-             if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
-    return found[-1] if found else None
+    return (complete_checkpoints(ckpt_dir) or [None])[-1]
 
 
 def load_checkpoint(ckpt, transformer, optimizer):
@@ -839,35 +957,6 @@ def read_metrics(path, up_to_step):
             if json.loads(line)["step"] <= up_to_step:
                 kept.append(line)
     return kept
-
-
-STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
-
-
-@contextlib.contextmanager
-def stop_after_this_step():
-    """Within the block a first Ctrl-C, SIGTERM (a cluster's preemption, torchrun's shutdown) or SIGUSR1 (SLURM's
-    early warning) only marks the yielded list: training finishes the step in flight, saves a checkpoint and stops.
-    A second signal raises KeyboardInterrupt at once. (Python catches signals in its main thread only; elsewhere
-    they keep their usual meaning.)"""
-    stop = []
-
-    def handler(signum, _):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(True)
-        if is_main_process():
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(f"\n{name}: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS} if in_main_thread else {}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def add_lora(transformer, args):
@@ -929,7 +1018,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     window, t0, step = [], time.time(), start
     bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start, total=args.max_steps,
                disable=rank != 0)
-    with stop_after_this_step() as stop:
+    with stop_when_done("finishing this step and saving a checkpoint") as stop:
         try:
             for step in bar:
                 # this process's share of the step's G groups, in micro-batches of M; each loss is scaled so that the
@@ -1075,14 +1164,50 @@ def check_out(out):
 
 
 def check_run_state(args, out):
-    """A run already in OUT continues only with --resume; --resume needs something to resume."""
-    found = newest_checkpoint(out / "checkpoints")
-    if args.resume and found is None:
+    """A run already in OUT continues only with --resume; --resume needs a whole checkpoint to resume."""
+    found = complete_checkpoints(out / "checkpoints")
+    if args.resume and not found:
         raise BadInput(f"--resume: {out / 'checkpoints'} holds no complete checkpoint; drop --resume to start "
                        "training (a finished cache is reused either way)")
-    if not args.resume and found is not None:
-        raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found.name}); continue it with --resume, or use "
-                       "another --out")
+    if not args.resume and found:
+        raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found[-1].name}); continue it with --resume, or "
+                       "use another --out")
+    damaged = found and damaged_file(found[-1], [LORA_FILE, "state.pt"])
+    if damaged:
+        then = (f"with --resume to continue from {found[-2].name}" if len(found) > 1 else
+                "without --resume to train from the start (the cache is kept)")
+        raise BadInput(f"checkpoint file {damaged} is damaged (not what its {SHA256_FILE} recorded when it was "
+                       f"saved); delete {found[-1]} and rerun {then}")
+
+
+# config.json records every setting; these do not shape what is learned (how long, how often to log and save, how
+# fast), and these cannot change on --resume (the checkpoint is of that model's layers)
+NOT_SHAPING = {"out", "resume", "max_steps", "log_every", "save_every", "dry_run", "compile", "rollout_batch",
+               "grad_checkpointing"}
+CANNOT_CHANGE = {"model", "tiny", "family", "resolution", "lora_rank"}
+
+
+def run_config(args, out, world):
+    """config.json: this run's settings; on --resume the first run's, plus this resume (its step and changes) in
+    "resumes". A changed setting is listed in one line, since the run is then not what an uninterrupted one would
+    have been; a change of model, family, resolution or LoRA rank is refused."""
+    config, path = {**vars(args), "world_size": world}, out / "config.json"
+    if not args.resume or not path.is_file():
+        return config
+    try:
+        first = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"--resume: unreadable {path} ({e}); it records the first run's settings")
+    changes = {k: [first.get(k), v] for k, v in config.items() if k not in NOT_SHAPING and first.get(k) != v}
+    listed = ", ".join(f"{'--' + k.replace('_', '-') if k in vars(args) else k} {a} -> {b}"
+                       for k, (a, b) in changes.items())
+    if changes.keys() & CANNOT_CHANGE:
+        raise BadInput(f"--resume with {listed}: a checkpoint cannot continue on another model, family, resolution or "
+                       f"LoRA rank; resume with the first run's settings ({path}), or use another --out")
+    if changes and is_main_process():
+        print(f"--resume with changed settings: {listed}; the run is no longer what an uninterrupted one would be")
+    step = int(newest_checkpoint(out / "checkpoints").name.removeprefix("step_"))
+    return {**first, "resumes": first.get("resumes", []) + [{"step": step, "changes": changes}]}
 
 
 def main(argv=None):
@@ -1111,6 +1236,7 @@ def main(argv=None):
     if device.type == "cpu" and not args.tiny and rank == 0:
         print("note: no CUDA GPU, running on the CPU: fine for a small local model; SD3.5 and FLUX.1 need a GPU")
     check_out(out)
+    lock_out(out, create=False)  # a run in OUT already: say so before anything else
     check_run_state(args, out)
     manifest = cache_manifest(args)
     check_manifest(cache_dir, manifest)
@@ -1118,10 +1244,12 @@ def main(argv=None):
     reward_fn = None if cache_complete or args.from_images else load_reward(args.reward)
     if args.grad_checkpointing is None:
         args.grad_checkpointing = device.type == "cuda"
+    config = run_config(args, out, world)
+    lock_out(out)
     if rank == 0:  # -------- files: the manifest and config describe the run on disk
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(cache_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
-        write_atomic(out / "config.json", json.dumps({**vars(args), "world_size": world}, indent=2).encode())
+        write_atomic(out / "config.json", json.dumps(config, indent=2).encode())
     barrier()
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -1134,10 +1262,8 @@ def main(argv=None):
                 build_cache_from_images(pipe, family, prompts, image_groups, cache_dir, args)
             else:
                 build_cache(pipe, family, prompts, reward_fn, cache_dir, args)
-        except KeyboardInterrupt:
-            done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
-            raise SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to "
-                             "continue")
+        except KeyboardInterrupt:  # a second Ctrl-C: the prompts in flight are dropped
+            raise cache_interrupted(cache_dir, prompts)
     sizes, mean_reward = check_cache(cache_dir, prompts)
     if rank == 0:
         print(f"cache: {len(prompts)} prompts, {sum(sizes)} images, mean reward {mean_reward:.4f}")

@@ -105,9 +105,9 @@ TEXT_PROMPT = 'the text "{}"'  # ocr.txt's convention: the target in double quot
 TEXT_ALPHABET, TEXT_LENGTH, TEXT_RESOLUTION = "0123456789", 3, 64
 TEXT_SPLITS = {"test": 100, "val": 100}  # strings held out; the other 800 of the 1000 are train
 # The whole recipe: changing any value builds a new model (the folder's text_model.json records it).
-TEXT_RECIPE = dict(seed=0, variants=4, vae_steps=400, vae_batch=32, vae_lr=1e-3, steps=5000, batch=32, lr=1e-3,
-                   warmup=200, ema=0.999, uncond=0.1, layers=6, heads=4, head_dim=32, clip_length=32, t5_length=32,
-                   shift=1.0)
+TEXT_RECIPE = dict(seed=0, variants=4, jitter=0.0, small_share=0.4, vae_steps=400, vae_batch=32, vae_lr=1e-3,
+                   steps=5000, batch=32, lr=1e-3, warmup=200, ema=0.999, uncond=0.1, layers=6, heads=4, head_dim=32,
+                   clip_length=32, t5_length=32, shift=1.0)
 
 
 def text_strings(seed=0):
@@ -121,23 +121,29 @@ def text_strings(seed=0):
     return splits
 
 
-def render(text, rng, size=TEXT_RESOLUTION):
-    """Dark text on white, centred, its size and place jittered a little by rng (a random.Random)."""
+def render(text, rng, size=TEXT_RESOLUTION, jitter=0.0, small=False):
+    """Dark text on white, as large as fits 90 % of the width, centred. jitter (0-1) shrinks it by up to 25 % and
+    moves it by up to 4 px, drawn from rng (a random.Random). small: the text shrunk to 35-50 % of that and put
+    anywhere in the frame, as text in a photo often is (at 64 px, too small for OCR to read after the VAE)."""
     from PIL import Image, ImageDraw, ImageFont
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
     width = lambda s: draw.textbbox((0, 0), text, font=ImageFont.load_default(size=s))[2]
-    font_size = min(size, int(0.9 * size * size / width(size)))  # the largest that fits 90 % of the width ...
+    font_size = min(size, int(0.9 * size * size / width(size)))
     while font_size < size and width(font_size + 1) <= 0.9 * size:
         font_size += 1
     while width(font_size) > 0.9 * size:
         font_size -= 1
-    font = ImageFont.load_default(size=max(8, round(font_size * rng.uniform(0.75, 1.0))))  # ... then 75-100 % of it
+    font = ImageFont.load_default(size=max(8, round(font_size * (1 - 0.25 * jitter * rng.random()))))
     box = draw.textbbox((0, 0), text, font=font)
     slack_x, slack_y = (size - (box[2] - box[0])) / 2, (size - (box[3] - box[1])) / 2
-    x = slack_x - box[0] + rng.uniform(-1, 1) * min(4, slack_x)
-    y = slack_y - box[1] + rng.uniform(-1, 1) * min(4, slack_y)
+    x = slack_x - box[0] + jitter * rng.uniform(-1, 1) * min(4, slack_x)
+    y = slack_y - box[1] + jitter * rng.uniform(-1, 1) * min(4, slack_y)
     draw.text((x, y), text, font=font, fill=(20, 20, 20))
+    if small:
+        side = round(size * rng.uniform(0.35, 0.5))
+        shrunk, img = img.resize((side, side), Image.LANCZOS), Image.new("RGB", (size, size), "white")
+        img.paste(shrunk, (rng.randint(0, size - side), rng.randint(0, size - side)))
     return img
 
 
@@ -243,8 +249,8 @@ def build_text_model(folder, recipe=None):
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(r["seed"])
     train_strings = text_strings(r["seed"])["train"]
-    images = [render(s, rng) for s in tqdm(train_strings, desc="text model: render", unit="string")
-              for _ in range(r["variants"])]
+    images = [render(s, rng, jitter=r["jitter"], small=rng.random() < r["small_share"])
+              for s in tqdm(train_strings, desc="text model: render", unit="string") for _ in range(r["variants"])]
     pixels = to_pixels(images)
     if (work / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)

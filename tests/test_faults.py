@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -405,10 +406,27 @@ def test_sigkill_in_the_cache_build_keeps_finished_shards_and_the_rerun_equals_a
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_the_cache_build_says_how_many_prompts_are_cached_and_the_rerun_continues(gdro_cli, reference,
-                                                                                             tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGUSR1"])
+def test_ctrl_c_or_sigterm_in_the_cache_build_finishes_the_prompts_in_flight_says_so_and_the_rerun_continues(
+        gdro_cli, reference, tmp_path, stop):
     out = tmp_path / "run"
-    stopped = gdro_cli(out, faults=[fault("os.replace", shard_tmp(1), do="SIGINT")])
+    # as shard 0 is being written, prompt 1 is being generated: both are finished and kept, prompt 2 is not begun
+    stopped = gdro_cli(out, faults=[fault("os.replace", shard_tmp(0), do=stop)])
+    assert stopped.code == 1
+    assert last_line(stopped) == "interrupted; 2 of 3 prompts are cached; rerun the same command to continue"
+    kept = shard_times(out)
+    assert sorted(kept) == ["prompt_000000.safetensors", "prompt_000001.safetensors"]
+    rerun = gdro_cli(out)
+    assert rerun.code == 0, rerun.err
+    assert {k: v for k, v in shard_times(out).items() if k in kept} == kept
+    assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_in_the_cache_build_stops_at_once_and_keeps_the_finished_shards(gdro_cli, reference,
+                                                                                         tmp_path):
+    out = tmp_path / "run"
+    stopped = gdro_cli(out, faults=[fault("os.replace", shard_tmp(1), do="SIGINT+SIGINT")])
     line = assert_one_line_error(stopped, "rerun the same command")
     cached = int(re.search(r"interrupted; (\d+) of 3 prompts are cached", line).group(1))
     assert cached == len(shard_times(out)) >= 1
@@ -426,6 +444,7 @@ def test_sigkill_in_training_then_resume_ends_with_the_uninterrupted_lora_even_a
     assert gdro_cli(out, faults=[fault(BACKWARD, calls=IN_STEP_3)]).code == -signal.SIGKILL  # in step 3
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 0.12')  # what a kill in the middle of appending a line leaves
+    assert (out / ".lock").read_text().strip().isdigit()  # the killed run's lock file is left; its lock is not
     resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
 
 
@@ -458,19 +477,25 @@ def test_a_second_ctrl_c_discards_the_step_in_flight_and_resume_still_ends_with_
 LORA_TMP, STATE_TMP = f".{gdro.LORA_FILE}.tmp", ".state.pt.tmp"
 
 
+SHA_TMP = f".{gdro.SHA256_FILE}.tmp"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point, resumes_from", [
     (fault("builtins.open", f"{checkpoint_tmp(4)}/{LORA_TMP}", when="after"), 2),  # the LoRA file just created
     (fault("os.replace", f"{checkpoint_tmp(4)}/{LORA_TMP}", when="after"), 2),     # the LoRA file written
     (fault("builtins.open", f"{checkpoint_tmp(4)}/{STATE_TMP}", when="after"), 2),  # state.pt just created
     (fault("os.replace", f"{checkpoint_tmp(4)}/{STATE_TMP}", when="after"), 2),     # state.pt written
+    (fault("builtins.open", f"{checkpoint_tmp(4)}/{SHA_TMP}", calls=[2], when="after"), 2),  # the hashes, last
     (fault("os.replace", checkpoint_tmp(4), when="after"), 4),                     # folder renamed, older state kept
-    (fault("pathlib.Path.unlink", "step_000002/state.pt", when="after"), 4)],      # older state.pt deleted
-    ids=["lora_created", "lora_written", "state_created", "state_written", "renamed", "older_state_deleted"])
+    (fault("pathlib.Path.unlink", "step_000001/state.pt", when="after"), 3)],      # (every step) the oldest state gone
+    ids=["lora_created", "lora_written", "state_created", "state_written", "hashes_created", "renamed",
+         "older_state_deleted"])
 def test_sigkill_at_any_point_of_a_checkpoint_save_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_lora(
         gdro_cli, reference, tmp_path, point, resumes_from):
     out = with_cache(reference, tmp_path)
-    assert gdro_cli(out, faults=[point]).code == -signal.SIGKILL
+    flags = ["--save-every", "1"] if "step_000001" in point["suffix"] else []
+    assert gdro_cli(out, *flags, faults=[point]).code == -signal.SIGKILL
     resume_to_the_same_run(gdro_cli, out, reference, from_step=resumes_from)
 
 
@@ -589,5 +614,98 @@ def test_a_truncated_shard_is_named_with_how_to_regenerate_it_and_doing_so_compl
     assert_one_line_error(stopped, str(shard), "delete it", "regenerate")
     shard.unlink()
     rerun = gdro_cli(out)
+    assert rerun.code == 0, rerun.err
+    assert_same_run(out, reference)
+
+# ----------------------------------------------------------------------------- clusters: preemption, shared folders
+
+
+def stopped_at_step_3(gdro_cli, reference, tmp_path):
+    """A run stopped by SIGTERM in step 3: checkpoints step_000002 and step_000003 (both resumable)."""
+    out = with_cache(reference, tmp_path)
+    assert gdro_cli(out, faults=[fault(BACKWARD, calls=IN_STEP_3, do="SIGTERM")]).code == 1
+    return out
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_while_the_first_completes_unharmed(
+        gdro_cli, reference, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    first = subprocess.Popen([sys.executable, str(HERE / "gdro.py"), "--prompts", str(prompts), *BASE, "--out",
+                              str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out / ".lock"
+    while first.poll() is None and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+        time.sleep(0.05)
+    second = gdro_cli(out)
+    assert second.code == 2
+    assert_one_line_error(second, f"--out {out} is in use by another run (PID {first.pid})")
+    _, err = first.communicate(timeout=RUN_TIMEOUT_S)
+    assert first.returncode == 0, err
+    assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_setting_says_what_changed_and_config_json_keeps_the_first_runs_and_the_resume(
+        gdro_cli, reference, tmp_path):
+    out = stopped_at_step_3(gdro_cli, reference, tmp_path)
+    resumed = gdro_cli(out, "--resume", "--beta", "3")
+    assert resumed.code == 0, resumed.err
+    assert ("--resume with changed settings: --beta 12.0 -> 3.0; the run is no longer what an uninterrupted one "
+            "would be") in resumed.out
+    config = json.loads((out / "config.json").read_text())
+    assert config["beta"] == 12.0 and config["resumes"] == [{"step": 3, "changes": {"beta": [12.0, 3.0]}}]
+    again = gdro_cli(out, "--resume", "--max-steps", "5")  # longer: not a change of what is learned
+    assert again.code == 0 and "changed settings" not in again.out, again.out
+    assert json.loads((out / "config.json").read_text())["resumes"][1] == {"step": 4, "changes": {}}
+
+
+@pytest.mark.slow
+def test_resume_with_another_lora_rank_is_refused_in_one_line_and_changes_nothing(gdro_cli, reference, tmp_path):
+    out = stopped_at_step_3(gdro_cli, reference, tmp_path)
+    config = (out / "config.json").read_bytes()
+    refused_run = gdro_cli(out, "--resume", "--lora-rank", "4")
+    assert refused_run.code == 2
+    assert_one_line_error(refused_run, "--lora-rank 8 -> 4", "cannot continue")
+    assert (out / "config.json").read_bytes() == config
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=3)
+
+
+def damage(path):
+    """64 bytes zeroed in the middle of a file: still the same size, still loadable, wrong."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["state.pt", gdro.LORA_FILE])
+def test_a_damaged_checkpoint_file_is_refused_in_one_line_saying_to_resume_from_the_one_before(
+        gdro_cli, reference, tmp_path, name):
+    out = stopped_at_step_3(gdro_cli, reference, tmp_path)
+    newest = out / "checkpoints" / "step_000003"
+    damage(newest / name)
+    refused_run = gdro_cli(out, "--resume")
+    assert refused_run.code == 2
+    assert_one_line_error(refused_run, f"checkpoint file {newest / name} is damaged", f"delete {newest}",
+                          "--resume to continue from step_000002")
+    shutil.rmtree(newest)
+    resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_shard_stops_training_in_one_line_naming_it_and_regenerating_it_completes_the_run(
+        gdro_cli, reference, tmp_path):
+    out = with_cache(reference, tmp_path)
+    shard = gdro.shard_path(out / "cache", 1)
+    damage(shard)
+    stopped = gdro_cli(out)
+    assert stopped.code == 1
+    assert_one_line_error(stopped, f"cache shard {shard} is damaged", "delete it")
+    shard.unlink()
+    rerun = gdro_cli(out)  # stopped in step 1, before a checkpoint: the same command, no --resume
     assert rerun.code == 0, rerun.err
     assert_same_run(out, reference)
