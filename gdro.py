@@ -273,9 +273,10 @@ def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, norm
 
 # ============================================================================= plumbing
 # Used by the phases below and kept out of the method's way: refused inputs, processes (torchrun), files.
-# Exit codes, for every stop: 2 = a refused input (BadInput: checked before anything heavy, nothing written),
-# 1 = a failure while running, or a Ctrl-C in the cache build or training (in training SIGTERM and SIGUSR1 too): one
-# line saying what to do, finished work kept; 130 = a Ctrl-C anywhere else (nothing half-written); 0 = done.
+# Exit codes, for every stop: 2 = a refused input (BadInput: checked before anything heavy, nothing written; also a
+# folder in use by another run, or a damaged checkpoint), 1 = a failure while running, or a Ctrl-C, SIGTERM or
+# SIGUSR1 in the cache build or training: one line saying what to do, finished work kept; 130 = a Ctrl-C anywhere
+# else (nothing half-written); 0 = done.
 
 
 class BadInput(SystemExit):

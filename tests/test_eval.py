@@ -4,6 +4,7 @@ Tiny random models only (no download): one tiny GDRO run makes a LoRA with a che
 Qwen2.5-VL stands in for the UnifiedReward judge. Run: pytest -q tests/test_eval.py
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -198,6 +199,19 @@ def test_bad_input_fails_with_one_line_before_heavy_work(run, argv, message):
         gdro_eval.main(base + argv)
     assert "\n" not in str(e.value)
     assert not (run["dir"] / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_lora_file_is_refused_in_one_line_naming_it_before_the_model_loads(run, tmp_path):
+    lora = tmp_path / "lora"
+    shutil.copytree(run["lora"], lora)
+    data = bytearray((lora / gdro.LORA_FILE).read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # same size, still loadable, wrong
+    (lora / gdro.LORA_FILE).write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=f"^error: LoRA file {lora / gdro.LORA_FILE} is damaged") as e:
+        gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--lora", str(lora), "--judge", "none",
+                        "--out", str(tmp_path / "eval")])
+    assert "\n" not in str(e.value) and not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow
