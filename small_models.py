@@ -8,8 +8,9 @@
 
       python small_models.py --out runs/text_model      # about 35 minutes on 2 CPU cores, once; reused afterwards
 
-  Training data: 3-digit strings rendered with Pillow's built-in scalable font (as reward_ocr.py), a little jitter in
-  size and position. The text encoders are the tiny pipelines' character-level ones, frozen at random init; a VAE
+  Training data: 3-digit strings rendered with Pillow's built-in scalable font (as reward_ocr.py), centred and as
+  large as fits; like web images, 40 % of them show their text small, somewhere in the frame (too small for OCR to
+  read at 64 px), so the model inherits an unreadable mode, as real models inherit illegible text. The text encoders are the tiny pipelines' character-level ones, frozen at random init; a VAE
   (64 px -> 4 x 16 x 16) and an SD3 transformer are trained from scratch with the rectified-flow loss of SD3's own
   convention (x_t = (1 - t) x0 + t eps, v = eps - x0, gdro.velocity, t from gdro.sample_t), with 10 % empty prompts
   so that classifier-free guidance works. The strings split three ways (TEXT_SPLITS): train (the model and GDRO
@@ -176,7 +177,7 @@ def train_vae(pixels, r):
 
 
 def train_text_transformer(pipe, x0, cond, uncond, r, state_file):
-    """SD3's rectified-flow pretraining of pipe.transformer on cached latents x0 [N, V, C, h, w] (V jittered renders
+    """SD3's rectified-flow pretraining of pipe.transformer on cached latents x0 [N, V, C, h, w] (V renders
     of each of N strings) and their prompts' conditioning cond {name: [N, ...]}; uncond: the empty prompt's. The
     EMA of the weights is what draws. A checkpoint every 500 steps; the batches are keyed by step, so an
     interrupted build resumes where it stopped and ends with the same weights."""
