@@ -43,7 +43,7 @@ import gdro
 import small_models
 
 HERE = Path(__file__).parent
-DEFAULTS = gdro.parse_args([])  # gdro.py's default recipe: 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
+DEFAULTS = gdro.settle_model(gdro.parse_args([]))  # gdro.py's default recipe: 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
 K = DEFAULTS.group_size  # images per group in the loss
 # the CPU bench model (an SD3 transformer of the given width and depth) and the run it is measured on
 BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, sampler_steps=3, train_steps=9,
@@ -187,6 +187,7 @@ def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every
     return gdro.parse_args(["--out", str(out), "--max-steps", str(steps), "--groups-per-step", str(groups),
                             "--micro-batch", str(micro_batch), "--group-size", str(k), "--log-every", str(log_every),
                             "--save-every", str(steps), "--guidance", str(gdro.DEFAULT_GUIDANCE[family]),
+                            "--steps", str(DEFAULTS.steps),  # the rollouts' steps (FLUX.2's shift of t follows them)
                             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"] + ["--compile"] * compile)
 
 
@@ -284,7 +285,7 @@ def step_flops(spec, shapes, k=K):
     recomputation is not counted. Returns {"forward": both forwards, "backward": ...}."""
     transformer = build_transformer(spec, "meta", torch.float32)
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank, target_modules=gdro.LORA_TARGETS))
+    transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank, target_modules=gdro.LORA_TARGETS[spec["family"]]))
     with torch.device("meta"):
         x0, eps, t = torch.randn(1, k, *shapes["x0"]), torch.randn(1, *shapes["x0"]), torch.rand(1)
         cond = {name: torch.randn(1, *shapes[name]) for name in ("prompt_embeds", "pooled_prompt_embeds")}
