@@ -201,9 +201,9 @@ class QwenImage(Family):
     def velocity(self, transformer, x_t, t, cond, guidance):
         n, seq_len = x_t.shape[:2]
         side = math.isqrt(seq_len)
+        mask = cond["prompt_mask"].to(x_t.device)  # bench.py counts FLOPs on the meta device with a host mask (data)
         return transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=cond["prompt_embeds"],
-                           encoder_hidden_states_mask=cond["prompt_mask"], img_shapes=[[(1, side, side)]] * n,
-                           return_dict=False)[0]
+                           encoder_hidden_states_mask=mask, img_shapes=[[(1, side, side)]] * n, return_dict=False)[0]
 
     def latent_stats(self, vae, like):
         """The per-channel mean and std that normalise the VAE's latents, shaped for [N, C, H, W]."""
