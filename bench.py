@@ -45,7 +45,8 @@ import gdro
 import small_models
 
 HERE = Path(__file__).parent
-DEFAULTS = gdro.settle_model(gdro.parse_args([]))  # gdro.py's default recipe: 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
+# gdro.py's default recipe (SD3.5-Medium): 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
+DEFAULTS = gdro.settle_model(gdro.parse_args([]))
 K = DEFAULTS.group_size  # images per group in the loss
 # the CPU bench model (an SD3 transformer of the given width and depth) and the run it is measured on
 BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, sampler_steps=3, train_steps=9,

@@ -211,7 +211,7 @@ def adapter_disabled(transformer):
 def velocity_errors(transformer, family, x0, cond, t, eps, guidance=None):
     """Per-image velocity errors of the policy and of the frozen reference, on B groups of k cached images.
 
-    x0:   [B, k, ...] clean latents of cached images in the transformer's layout (FLUX: packed), fp32
+    x0:   [B, k, ...] clean latents of cached images in the transformer's layout (a grid, or packed tokens), fp32
     cond: {name: [B, ...]} each group's prompt conditioning
     t:    [B] ONE noise level per group;  eps: [B, ...] ONE noise sample per group, shared by its k images, so the
           images of a group differ only in themselves (as in Diffusion-DPO and DGPO)
@@ -470,7 +470,7 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
             raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
     found = family_of_pipeline_class(type(pipe).__name__)
     if found is None:
-        raise SystemExit(f"error: {model!r} is a {type(pipe).__name__}; GDRO here supports {supported()}")
+        raise BadInput(f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
     if found != family:  # settle_model read the name wrong: its default guidance and the plan were another family's
         raise SystemExit(f"error: {model} is a {found} model, not {family} as its name suggested; "
                          "pass --guidance explicitly")
@@ -864,7 +864,8 @@ def training_plan(args, sizes):
     k = args.group_size
     seen = sum(1 - (1 - k / n) ** v for n, v in zip(sizes, visits))  # expected share of a prompt's images drawn
     plan = {"family": args.family, "pipeline": FAMILIES[args.family].pipeline, "guidance": args.guidance,
-            "steps": args.steps, "resolution": args.resolution, "prompts": P, "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
+            "steps": args.steps, "resolution": args.resolution, "prompts": P,
+            "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
             "images_cached": sum(sizes), "group_size": k, "groups_per_step": args.groups_per_step,
             "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
             "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
@@ -939,8 +940,9 @@ def read_metrics(path, up_to_step):
 
 
 def add_lora(transformer, targets, args):
-    """The trained part: a LoRA on targets (the family's LORA_TARGETS), A drawn from --seed and B zero (the policy starts as the reference),
-    in fp32 with its AdamW state while the frozen base stays in bf16 on CUDA. Returns the LoRA's parameters."""
+    """The trained part: a LoRA on targets (the family's LORA_TARGETS), A drawn from --seed and B zero (the policy
+    starts as the reference), in fp32 with its AdamW state while the frozen base stays in bf16 on CUDA. Returns the
+    LoRA's parameters."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
     torch.manual_seed(args.seed)
@@ -1213,7 +1215,7 @@ def main(argv=None):
             print(json.dumps(plan))
         return None
     if device.type == "cpu" and not args.tiny and rank == 0:
-        print("note: no CUDA GPU, running on the CPU: fine for a small local model; SD3.5 and FLUX.1 need a GPU")
+        print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     check_out(out)
     lock_out(out, create=False)  # a run in OUT already: say so before anything else
     check_run_state(args, out)

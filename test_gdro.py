@@ -120,7 +120,8 @@ def tiny_transformer_with_lora(family):
     transformer = small_models.build_tiny_pipeline(family).transformer
     transformer.requires_grad_(False)
     torch.manual_seed(0)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=gdro.LORA_TARGETS[family]))
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=gdro.LORA_TARGETS[family]))
     return transformer
 
 
@@ -208,7 +209,8 @@ def test_a_steps_groups_are_the_same_however_they_are_split_into_micro_batches(t
     sizes, _ = gdro.check_cache(cache_dir, prompts)
     args, config = train_args(tmp_path), gdro.SCHEDULER_CONFIG["sd3"]
     whole = gdro.training_batch(cache_dir, sizes, range(8, 12), args, "sd3", config, "cpu")
-    halves = [gdro.training_batch(cache_dir, sizes, r, args, "sd3", config, "cpu") for r in (range(8, 10), range(10, 12))]
+    halves = [gdro.training_batch(cache_dir, sizes, r, args, "sd3", config, "cpu")
+              for r in (range(8, 10), range(10, 12))]
     for key in ("x0", "rewards", "t", "eps"):
         torch.testing.assert_close(whole[key], torch.cat([h[key] for h in halves]), rtol=0, atol=0)
     assert whole["x0"].shape[:2] == (4, 6) and len(set(whole["t"].tolist())) == 4  # one t per group

@@ -174,7 +174,8 @@ def test_a_folders_pipeline_class_names_its_family_and_an_unsupported_one_is_ref
 
 SMALL_RUN = ["--max-prompts", "2", "--images-per-prompt", "6", "--steps", "2", "--max-steps", "2",
              "--groups-per-step", "1", "--log-every", "1", "--save-every", "2"]
-REWARD = "import numpy as np\ndef brightness(images, prompts):\n    return [float(np.asarray(im).mean()) for im in images]\n"
+REWARD = ("import numpy as np\n"
+          "def brightness(images, prompts):\n    return [float(np.asarray(im).mean()) for im in images]\n")
 
 
 @pytest.fixture(scope="module")
