@@ -60,6 +60,8 @@ def unpadded(cond):
 
 
 class Family:
+    """A family's record: the fields and methods the module docstring lists. The methods here are the defaults
+    several families share; a family's record overrides what differs."""
     name = pipeline = None
     hub_names = ()
     guidance, steps, resolution = None, 10, 1024
