@@ -14,7 +14,9 @@ A progress line per measurement; the last line printed is one JSON object holdin
   default_plan          how much of ocr.txt's cache the default recipe trains (gdro.training_plan, as --dry-run)
   real                  every supported architecture (ARCHITECTURES) from its config on the meta device: parameters,
                         bf16 GiB, the rank-32 LoRA, FLOPs of a k = 6 step at 512 px and its estimated peak memory
-  measured              the same two architectures with random weights (no download), end to end: seconds per
+  measured_training     on CUDA, the other architectures (COMPUTED) at real size: gdro.train's default setting on a
+                        random cache of their shapes: step time, peak memory, share of the matmul peak
+  measured              SD3.5-Medium and FLUX.1-dev with random weights (no download), end to end: seconds per
                         prompt group through gdro.build_cache for each sampler at the steps that give Euler's ODE
                         accuracy (measured on the tiny model), with and without --compile, and the fastest against
                         Euler; per training setting (TRAINING_SETTINGS: checkpointing, groups per micro-batch,
@@ -750,6 +752,45 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
             "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
 
 
+def random_cache(spec, folder, n=REAL_RUN["images"], seed=0):
+    """One prompt's cache of n random latents and conditioning of the spec's shapes: what training reads, for an
+    architecture whose rollouts are not built here (random weights draw nothing worth scoring anyway)."""
+    g = torch.Generator().manual_seed(seed)
+    shard = {"x0": torch.randn(n, *spec["shapes"]["x0"], generator=g), "rewards": torch.rand(n, generator=g)}
+    for key, shape in spec["shapes"].items():
+        if key == "prompt_mask":
+            shard[key] = (torch.arange(shape[0]) < TEXT_TOKENS).long()
+        elif key != "x0":
+            shard[key] = torch.randn(shape, generator=g)
+    gdro.write_shard(folder, 0, PROMPT, shard)
+    return folder
+
+
+def measure_training_only(name, peak_tflops, work, device, dtype):
+    """An architecture of COMPUTED on CUDA: gdro.train's default setting (checkpointing, one group per micro-batch)
+    on a random cache of its shapes: step time, peak memory (weights included), model TFLOP/s and its share of the
+    matmul peak. Out of memory is recorded."""
+    spec = COMPUTED[name]
+    cache_dir = random_cache(spec, work / f"cache_{name}")
+    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
+    flops = sum(step_flops(spec, cached_shapes(cache_dir)).values())
+    row = {"family": spec["family"], "step_tflop": round(flops / 1e12, 1)}
+    free_memory(device)
+    try:
+        transformer = build_transformer(spec, device, dtype)
+        args = train_args(work / f"train_{name}", spec["family"], REAL_RUN["train_steps"])
+        step_s = median(f[0] for f, _ in timed_training(transformer, spec["family"], cache_dir, sizes, args, device,
+                                                        bare_work=False))
+        row.update(step_s=round(step_s, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   tflops=round(flops / step_s / 1e12, 4), matmul_fraction=round(flops / step_s / 1e12 / peak_tflops, 4))
+        del transformer
+    except torch.cuda.OutOfMemoryError:
+        row["oom"] = True
+    free_memory(device)
+    print(f"{name} training (random cache, checkpointing, k = {K}): {row}")
+    return row
+
+
 def print_tables(measured):
     """The measured architectures as markdown tables (README "Memory and cost")."""
     print("\n| model | checkpointing | groups per micro-batch | compiled | step s | peak GiB | model TFLOP/s | "
@@ -822,6 +863,9 @@ def main(argv=None):
         peak = matmul_tflops(device, run["matmul"])
         result["matmul_peak_tflops"] = round(peak, 4)
         result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in args.real or REAL}
+        if not small and not args.real:  # the other architectures: training at real size, where the GPU holds them
+            result["measured_training"] = {name: measure_training_only(name, peak, Path(tmp), device, dtype)
+                                           for name in COMPUTED}
     print("\n" + architectures_table(result["real"]))
     print_tables(result["measured"])
     name, first = next(iter(result["measured"].items()))

@@ -163,16 +163,8 @@ def test_real_size_training_steps_are_finite_change_the_lora_and_fit_in_memory(r
 def computed_cache(request, workdir):
     """One prompt's cache of 16 random latents and conditioning of an architecture's real shapes at 512 px (random
     weights draw nothing worth scoring: training is what is tested). Returns (name, cache folder)."""
-    name, g = request.param, torch.Generator().manual_seed(0)
-    shapes, n = bench.COMPUTED[name]["shapes"], bench.REAL_RUN["images"]
-    shard = {"x0": torch.randn(n, *shapes["x0"], generator=g), "rewards": torch.rand(n, generator=g)}
-    for key, shape in shapes.items():
-        if key == "prompt_mask":
-            shard[key] = (torch.arange(shape[0]) < bench.TEXT_TOKENS).long()
-        elif key != "x0":
-            shard[key] = torch.randn(shape, generator=g).bfloat16()
-    gdro.write_shard(workdir / f"cache_{name}", 0, bench.PROMPT, shard)
-    return name, workdir / f"cache_{name}"
+    name = request.param
+    return name, bench.random_cache(bench.COMPUTED[name], workdir / f"cache_{name}")
 
 
 @pytest.mark.cuda
