@@ -4,6 +4,7 @@
     python bench.py --quick      # CPU smoke (CI), about a minute: the same code on small configs
     python bench.py --samplers   # each rollout sampler's distance to a 200-step solution (tiny models, CPU)
     python bench.py --real flux.1-dev   # one real architecture only (a short GPU session)
+    python bench.py --architectures     # every supported architecture on the meta device: parameters, LoRA, FLOPs
 
 A progress line per measurement; the last line printed is one JSON object holding every figure:
   step_overhead         full gdro.train step / the transformer work inside it          target <= 1.10
@@ -11,8 +12,11 @@ A progress line per measurement; the last line printed is one JSON object holdin
   ckpt_memory_ratio     peak memory of a training step, checkpointing on / off          target <= 0.60
   offline_amortization  transformer forward-equivalents per training image, online / GDRO (> 1: GDRO is cheaper)
   default_plan          how much of ocr.txt's cache the default recipe trains (gdro.training_plan, as --dry-run)
-  real                  SD3.5-Medium and FLUX.1-dev from their configs (meta device): parameters, FLOPs of a step
-  measured              the same two architectures with random weights (no download), end to end: seconds per
+  real                  every supported architecture (ARCHITECTURES) from its config on the meta device: parameters,
+                        bf16 GiB, the rank-32 LoRA, FLOPs of a k = 6 step at 512 px and its estimated peak memory
+  measured_training     on CUDA, the other architectures (COMPUTED) at real size: gdro.train's default setting on a
+                        random cache of their shapes: step time, peak memory, share of the matmul peak
+  measured              SD3.5-Medium and FLUX.1-dev with random weights (no download), end to end: seconds per
                         prompt group through gdro.build_cache for each sampler at the steps that give Euler's ODE
                         accuracy (measured on the tiny model), with and without --compile, and the fastest against
                         Euler; per training setting (TRAINING_SETTINGS: checkpointing, groups per micro-batch,
@@ -43,7 +47,8 @@ import gdro
 import small_models
 
 HERE = Path(__file__).parent
-DEFAULTS = gdro.parse_args([])  # gdro.py's default recipe: 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
+# gdro.py's default recipe (SD3.5-Medium): 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
+DEFAULTS = gdro.settle_model(gdro.parse_args([]))
 K = DEFAULTS.group_size  # images per group in the loss
 # the CPU bench model (an SD3 transformer of the given width and depth) and the run it is measured on
 BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, sampler_steps=3, train_steps=9,
@@ -71,7 +76,7 @@ VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDeco
 # meaning), and the shapes of one cached image and its conditioning at 512 px
 REAL = {
     "sd3.5-medium": dict(
-        family="sd3",
+        family="sd3", hub_id="stabilityai/stable-diffusion-3.5-medium",
         transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                          num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                          pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
@@ -82,7 +87,7 @@ REAL = {
                            text_encoder_3=dict(d_model=4096)),                          # T5-XXL
         shapes=dict(x0=(16, 64, 64), prompt_embeds=(77 + 256, 4096), pooled_prompt_embeds=(768 + 1280,))),
     "flux.1-dev": dict(
-        family="flux",
+        family="flux", hub_id="black-forest-labs/FLUX.1-dev",
         transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                          guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
@@ -91,6 +96,48 @@ REAL = {
                            text_encoder_2=dict(d_model=4096)),                      # T5-XXL
         shapes=dict(x0=(32 * 32, 64), prompt_embeds=(512, 4096), pooled_prompt_embeds=(768,))),  # packed 2x2 patches
 }
+# The other supported architectures (transformer/config.json), computed on the meta device only (real_architectures):
+# shapes of one cached image and its conditioning at 512 px, the text at its cached length. The measured ones need
+# text encoders of the real output shapes, which bench.py builds for the two above.
+FLUX2 = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256, mlp_ratio=3.0,
+             axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6)
+COMPUTED = {
+    "sd3.5-large": dict(
+        family="sd3", hub_id="stabilityai/stable-diffusion-3.5-large",
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                         num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+        shapes=dict(x0=(16, 64, 64), prompt_embeds=(77 + 256, 4096), pooled_prompt_embeds=(768 + 1280,))),
+    "qwen-image": dict(
+        family="qwen-image", hub_id="Qwen/Qwen-Image",
+        transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                         axes_dims_rope=(16, 56, 56)),
+        shapes=dict(x0=(32 * 32, 64), prompt_embeds=(512, 3584), prompt_mask=(512,))),  # Qwen2.5-VL-7B
+    "flux.2-dev": dict(
+        family="flux2", hub_id="black-forest-labs/FLUX.2-dev",
+        transformer=dict(FLUX2, num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360,
+                         guidance_embeds=True),
+        shapes=dict(x0=(32 * 32, 128), prompt_embeds=(512, 3 * 5120))),  # Mistral-Small-3.1: 3 layers x 5120
+    "flux.2-klein-4b": dict(
+        family="flux2-klein", hub_id="black-forest-labs/FLUX.2-klein-4B",
+        transformer=dict(FLUX2, num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                         guidance_embeds=False),
+        shapes=dict(x0=(32 * 32, 128), prompt_embeds=(512, 3 * 2560))),  # Qwen3-4B
+    "flux.2-klein-9b": dict(
+        family="flux2-klein", hub_id="black-forest-labs/FLUX.2-klein-9B",
+        transformer=dict(FLUX2, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                         guidance_embeds=False),
+        shapes=dict(x0=(32 * 32, 128), prompt_embeds=(512, 3 * 4096))),  # Qwen3-8B
+    "z-image-turbo": dict(
+        family="z-image", hub_id="Tongyi-MAI/Z-Image-Turbo",
+        transformer=dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30,
+                         n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+                         rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512]),
+        shapes=dict(x0=(16, 64, 64), prompt_embeds=(512, 2560), prompt_mask=(512,))),  # Qwen3-4B
+}
+ARCHITECTURES = {**REAL, **COMPUTED}
+TEXT_TOKENS = 64  # a masked prompt's real tokens in the meta count: an OCR prompt in its chat template
 SMALL_VAE = dict(block_out_channels=(16,) * 4, layers_per_block=1, norm_num_groups=8)
 SMALL = {  # REAL with few, narrow layers, for a CPU: the text encoders keep the real output sizes
     "sd3.5-medium": dict(transformer=dict(sample_size=8, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
@@ -187,6 +234,7 @@ def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every
     return gdro.parse_args(["--out", str(out), "--max-steps", str(steps), "--groups-per-step", str(groups),
                             "--micro-batch", str(micro_batch), "--group-size", str(k), "--log-every", str(log_every),
                             "--save-every", str(steps), "--guidance", str(gdro.DEFAULT_GUIDANCE[family]),
+                            "--steps", str(DEFAULTS.steps),  # the rollouts' steps (FLUX.2's shift of t follows them)
                             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"] + ["--compile"] * compile)
 
 
@@ -277,30 +325,65 @@ def timed_training(transformer, family, cache_dir, sizes, args, device, bare_wor
     return list(zip(full, bare if bare_work else [None] * len(full)))[:-1]  # full[i]: step i + 1; bare[i]: after step i
 
 
-def step_flops(spec, shapes, k=K):
-    """Model FLOPs of one group's training step, counted by torch's FlopCounterMode through gdro.velocity_errors on
-    the spec's transformer built on the meta device (nothing allocated, nothing run): the policy and reference
-    forwards, and the policy's backward (frozen base: input gradients and the LoRA's). Gradient checkpointing's
-    recomputation is not counted. Returns {"forward": both forwards, "backward": ...}."""
+def meta_step(spec, shapes, k=K, activations=False):
+    """One group's training step through gdro.velocity_errors on the spec's transformer with the default LoRA, built
+    on the meta device (nothing allocated, nothing run). Returns {"forward": the policy's and reference's FLOPs,
+    "backward": the policy's (frozen base: input gradients and the LoRA's), "lora_params"}, counted by torch's
+    FlopCounterMode; checkpointing's recomputation is not counted. With activations, also "saved_checkpointed" and
+    "saved_per_block": the bytes autograd keeps for the backward with gradient checkpointing, and without it per
+    checkpointed block (what one block's recomputation holds), both as built here in fp32."""
+    family = spec["family"]
     transformer = build_transformer(spec, "meta", torch.float32)
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank, target_modules=gdro.LORA_TARGETS))
+    transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank,
+                                       target_modules=gdro.LORA_TARGETS[family]))
+    guidance = gdro.DEFAULT_GUIDANCE[family] if getattr(transformer.config, "guidance_embeds", False) else None
     with torch.device("meta"):
         x0, eps, t = torch.randn(1, k, *shapes["x0"]), torch.randn(1, *shapes["x0"]), torch.rand(1)
-        cond = {name: torch.randn(1, *shapes[name]) for name in ("prompt_embeds", "pooled_prompt_embeds")}
+        cond = {name: torch.randn(1, *shape) for name, shape in shapes.items() if name not in ("x0", "prompt_mask")}
+    if "prompt_mask" in shapes:  # which tokens are real is data, which the meta device has none of: a host tensor
+        cond["prompt_mask"] = (torch.arange(shapes["prompt_mask"][0]) < TEXT_TOKENS).long()[None]
+    run = lambda: gdro.velocity_errors(transformer, family, x0, cond, t, eps, guidance)[0]
     with FlopCounterMode(display=False) as forward:
-        err_policy, _ = gdro.velocity_errors(transformer, spec["family"], x0, cond, t, eps,
-                                             gdro.DEFAULT_GUIDANCE[spec["family"]])
+        err_policy = run()
     with FlopCounterMode(display=False) as backward:
         err_policy.sum().backward()
-    return {"forward": forward.get_total_flops(), "backward": backward.get_total_flops()}
+    found = {"forward": forward.get_total_flops(), "backward": backward.get_total_flops(),
+             "lora_params": sum(p.numel() for p in transformer.parameters() if p.requires_grad)}
+    if activations:
+        blocks = sum(len(m) for m in transformer.children() if isinstance(m, torch.nn.ModuleList))
+        for checkpointed in (False, True):
+            if checkpointed:
+                transformer.enable_gradient_checkpointing()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
+                                                          lambda x: x):
+                run()
+            found["saved_checkpointed" if checkpointed else "saved_per_block"] = sum(saved) // (1 if checkpointed
+                                                                                               else blocks)
+    return found
+
+
+def step_flops(spec, shapes, k=K):
+    """Model FLOPs of one group's training step (meta_step): {"forward": both forwards, "backward": ...}."""
+    found = meta_step(spec, shapes, k)
+    return {"forward": found["forward"], "backward": found["backward"]}
+
+
+def training_memory_gib(params, found):
+    """An estimate of a k-image training step's peak with checkpointing, from meta_step's counts: the bf16 weights,
+    the LoRA in fp32 with its gradient and AdamW's two moments (16 bytes a parameter), the checkpointed block inputs
+    and one block's recomputation, in bf16 (autocast: half of the fp32 counted). Against the H200's measured peaks
+    (README) it is within 10 %: 7.1 vs 6.7 GiB for SD3.5-Medium, 28.4 vs 27.4 for FLUX.1-dev."""
+    activations = (found["saved_checkpointed"] + found["saved_per_block"]) / 2
+    return (params * 2 + found["lora_params"] * 16 + activations) / 2**30
 
 
 def cached_shapes(cache_dir):
     """The shapes of one cached image and its conditioning, as training reads them."""
     shard = gdro.read_shard(cache_dir, 0)
     return {"x0": tuple(shard["x0"].shape[1:]),
-            **{name: tuple(shard[name].shape) for name in ("prompt_embeds", "pooled_prompt_embeds")}}
+            **{name: tuple(value.shape) for name, value in shard.items() if name not in ("x0", "rewards", "seeds")}}
 
 
 def matmul_tflops(device, n, repeats=20):
@@ -520,20 +603,37 @@ def samplers_report():
 # ----------------------------------------------------------------------------- the real architectures
 
 
-def real_architectures(with_flops):
-    """Parameters, bf16 weight memory and the FLOPs of one k = 6, 512-px step (meta device: computed, not run)."""
+def real_architectures(with_flops, names=None):
+    """Per architecture of ARCHITECTURES (meta device: computed, not run): parameters, bf16 weight memory, the
+    rank-32 LoRA's parameters and fp32 size; with_flops also the FLOPs of one k = 6 step at 512 px and its estimated
+    peak memory with checkpointing (training_memory_gib)."""
     found = {}
-    for name, real in REAL.items():
-        transformer = build_transformer(real, "meta", torch.float32)
+    for name in names or ARCHITECTURES:
+        spec = ARCHITECTURES[name]
+        transformer = build_transformer(spec, "meta", torch.float32)
         params = sum(p.numel() for p in transformer.parameters())
-        row = found[name] = {"params": params, "bf16_weight_gib": round(params * 2 / 2**30, 2)}
+        row = found[name] = {"family": spec["family"], "hub_id": spec["hub_id"], "params": params,
+                             "bf16_weight_gib": round(params * 2 / 2**30, 2)}
         if with_flops:
-            flops = step_flops(real, real["shapes"])
-            row.update(step_tflop=round(sum(flops.values()) / 1e12, 1),
-                       forward_tflop_per_image=round(flops["forward"] / 2 / K / 1e12, 3))
+            step = meta_step(spec, spec["shapes"], activations=True)
+            row.update(lora_params=step["lora_params"], lora_mib=round(step["lora_params"] * 4 / 2**20, 1),
+                       step_tflop=round((step["forward"] + step["backward"]) / 1e12, 1),
+                       forward_tflop_per_image=round(step["forward"] / 2 / K / 1e12, 3),
+                       est_train_gib=round(training_memory_gib(params, step), 1))
         print(f"{name}: {params / 1e9:.3f} B parameters, {row['bf16_weight_gib']} GiB of bf16 weights (computed)"
-              + (f"; one k={K} 512-px step = {row['step_tflop']} TFLOP" if with_flops else ""))
+              + (f"; LoRA r{DEFAULTS.lora_rank} {row['lora_mib']} MiB; one k={K} 512-px step = {row['step_tflop']} "
+                 f"TFLOP, est. {row['est_train_gib']} GiB with checkpointing" if with_flops else ""))
     return found
+
+
+def architectures_table(real):
+    """real_architectures' rows as a markdown table (README "Supported models", docs/models.md)."""
+    lines = [f"| model | family | parameters | bf16 GiB | LoRA r{DEFAULTS.lora_rank} MiB | k={K} step TFLOP (512 px) | "
+             "est. training GiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in real.items():
+        lines.append(f"| {name} | {row['family']} | {row['params'] / 1e9:.2f} B | {row['bf16_weight_gib']} | "
+                     f"{row.get('lora_mib', '')} | {row.get('step_tflop', '')} | {row.get('est_train_gib', '')} |")
+    return "\n".join(lines)
 
 
 def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
@@ -652,6 +752,45 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
             "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
 
 
+def random_cache(spec, folder, n=REAL_RUN["images"], seed=0):
+    """One prompt's cache of n random latents and conditioning of the spec's shapes: what training reads, for an
+    architecture whose rollouts are not built here (random weights draw nothing worth scoring anyway)."""
+    g = torch.Generator().manual_seed(seed)
+    shard = {"x0": torch.randn(n, *spec["shapes"]["x0"], generator=g), "rewards": torch.rand(n, generator=g)}
+    for key, shape in spec["shapes"].items():
+        if key == "prompt_mask":
+            shard[key] = (torch.arange(shape[0]) < TEXT_TOKENS).long()
+        elif key != "x0":
+            shard[key] = torch.randn(shape, generator=g)
+    gdro.write_shard(folder, 0, PROMPT, shard)
+    return folder
+
+
+def measure_training_only(name, peak_tflops, work, device, dtype):
+    """An architecture of COMPUTED on CUDA: gdro.train's default setting (checkpointing, one group per micro-batch)
+    on a random cache of its shapes: step time, peak memory (weights included), model TFLOP/s and its share of the
+    matmul peak. Out of memory is recorded."""
+    spec = COMPUTED[name]
+    cache_dir = random_cache(spec, work / f"cache_{name}")
+    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
+    flops = sum(step_flops(spec, cached_shapes(cache_dir)).values())
+    row = {"family": spec["family"], "step_tflop": round(flops / 1e12, 1)}
+    free_memory(device)
+    try:
+        transformer = build_transformer(spec, device, dtype)
+        args = train_args(work / f"train_{name}", spec["family"], REAL_RUN["train_steps"])
+        step_s = median(f[0] for f, _ in timed_training(transformer, spec["family"], cache_dir, sizes, args, device,
+                                                        bare_work=False))
+        row.update(step_s=round(step_s, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   tflops=round(flops / step_s / 1e12, 4), matmul_fraction=round(flops / step_s / 1e12 / peak_tflops, 4))
+        del transformer
+    except torch.cuda.OutOfMemoryError:
+        row["oom"] = True
+    free_memory(device)
+    print(f"{name} training (random cache, checkpointing, k = {K}): {row}")
+    return row
+
+
 def print_tables(measured):
     """The measured architectures as markdown tables (README "Memory and cost")."""
     print("\n| model | checkpointing | groups per micro-batch | compiled | step s | peak GiB | model TFLOP/s | "
@@ -699,10 +838,17 @@ def main(argv=None):
     p.add_argument("--samplers", action="store_true", help="only the samplers' distance to a 200-step solution")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time then measures our work only)")
     p.add_argument("--real", choices=list(REAL), action="append", help="measure only this real architecture (repeatable)")
+    p.add_argument("--architectures", action="store_true",
+                   help="only the table of every supported architecture, computed on the meta device (CPU, minutes)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.samplers:
         print(json.dumps(samplers_report()))
+        return
+    if args.architectures:
+        real = real_architectures(with_flops=True)
+        print("\n" + architectures_table(real) + "\n")
+        print(json.dumps(real))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as gdro.main
@@ -717,6 +863,10 @@ def main(argv=None):
         peak = matmul_tflops(device, run["matmul"])
         result["matmul_peak_tflops"] = round(peak, 4)
         result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in args.real or REAL}
+        if not small and not args.real:  # the other architectures: training at real size, where the GPU holds them
+            result["measured_training"] = {name: measure_training_only(name, peak, Path(tmp), device, dtype)
+                                           for name in COMPUTED}
+    print("\n" + architectures_table(result["real"]))
     print_tables(result["measured"])
     name, first = next(iter(result["measured"].items()))
     gen_s_per_image = first["rollout_s"]["eager"]["euler"] / run["images"]

@@ -129,7 +129,7 @@ def rank_accuracy(pipe, latents, rewards, conds, k=6, draws=4, seed=0):
             x0, r = x_all[None, g * k:(g + 1) * k], torch.tensor(r_all[g * k:(g + 1) * k])
             for _ in range(draws):
                 eps = torch.randn((1, *x0.shape[2:]), generator=gen)
-                t = gdro.sample_t(1, config, None, gen)
+                t = gdro.sample_t(1, gdro.schedule_mu("sd3", config, x0.shape[2:], None), gen)
                 err_policy, err_ref = gdro.velocity_errors(pipe.transformer, "sd3", x0, cond, t, eps)
                 s = -(err_policy - err_ref)[0]
                 if (r == r.max()).sum() == 1:  # tied implicit rewards (an untrained LoRA: all 0) count as a share

@@ -11,7 +11,8 @@ This file reads top to bottom:
   2. the method   sample_t -> velocity -> velocity_errors -> gdro_loss: from cached images to the loss, one
                   block with no other dependency in this file, to read next to the paper or copy elsewhere
      plumbing     refused inputs, processes (torchrun), crash-safe files: a few lines the phases use
-  3. models       SD3/SD3.5 and FLUX.1 pipelines (or tiny random ones), prompts, samplers, VAE
+  3. models       the pipelines (or tiny random ones), prompts, samplers, VAE: thin calls to families.py, which
+                  holds one record per model family (SD3/SD3.5, FLUX.1, Qwen-Image, FLUX.2 [dev] and [klein], Z-Image)
   4. phase 1      the offline rollout cache (or your own images and scores: --from-images)
   5. phase 2      training: groups drawn in epochs, micro-batches, checkpoints, the loop
   6. main         every input checked before any model loads; then phase 1, phase 2
@@ -52,17 +53,18 @@ from safetensors import safe_open
 from safetensors.torch import load as safetensors_load, load_file, save as safetensors_bytes
 from tqdm import tqdm
 
+from families import FAMILIES, family_of_hub_id, family_of_pipeline_class, supported
+
 # ============================================================================= 1. settings
 
-DEFAULT_GUIDANCE = {"sd3": 4.5, "flux": 3.5}  # SD3.5-Medium's usual CFG; FLUX.1-dev's distilled guidance
-RESOLUTION_FACTOR = 16  # both families: the VAE downsamples 8x and the transformer takes 2x2 patches
+# Per family (families.py): the rollouts' usual guidance (CFG, distilled or none), the real models' flow-matching
+# schedules (their scheduler_config.json; the tiny pipelines use them too), and the LoRA's modules: the attention
+# projections of the image and text streams.
+DEFAULT_GUIDANCE = {name: f.guidance for name, f in FAMILIES.items()}
+SCHEDULER_CONFIG = {name: f.scheduler for name, f in FAMILIES.items()}
+LORA_TARGETS = {name: f.lora_targets for name, f in FAMILIES.items()}
+RESOLUTION_FACTOR = 16  # every family: the VAE downsamples 8x and the transformer takes 2x2 patches
 PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
-# The flow-matching schedules of the real models (their scheduler_config.json); the tiny pipelines use them too.
-SCHEDULER_CONFIG = {"sd3": dict(shift=3.0),  # SD3 / SD3.5: a fixed shift
-                    "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                 base_image_seq_len=256, max_image_seq_len=4096)}  # FLUX: shift grows with resolution
-# the attention projections of the image and text streams (SD3 joint blocks, FLUX double and single blocks)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_lora_weights(folder) reads
 # --tiny shrinks the run for a CPU (flags given explicitly win)
 TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
@@ -99,16 +101,18 @@ def shrink_if_tiny(args, argv, tiny_settings):
 def add_model_flags(p):
     """The flags gdro.py and eval.py share: the model, the prompts used, how it draws (settle_model fills defaults)."""
     p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
-                   help="SD3/SD3.5 or FLUX.1: hub id or local folder (default: %(default)s)")
+                   help="hub id or local folder of a supported pipeline (README, docs/models.md) (default: "
+                        "%(default)s)")
     p.add_argument("--tiny", action="store_true",
                    help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=["sd3", "flux"],
+    p.add_argument("--family", default="sd3", choices=list(FAMILIES),
                    help="model family of --tiny; a real --model says its own (default: %(default)s)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--resolution", type=int, default=None,
                    help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale (SD3) or distilled guidance (FLUX) (default: 4.5 SD3, 3.5 FLUX)")
+                   help="CFG scale or distilled guidance, as the model takes it (default: the family's usual, "
+                        "e.g. 4.5 SD3, 3.5 FLUX.1)")
 
 
 def parse_args(argv=None):
@@ -126,7 +130,8 @@ def parse_args(argv=None):
     # phase 1: rollout cache
     p.add_argument("--images-per-prompt", type=int, default=16,
                    help="images the frozen base model draws per prompt, once (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="ODE sampler steps per rollout (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="ODE sampler steps per rollout (default: 10, a step-distilled model's own)")
     p.add_argument("--sampler", default="euler", choices=list(SAMPLERS),
                    help="rollout ODE solver (default: %(default)s, the model's own)")
     p.add_argument("--rollout-batch", type=int, default=None,
@@ -177,35 +182,19 @@ def parse_args(argv=None):
 # The policy is base + LoRA; the reference is the same transformer with the adapter switched off (no second copy).
 
 
-def sample_t(n, scheduler_config, seq_len, generator, uniform=False):
-    """n noise levels t in (0, 1), drawn as the base model was trained: logit-normal(0, 1), then the scheduler's
-    shift (SD3: fixed; FLUX: the resolution-dependent exponential shift mu), so training sees the noise levels the
-    sampler visits. seq_len: the image's token count (FLUX's shift depends on it)."""
+def sample_t(n, mu, generator, uniform=False):
+    """n noise levels t in (0, 1), drawn as the base model was trained: logit-normal(0, 1), then the sampler's
+    exponential shift t -> e^mu / (e^mu + 1/t - 1), so training sees the noise levels the sampler visits. mu: the
+    model's shift (schedule_mu: a fixed shift s is mu = log s; with dynamic shifting it grows with the resolution)."""
     u = torch.rand(n, generator=generator) if uniform else torch.sigmoid(torch.randn(n, generator=generator))
-    c = scheduler_config
-    if c.get("use_dynamic_shifting"):
-        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-        mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
-        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-    return c["shift"] * u / (1 + (c["shift"] - 1) * u)
+    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
 
 def velocity(transformer, family, x_t, t, cond, guidance=None):
     """v(x_t, t, c): the transformer's velocity prediction. x_t [N, ...] in the cached layout, t [N] in (0, 1),
-    cond {name: [N, ...]}; guidance: FLUX's distilled guidance (None for a model without it; SD3 ignores it)."""
-    if family == "sd3":
-        return transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
-                           pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
-    n, seq_len = x_t.shape[:2]
-    side = math.isqrt(seq_len)  # square images: the packed latent is a side x side grid of 2x2 patches
-    img_ids = torch.zeros(side, side, 3, device=x_t.device)  # FLUX's RoPE position ids: (0, row, col)
-    img_ids[..., 1] = torch.arange(side, device=x_t.device)[:, None]
-    img_ids[..., 2] = torch.arange(side, device=x_t.device)[None, :]
-    txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x_t.device)
-    g = None if guidance is None else torch.full((n,), guidance, device=x_t.device)
-    return transformer(hidden_states=x_t, timestep=t, guidance=g, encoder_hidden_states=cond["prompt_embeds"],
-                       pooled_projections=cond["pooled_prompt_embeds"], txt_ids=txt_ids,
-                       img_ids=img_ids.view(-1, 3), return_dict=False)[0]  # FLUX scales t and guidance by 1000 itself
+    cond {name: [N, ...]}; guidance: a distilled guidance the transformer embeds (None for a model without one).
+    The family's record (families.py) makes the call: its timestep scale, its sign, its inputs."""
+    return FAMILIES[family].velocity(transformer, x_t, t, cond, guidance)
 
 
 @contextlib.contextmanager
@@ -222,7 +211,7 @@ def adapter_disabled(transformer):
 def velocity_errors(transformer, family, x0, cond, t, eps, guidance=None):
     """Per-image velocity errors of the policy and of the frozen reference, on B groups of k cached images.
 
-    x0:   [B, k, ...] clean latents of cached images in the transformer's layout (FLUX: packed), fp32
+    x0:   [B, k, ...] clean latents of cached images in the transformer's layout (a grid, or packed tokens), fp32
     cond: {name: [B, ...]} each group's prompt conditioning
     t:    [B] ONE noise level per group;  eps: [B, ...] ONE noise sample per group, shared by its k images, so the
           images of a group differ only in themselves (as in Diffusion-DPO and DGPO)
@@ -432,15 +421,22 @@ def stop_when_done(doing):
 
 
 # ============================================================================= 3. models
-# Two families side by side. What differs: prompt encoding (SD3: two CLIPs + T5 and real CFG; FLUX: CLIP pooled +
-# T5 and distilled guidance), the latent layout (FLUX packs 2x2 patches into a sequence; the cache holds latents
-# in the layout the transformer consumes) and the transformer call (velocity above).
+# What differs between model families (prompt encoding, the latent layout the transformer consumes, which the cache
+# holds, the VAE's normalisation, the transformer call) is in their records in families.py; these functions call
+# the record of the family at hand.
 
 
 def pipeline_classes():
     """family -> diffusers pipeline class (it also saves and loads the family's LoRA files)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+    import diffusers
+    return {name: getattr(diffusers, f.pipeline) for name, f in FAMILIES.items()}
+
+
+def schedule_mu(family, scheduler_config, latent_shape, steps):
+    """mu of the shift the family's sampler applies to t (sample_t), for one cached latent of latent_shape drawn in
+    `steps` sampler steps (FLUX.2's shift depends on them)."""
+    f = FAMILIES[family]
+    return f.shift_mu(scheduler_config, f.image_tokens(latent_shape), steps)
 
 
 def make_scheduler(name, config):
@@ -472,9 +468,9 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
-    found = next((name for name, cls in pipeline_classes().items() if isinstance(pipe, cls)), None)
+    found = family_of_pipeline_class(type(pipe).__name__)
     if found is None:
-        raise SystemExit(f"error: {model!r} is a {type(pipe).__name__}; GDRO here supports SD3/SD3.5 and FLUX.1")
+        raise BadInput(f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
     if found != family:  # settle_model read the name wrong: its default guidance and the plan were another family's
         raise SystemExit(f"error: {model} is a {found} model, not {family} as its name suggested; "
                          "pass --guidance explicitly")
@@ -493,59 +489,37 @@ def compile_transformer(transformer, **options):
 
 
 def encode_prompt(pipe, family, prompt):
-    """Text conditioning of one prompt: (cond, uncond). cond is cached for training; uncond (SD3's empty
-    negative prompt for CFG) is only needed by rollouts. Tensors have a leading batch dimension of 1."""
-    t5 = pipe.tokenizer_3 if family == "sd3" else pipe.tokenizer_2
-    length = min(t5.model_max_length, 256 if family == "sd3" else 512)  # the pipeline's T5 length, or a shorter T5's
+    """Text conditioning of one prompt: (cond, uncond). cond is cached for training; uncond (the negative prompt's,
+    for CFG; {} for a model without CFG) is only needed by rollouts. Tensors have a leading batch dimension of 1."""
     with torch.no_grad():
-        if family == "sd3":
-            pe, neg_pe, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device=pipe.device,
-                                                                max_sequence_length=length)
-            return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
-                    {"negative_prompt_embeds": neg_pe, "negative_pooled_prompt_embeds": neg_pooled})
-        # FLUX: guidance-distilled, no uncond
-        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device, max_sequence_length=length)
-        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}
+        return FAMILIES[family].encode_prompt(pipe, prompt)
 
 
 @torch.no_grad()
 def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
-    """Latents of len(seeds) images from the pipeline's own sampler, in the transformer's layout (FLUX: packed).
+    """Latents of len(seeds) images from the pipeline's own sampler, in the transformer's layout (the cache's).
     cond/uncond hold one prompt (batch 1, broadcast) or one row per seed. One CPU generator per image, so an
     image depends on its seed only, not on the batching."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    embeds = {k: v.expand(len(seeds), *v.shape[1:]) for k, v in {**cond, **uncond}.items()}  # one row per image
-    return pipe(**embeds, generator=generators, height=resolution,
-                width=resolution, num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images
-
-
-def pack_latents(z):
-    """FLUX's layout: [N, C, H, W] VAE latents -> [N, H/2 * W/2, 4C], one token per 2x2 patch (as FluxPipeline)."""
-    n, c, h, w = z.shape
-    return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x):
-    """The inverse of pack_latents, for square images."""
-    n, seq_len, c4 = x.shape
-    side = math.isqrt(seq_len)
-    return x.view(n, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, 2 * side, 2 * side)
+    rows = lambda c: {k: v.expand(len(seeds), *v.shape[1:]) for k, v in c.items()}  # one row per image
+    family = FAMILIES[family_of_pipeline_class(type(pipe).__name__)]
+    latents = pipe(**family.sampler_inputs(rows(cond), rows(uncond), guidance), generator=generators, height=resolution,
+                   width=resolution, num_inference_steps=steps, output_type="latent").images
+    return family.sampler_latents(pipe, latents)
 
 
 @torch.no_grad()
 def decode(pipe, family, latents):
     """Latents in the transformer's layout -> list of PIL images."""
-    if family == "flux":
-        latents = unpack_latents(latents)
-    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil")
+    pixels = FAMILIES[family].decode_latents(pipe, latents)
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 @torch.no_grad()
 def encode_images(pipe, family, images, resolution):
     """PIL images -> clean latents in the transformer's layout: each image resized so its short side is
-    `resolution` and centre-cropped square, then the VAE's posterior MEAN (no sampling noise), shifted and scaled
-    as the model's sampler produces latents (the exact inverse of decode's first line)."""
+    `resolution` and centre-cropped square, then the VAE's posterior MEAN (no sampling noise), normalised as the
+    model's sampler produces latents (the exact inverse of decode's VAE step)."""
     squares = []
     for image in images:
         image = image.convert("RGB")
@@ -555,9 +529,7 @@ def encode_images(pipe, family, images, resolution):
         left, top = (w - resolution) // 2, (h - resolution) // 2
         squares.append(image.crop((left, top, left + resolution, top + resolution)))
     pixels = pipe.image_processor.preprocess(squares, height=resolution, width=resolution)
-    z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-    z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-    return pack_latents(z) if family == "flux" else z
+    return FAMILIES[family].encode_pixels(pipe, pixels)
 
 # ============================================================================= 4. phase 1: the offline rollout cache
 # OUT/cache/manifest.json says how the cache was made; OUT/cache/prompt_NNNNNN.safetensors holds one prompt's group:
@@ -809,7 +781,7 @@ def epoch_order(seed, epoch, n_prompts):
     return torch.randperm(n_prompts, generator=keyed_generator(seed, "epoch", epoch)).tolist()
 
 
-def training_batch(cache_dir, sizes, groups, args, scheduler_config, device):
+def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device):
     """Global groups g (numbers over the whole run) -> the inputs of velocity_errors and gdro_loss for them.
     Group g visits prompt epoch_order[g mod P] of epoch g // P and takes k of its cached images; its own generator
     draws the images, t and eps. Returns dict(x0 [B,k,...], cond {name: [B,...]}, rewards [B,k], t [B], eps [B,...])."""
@@ -820,10 +792,9 @@ def training_batch(cache_dir, sizes, groups, args, scheduler_config, device):
         shard = read_shard(cache_dir, i)
         images = torch.randperm(sizes[i], generator=gen)[:args.group_size]
         x0 = shard.pop("x0")[images].float()
-        seq_len = x0.shape[1] if x0.dim() == 3 else None  # FLUX's packed token count sets its shift
+        mu = schedule_mu(family, scheduler_config, x0.shape[1:], args.steps)  # the shift the rollouts' sampler used
         rows.append({"x0": x0, "rewards": shard.pop("rewards")[images].float(),
-                     "eps": torch.randn(x0.shape[1:], generator=gen),
-                     "t": sample_t(1, scheduler_config, seq_len, gen, args.uniform_t)[0]})
+                     "eps": torch.randn(x0.shape[1:], generator=gen), "t": sample_t(1, mu, gen, args.uniform_t)[0]})
         shard.pop("seeds", None)
         conds.append(shard)  # what is left is the prompt's conditioning
     stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]).to(device) for k in dicts[0]}
@@ -862,15 +833,21 @@ def training_context(transformer):
 
 def settle_model(args):
     """Before the model loads, what follows from it: args.family (--tiny's, a local folder's model_index.json, else
-    the hub id's name; main checks it once the model has loaded), the family's usual --guidance, and --resolution
-    (the paper's 512, or a local model's own size when smaller). gdro.py and eval.py both settle them here."""
+    the hub id's name, else --family; main checks it once the model has loaded), the family's usual --guidance and
+    --steps, and --resolution (the paper's 512, or a local model's own size when smaller). gdro.py and eval.py both
+    settle them here."""
     folder = Path(args.model)
     if not args.tiny and (folder / "model_index.json").is_file():
         pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
-        args.family = "flux" if "Flux" in pipeline else "sd3"
+        args.family = family_of_pipeline_class(pipeline)
+        if args.family is None:
+            raise BadInput(f"--model {args.model} is a {pipeline} (its model_index.json); supported: {supported()}")
     elif not args.tiny:
-        args.family = "flux" if "flux" in args.model.lower() else "sd3"
-    args.guidance = DEFAULT_GUIDANCE[args.family] if args.guidance is None else args.guidance
+        args.family = family_of_hub_id(args.model) or args.family
+    family = FAMILIES[args.family]
+    args.guidance = family.guidance if args.guidance is None else args.guidance
+    if getattr(args, "steps", 0) is None:  # eval.py has its own default
+        args.steps = family.steps
     native = PAPER_RESOLUTION
     configs = [folder / "transformer" / "config.json", folder / "vae" / "config.json"]
     if not args.tiny and all(c.is_file() for c in configs):
@@ -886,7 +863,9 @@ def training_plan(args, sizes):
     visits = [groups // P + (1 if r < groups % P else 0) for r in range(P)]  # epochs: visits differ by at most one
     k = args.group_size
     seen = sum(1 - (1 - k / n) ** v for n, v in zip(sizes, visits))  # expected share of a prompt's images drawn
-    plan = {"prompts": P, "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
+    plan = {"family": args.family, "pipeline": FAMILIES[args.family].pipeline, "guidance": args.guidance,
+            "steps": args.steps, "resolution": args.resolution, "prompts": P,
+            "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
             "images_cached": sum(sizes), "group_size": k, "groups_per_step": args.groups_per_step,
             "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
             "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
@@ -960,14 +939,15 @@ def read_metrics(path, up_to_step):
     return kept
 
 
-def add_lora(transformer, args):
-    """The trained part: a LoRA on LORA_TARGETS, A drawn from --seed and B zero (the policy starts as the reference),
-    in fp32 with its AdamW state while the frozen base stays in bf16 on CUDA. Returns the LoRA's parameters."""
+def add_lora(transformer, targets, args):
+    """The trained part: a LoRA on targets (the family's LORA_TARGETS), A drawn from --seed and B zero (the policy
+    starts as the reference), in fp32 with its AdamW state while the frozen base stays in bf16 on CUDA. Returns the
+    LoRA's parameters."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
     torch.manual_seed(args.seed)
     transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
+                                       target_modules=targets))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -1007,7 +987,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     """Phase 2: GDRO on the cache. Only the LoRA trains; the reference is the adapter switched off.
     on_step(step, batch), if given, runs after each optimizer step with the last micro-batch's inputs (bench.py)."""
     rank, world = rank_and_world()
-    params = add_lora(transformer, args)
+    params = add_lora(transformer, LORA_TARGETS[family], args)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     start, last_ckpt = start_or_resume(args, transformer, optimizer)
     model = transformer  # under torchrun: DDP averages the LoRA's gradients across processes
@@ -1028,7 +1008,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                 micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
                 stats = torch.zeros(6, device=device)
                 for m, groups in enumerate(micro_batches):
-                    batch = training_batch(cache_dir, sizes, groups, args, scheduler_config, device)
+                    batch = training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device)
                     sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
                     with sync, training_context(transformer):
                         with autocast:
@@ -1235,7 +1215,7 @@ def main(argv=None):
             print(json.dumps(plan))
         return None
     if device.type == "cpu" and not args.tiny and rank == 0:
-        print("note: no CUDA GPU, running on the CPU: fine for a small local model; SD3.5 and FLUX.1 need a GPU")
+        print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     check_out(out)
     lock_out(out, create=False)  # a run in OUT already: say so before anything else
     check_run_state(args, out)

@@ -1,7 +1,9 @@
 """Small diffusers pipelines built here, for CPUs and tests: what a reader of gdro.py's method need not see.
 
-- build_tiny_pipeline(family): a tiny RANDOM StableDiffusion3Pipeline or FluxPipeline (gdro.py --tiny, the tests,
-  bench.py). It draws noise: it proves the plumbing, not that anything learns.
+- build_tiny_pipeline(family): a tiny RANDOM pipeline of the family's diffusers classes (gdro.py --tiny, the tests,
+  bench.py), text encoders and tokenizers included: StableDiffusion3Pipeline, FluxPipeline, QwenImagePipeline,
+  Flux2Pipeline, Flux2KleinPipeline, ZImagePipeline. It draws noise: it proves the plumbing, not that anything
+  learns.
 - build_text_model(folder): a small StableDiffusion3Pipeline PRETRAINED HERE, on a CPU, to draw a prompt's quoted
   digits (`the text "482"` -> an image of 482). OCR can read it, so GDRO's OCR reward moves on it. It is saved with
   save_pretrained, and gdro.py / eval.py load it through DiffusionPipeline.from_pretrained(folder) like any model:
@@ -57,6 +59,57 @@ def char_text_configs(clip_tok, t5_tok):
     return clip, t5
 
 
+# Qwen3's chat template, cut down to what the pipelines use: one user message, the generation prompt, and
+# enable_thinking=False's empty think block
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+# Mistral-Small-3.1's chat template, cut down to what Flux2Pipeline sends: a system and a user message of text chunks
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+    "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")
+
+
+def byte_level_vocab(specials):
+    """A vocabulary of the special tokens and every byte (byte-level BPE with no merges: a token per byte)."""
+    from tokenizers import pre_tokenizers
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    return vocab
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer (Qwen-Image's, FLUX.2 [klein]'s and Z-Image's class) of bytes and Qwen's chat tokens."""
+    from transformers import Qwen2Tokenizer
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|vision_start|>",
+                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = Qwen2Tokenizer(vocab=byte_level_vocab(specials), merges=[], model_max_length=1024,
+                         additional_special_tokens=specials[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def mistral_processor():
+    """A PixtralProcessor (what FLUX.2 [dev] loads for Mistral-Small-3.1) around a byte tokenizer with Mistral's
+    special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]"]
+    bpe = Tokenizer(models.BPE(vocab=byte_level_vocab(specials), merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:], model_max_length=512,
+                                  padding_side="left")
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=6,
+                            chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
 def eval_mode(pipe):
     for module in pipe.components.values():  # models built from configs start in train mode (dropout on)
         if isinstance(module, torch.nn.Module):
@@ -64,40 +117,146 @@ def eval_mode(pipe):
     return pipe
 
 
-def build_tiny_pipeline(family="sd3", seed=0):
-    """A tiny random StableDiffusion3Pipeline or FluxPipeline of diffusers' real classes, built from configs
-    with no download (tokenizers included). The same seed gives the same weights."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+# the VAE of the tiny pipelines: 64 px -> 16 latent channels at 16 x 16
+TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                block_out_channels=(16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16,
+                sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_sd3():
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
     clip_tok, t5_tok = char_tokenizers()
     clip, t5 = char_text_configs(clip_tok, t5_tok)
-    vae_kw = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  block_out_channels=(16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16,
-                  sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    return StableDiffusion3Pipeline(  # (built in this order: the seed gives each model the same weights as before)
+        transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
+            num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
+        scheduler=tiny_scheduler("sd3"), vae=AutoencoderKL(**TINY_VAE, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
+
+
+def tiny_flux():
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+    clip_tok, t5_tok = char_tokenizers()
+    clip, t5 = char_text_configs(clip_tok, t5_tok)
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        scheduler=tiny_scheduler("flux"), vae=AutoencoderKL(**TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModel(clip), tokenizer=clip_tok, text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tok)
+
+
+def tiny_qwen_image():
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tok = qwen_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad",
+                                                                       "video_pad")}
+    text = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B's classes; the pipeline takes the last hidden state
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}, rope_theta=1e6,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"])
+    return QwenImagePipeline(
+        text_encoder=Qwen2_5_VLForConditionalGeneration(text), tokenizer=tok,
+        transformer=QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        # one frame of a 3-D VAE; the real latents_mean / latents_std (its defaults), 4x down as the other VAEs here
+        vae=AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True]),
+        scheduler=tiny_scheduler("qwen-image"))
+
+
+def tiny_flux2_transformer(guidance_embeds):
+    from diffusers import Flux2Transformer2DModel
+    return Flux2Transformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16,
+                                   timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                   guidance_embeds=guidance_embeds)
+
+
+def tiny_flux2_vae():
+    """AutoencoderKLFlux2 with random BatchNorm statistics: at their initial 0 and 1 a normalisation left out, or
+    applied before packing instead of after, would go unseen."""
+    from diffusers import AutoencoderKLFlux2
+    vae = AutoencoderKLFlux2(**{**TINY_VAE, "use_quant_conv": True, "use_post_quant_conv": True})
+    vae.bn.running_mean.copy_(torch.randn(64) * 0.5)
+    vae.bn.running_var.copy_(torch.rand(64) + 0.5)
+    return vae
+
+
+def tiny_flux2():
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    processor = mistral_processor()
+    tok = processor.tokenizer
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = Mistral3Config(  # 30 layers: the pipeline concatenates hidden states 10, 20 and 30 (hidden size 16 each)
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=1024, rope_theta=1e9, sliding_window=None, **special),
+        vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=16, image_size=30, patch_size=6, num_channels=3, head_dim=8),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1, **special)
+    return Flux2Pipeline(text_encoder=Mistral3ForConditionalGeneration(text), tokenizer=processor,
+                         transformer=tiny_flux2_transformer(guidance_embeds=True), vae=tiny_flux2_vae(),
+                         scheduler=tiny_scheduler("flux2"))
+
+
+def tiny_flux2_klein():
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = qwen_tokenizer()
+    text = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                       pad_token_id=0, tie_word_embeddings=True)  # 28 layers: hidden states 9, 18, 27
+    return Flux2KleinPipeline(text_encoder=Qwen3ForCausalLM(text), tokenizer=tok,
+                              transformer=tiny_flux2_transformer(guidance_embeds=False), vae=tiny_flux2_vae(),
+                              scheduler=tiny_scheduler("flux2-klein"), is_distilled=True)
+
+
+def tiny_z_image():
+    from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+    tok = qwen_tokenizer()
+    text = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                       pad_token_id=0)  # Qwen3-4B's class; the pipeline takes the second-to-last hidden state
+    return ZImagePipeline(
+        text_encoder=Qwen3Model(text), tokenizer=tok,
+        transformer=ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64,
+                                             n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                             axes_dims=[8, 12, 12], axes_lens=[1024, 64, 64]),
+        vae=AutoencoderKL(**TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE normalisation
+        scheduler=tiny_scheduler("z-image"))
+
+
+def tiny_scheduler(family):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(**gdro.SCHEDULER_CONFIG[family])
+
+
+TINY_BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux, "qwen-image": tiny_qwen_image, "flux2": tiny_flux2,
+                 "flux2-klein": tiny_flux2_klein, "z-image": tiny_z_image}
+
+
+def build_tiny_pipeline(family="sd3", seed=0):
+    """A tiny random pipeline of the family's real diffusers classes, built from configs with no download
+    (tokenizers included). The same seed gives the same weights."""
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"unknown family {family!r}: expected one of {', '.join(TINY_BUILDERS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if family == "sd3":  # (the models are built in this order: the seed gives each the same weights as before)
-            pipe = StableDiffusion3Pipeline(
-                transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
-                    num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
-                    caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
-                scheduler=FlowMatchEulerDiscreteScheduler(**gdro.SCHEDULER_CONFIG["sd3"]),
-                vae=AutoencoderKL(**vae_kw, scaling_factor=1.5305, shift_factor=0.0609),
-                text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
-                text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
-                text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
-        elif family == "flux":
-            pipe = FluxPipeline(
-                transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
-                    guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-                scheduler=FlowMatchEulerDiscreteScheduler(**gdro.SCHEDULER_CONFIG["flux"]),
-                vae=AutoencoderKL(**vae_kw, scaling_factor=0.3611, shift_factor=0.1159),
-                text_encoder=CLIPTextModel(clip), tokenizer=clip_tok,
-                text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tok)
-        else:
-            raise ValueError(f"unknown family {family!r}: expected 'sd3' or 'flux'")
+        pipe = TINY_BUILDERS[family]()
+    pipe.set_progress_bar_config(disable=True)
     return eval_mode(pipe)
 
 # ============================================================================= a text model pretrained on CPU
@@ -198,7 +357,7 @@ def train_text_transformer(pipe, x0, cond, uncond, r, state_file):
         drop = torch.rand(r["batch"], generator=gen) < r["uncond"]  # empty prompts teach the unconditional velocity
         c = {k: torch.where(drop.view(-1, *[1] * (cond[k].dim() - 1)), uncond[k], cond[k][i]) for k in cond}
         x, eps = x0[i, j], torch.randn(x0[i, j].shape, generator=gen)
-        t = gdro.sample_t(r["batch"], config, None, gen)
+        t = gdro.sample_t(r["batch"], gdro.schedule_mu("sd3", config, x.shape[1:], None), gen)
         t_ = t.view(-1, 1, 1, 1)
         loss = (gdro.velocity(transformer, "sd3", (1 - t_) * x + t_ * eps, t, c) - (eps - x)).pow(2).mean()
         for group in opt.param_groups:
@@ -280,9 +439,7 @@ def build_text_model(folder, recipe=None):
                                                                            *z.shape[1:])
     conds = [gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(s))[0] for s in train_strings]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-    _, neg = gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
-    uncond = {"prompt_embeds": neg["negative_prompt_embeds"],
-              "pooled_prompt_embeds": neg["negative_pooled_prompt_embeds"]}
+    _, uncond = gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
     train_text_transformer(pipe, x0, cond, uncond, r, work / "transformer_state.pt")
     pipe.save_pretrained(folder)
     write_text_prompts(folder)

@@ -105,11 +105,13 @@ def test_stabiliser_is_the_best_images_flow_matching_error():
 
 def test_training_noise_levels_follow_the_schedulers_shift():
     gen = torch.Generator().manual_seed(0)
-    t = gdro.sample_t(20000, gdro.SCHEDULER_CONFIG["sd3"], None, gen)  # logit-normal median 0.5 -> 3*0.5/(1+2*0.5)
+    sd3 = gdro.schedule_mu("sd3", gdro.SCHEDULER_CONFIG["sd3"], (16, 16, 16), None)  # a fixed shift of 3: mu = log 3
+    t = gdro.sample_t(20000, sd3, gen)  # logit-normal median 0.5 -> 3*0.5/(1+2*0.5)
     assert 0 < t.min() and t.max() < 1
     assert t.median().item() == pytest.approx(0.75, abs=0.01)
     flux = gdro.SCHEDULER_CONFIG["flux"]
-    t_small, t_large = (gdro.sample_t(20000, flux, n, gen).median().item() for n in (256, 4096))
+    t_small, t_large = (gdro.sample_t(20000, gdro.schedule_mu("flux", flux, (n, 64), None), gen).median().item()
+                        for n in (256, 4096))  # packed latents of n tokens
     assert t_small == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1), abs=0.01)  # FLUX: more noise at high res
     assert t_large == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1), abs=0.01)
 
@@ -118,7 +120,8 @@ def tiny_transformer_with_lora(family):
     transformer = small_models.build_tiny_pipeline(family).transformer
     transformer.requires_grad_(False)
     torch.manual_seed(0)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=gdro.LORA_TARGETS))
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=gdro.LORA_TARGETS[family]))
     return transformer
 
 
@@ -205,8 +208,9 @@ def test_a_steps_groups_are_the_same_however_they_are_split_into_micro_batches(t
     cache_dir, prompts = fake_cache(tmp_path)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
     args, config = train_args(tmp_path), gdro.SCHEDULER_CONFIG["sd3"]
-    whole = gdro.training_batch(cache_dir, sizes, range(8, 12), args, config, "cpu")
-    halves = [gdro.training_batch(cache_dir, sizes, r, args, config, "cpu") for r in (range(8, 10), range(10, 12))]
+    whole = gdro.training_batch(cache_dir, sizes, range(8, 12), args, "sd3", config, "cpu")
+    halves = [gdro.training_batch(cache_dir, sizes, r, args, "sd3", config, "cpu")
+              for r in (range(8, 10), range(10, 12))]
     for key in ("x0", "rewards", "t", "eps"):
         torch.testing.assert_close(whole[key], torch.cat([h[key] for h in halves]), rtol=0, atol=0)
     assert whole["x0"].shape[:2] == (4, 6) and len(set(whole["t"].tolist())) == 4  # one t per group

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ("gdro", "eval", "experiment", "small_models", "reward_ocr", "toy_reward", "bench")
+MODULES = ("gdro", "families", "eval", "experiment", "small_models", "reward_ocr", "toy_reward", "bench")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # A backticked span that is a name, a dotted name, or either called: `name`, `mod.name`, `name(...)`,
@@ -45,7 +45,8 @@ NOT_PROJECT_NAMES = {
     # diffusers, transformers, peft and torch APIs
     "load_lora_weights", "save_pretrained", "from_pretrained", "compile_repeated_blocks",
     "create_selective_checkpoint_contexts", "disable_input_dtype_casting", "sdpa_kernel",
-    "DiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline", "AutoProcessor",
+    "DiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline", "AutoProcessor", "QwenImagePipeline",
+    "Flux2Pipeline", "Flux2KleinPipeline", "ZImagePipeline", "compute_empirical_mu",
     "Qwen2_5_VLForConditionalGeneration",
 }
 # Dotted names whose first part is not a project module: a diffusers pipeline object, torch, diffusers' classes.

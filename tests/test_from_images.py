@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import families
 import gdro
 
 FAMILIES = ["sd3", "flux"]
@@ -45,19 +46,19 @@ def test_encoded_latent_is_the_vaes_mean_with_the_models_shift_and_scaling(famil
     images = [random_image(0), random_image(1)]
     x0 = gdro.encode_images(pipe, fam, images, RES)
     expected = torch.cat([vae_reference(pipe, im) for im in images])
-    got = gdro.unpack_latents(x0) if fam == "flux" else x0  # FLUX's cache holds the transformer's packed layout
+    got = families.unpack_latents(x0) if fam == "flux" else x0  # FLUX's cache holds the transformer's packed layout
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gdro.encode_images(pipe, fam, images, RES), x0, rtol=0, atol=0)  # the mean: no noise
 
 
 def test_flux_packing_puts_each_2x2_patch_in_one_token_and_unpacking_inverts_it():
     z = torch.randn(2, 16, 8, 8)
-    x = gdro.pack_latents(z)
+    x = families.pack_latents(z)
     assert x.shape == (2, 16, 64)
     # token (row r, col c) of the 4 x 4 grid holds channel ch of pixel (dy, dx) of its patch at ch * 4 + dy * 2 + dx
     for r, c, ch, dy, dx in [(0, 0, 0, 0, 0), (1, 2, 3, 0, 1), (3, 3, 15, 1, 1), (2, 0, 7, 1, 0)]:
         assert x[1, r * 4 + c, ch * 4 + dy * 2 + dx] == z[1, ch, 2 * r + dy, 2 * c + dx]
-    torch.testing.assert_close(gdro.unpack_latents(x), z, rtol=0, atol=0)
+    torch.testing.assert_close(families.unpack_latents(x), z, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
