@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ("gdro", "families", "eval", "experiment", "small_models", "reward_ocr", "toy_reward", "bench")
+MODULES = ("gdro", "families", "plumbing", "eval", "experiment", "small_models", "reward_ocr", "toy_reward", "bench")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # A backticked span that is a name, a dotted name, or either called: `name`, `mod.name`, `name(...)`,
