@@ -222,13 +222,11 @@ def read_shard(cache_dir, i):
     """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors, checked against its recorded SHA-256."""
     path = shard_path(cache_dir, i)
     data = path.read_bytes()
-    with contextlib.suppress(Exception):  # an unreadable header: check_cache has said so before training
-        recorded = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"].get("sha256")
-        if recorded and hashlib.sha256(tensor_bytes(data)).hexdigest() != recorded:
-            data = None
-    if data is None:
-        raise SystemExit(f"error: cache shard {path} is damaged (its tensors differ from the SHA-256 written with them); "
-                         "delete it and rerun the same command (with --resume once training has started) to "
+    header_end = 8 + int.from_bytes(data[:8], "little")  # a readable header: check_cache read it before training
+    recorded = json.loads(data[8:header_end]).get("__metadata__", {}).get("sha256")
+    if recorded and hashlib.sha256(data[header_end:]).hexdigest() != recorded:
+        raise SystemExit(f"error: cache shard {path} is damaged (its tensors differ from the SHA-256 written with "
+                         "them); delete it and rerun the same command (with --resume once training has started) to "
                          "regenerate it")
     return safetensors_load(data)
 
