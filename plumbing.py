@@ -322,7 +322,8 @@ def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
 
 def complete_checkpoints(ckpt_dir):
     """The checkpoints that can be resumed from (LoRA + state.pt), oldest first."""
-    return [d for d in sorted(Path(ckpt_dir).glob("step_*")) if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
+    return [d for d in sorted(Path(ckpt_dir).glob("step_*"))
+            if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
 
 
 def newest_checkpoint(ckpt_dir):
