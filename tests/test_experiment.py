@@ -34,3 +34,14 @@ def test_the_ocr_gain_is_the_mean_per_prompt_paired_difference_with_its_standard
     assert g["gain_se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(3))
     assert g["base_exact"] == pytest.approx(1 / 6) and g["gdro_exact"] == pytest.approx(3 / 6)
     assert g["prompts_improved"] == pytest.approx(1.0) and g["prompts_worse"] == 0.0
+
+
+def test_the_ocr_step_is_the_checkpoint_best_on_val_and_the_earliest_of_equals(tmp_path):
+    # eval.py --checkpoints on the val strings: 2 prompts x 1 image for the base and three checkpoints
+    val = {"base": [0.0, 0.0], "step_000050": [1.0, 0.0], "step_000100": [0.5, 1.0], "step_000150": [1.0, 0.5]}
+    rows = [{"set": name, "prompt_index": i, "ocr_reward": r} for name, rs in val.items() for i, r in enumerate(rs)]
+    (tmp_path / "eval_val").mkdir()
+    (tmp_path / "eval_val" / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chosen = experiment.best_on_val(tmp_path)
+    assert chosen["step"] == 100 and chosen["lora"] == str(tmp_path / "checkpoints" / "step_000100")
+    assert chosen["val_ocr"] == {50: 0.5, 100: 0.75, 150: 0.75} and chosen["val_base_ocr"] == 0.0
