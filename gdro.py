@@ -10,8 +10,9 @@ This file reads top to bottom:
   1. settings     the paper's defaults as flags, and the constants
   2. the method   sample_t -> velocity -> velocity_errors -> gdro_loss: from cached images to the loss, one
                   block with no other dependency in this file, to read next to the paper or copy elsewhere
-     plumbing     plumbing.py: refused inputs, processes (torchrun), crash-safe files, cache shards, checkpoints,
-                  one run per folder, signals: what the phases use and a reader of the method need not see
+     plumbing     plumbing.py: refused inputs, prompt files and image folders, processes (torchrun), crash-safe
+                  files, cache shards, checkpoints, one run per folder, signals: what the phases use and a reader of
+                  the method need not see
   3. models       the pipelines (or tiny random ones), prompts, samplers, VAE: thin calls to families.py, which
                   holds one record per model family (SD3/SD3.5, FLUX.1, Qwen-Image, FLUX.2 [dev] and [klein], Z-Image)
   4. phase 1      the offline rollout cache (or your own images and scores: --from-images)
@@ -50,8 +51,9 @@ from families import FAMILIES, family_of_hub_id, family_of_pipeline_class, suppo
 from plumbing import (BadInput, LORA_FILE, SHA256_FILE, append_line, barrier, cache_interrupted, check_cache,
                       check_manifest, check_out, check_run_state, damaged_file, file_sha256, init_distributed,
                       is_main_process, load_checkpoint, lock_out, my_missing_shards, newest_checkpoint,
-                      rank_and_world, read_metrics, read_shard, run_config, save_checkpoint, save_lora, shard_path,
-                      stop_when_done, write_atomic, write_shard)  # also gdro's public names for other scripts
+                      rank_and_world, read_image_folder, read_metrics, read_prompts, read_shard, run_config,
+                      save_checkpoint, save_lora, shard_path, shrink_if_tiny, stop_when_done, write_atomic,
+                      write_shard)  # also gdro's public names for other scripts
 
 # ============================================================================= 1. settings
 
@@ -82,17 +84,6 @@ def image_seed(seed, i, j, n):
     """The seed of image j of prompt i when every prompt has n images: rollouts (and eval) are reproducible image by
     image, whatever the batching or the number of processes."""
     return seed + i * n + j
-
-
-def shrink_if_tiny(args, argv, tiny_settings):
-    """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
-    if args.tiny:
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
-        vars(args).update(shrunk)
-        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
-            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
-    return args
 
 
 def add_model_flags(p):
@@ -462,43 +453,6 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     barrier()
 
 
-def read_image_folder(folder, group_size):
-    """DIR/metadata.jsonl (Hugging Face "imagefolder": one JSON object per image with file_name, prompt, reward) ->
-    (prompts, groups): the images of each prompt, in order of first appearance, as [(file, reward)]. Every line and
-    every image is checked here, before any model loads; prompts with fewer than k images are skipped."""
-    from PIL import Image
-    folder, groups = Path(folder), {}
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    for n, line in enumerate(meta.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            file, prompt, reward = folder / row["file_name"], row["prompt"], float(row["reward"])
-            assert isinstance(prompt, str) and prompt.strip(), "prompt must be a non-empty string"
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
-            raise BadInput(f"{meta} line {n}: malformed ({type(e).__name__}: {e}); expected "
-                           '{"file_name": ..., "prompt": ..., "reward": <number>}')
-        if not math.isfinite(reward):
-            raise BadInput(f"{meta} line {n}: the reward {reward} is not a finite number")
-        try:
-            with Image.open(file) as im:
-                im.verify()
-        except Exception as e:
-            raise BadInput(f"{meta} line {n}: cannot read image {file} ({type(e).__name__})")
-        groups.setdefault(prompt.strip(), []).append((file, reward))
-    small = [p for p, g in groups.items() if len(g) < group_size]
-    if small and is_main_process():
-        print(f"--from-images: skipped {len(small)} of {len(groups)} prompts with fewer than --group-size "
-              f"{group_size} images")
-    groups = {p: g for p, g in groups.items() if len(g) >= group_size}
-    if not groups:
-        raise BadInput(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
-    return list(groups), list(groups.values())
-
-
 def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
     """Phase 1 from your own data: each prompt's images are encoded with the model's own VAE and written as ordinary
     cache shards with their given rewards; training cannot tell them from rollouts."""
@@ -746,41 +700,6 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
 
 # ============================================================================= 6. main
 # --------------------------------------------------------------------- inputs, all checked before any model loads
-
-
-def read_prompts(path, reward, max_prompts=None):
-    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadInput(f"--prompts {path} is a folder; expected a text file with one prompt per line")
-    if not path.is_file():
-        raise BadInput(f"--prompts {path}: file not found")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BadInput(f"--prompts {path}: cannot read it ({e.strerror})")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise BadInput(f"--prompts {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8")
-    if "\x00" in text:
-        line = text[:text.index("\x00")].count("\n") + 1
-        raise BadInput(f"--prompts {path} is binary, not text (line {line} holds a NUL byte)")
-    lines = [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()][:max_prompts]
-    if not lines:
-        raise BadInput(f"--prompts {path} has no prompts")
-    if reward == "ocr":
-        from reward_ocr import ocr_target
-        bad = []
-        for i, prompt in lines:
-            try:
-                ocr_target(prompt)
-            except ValueError:
-                bad.append(str(i))
-        if bad:
-            raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
-    return [prompt for _, prompt in lines]
 
 
 def check_args(args, world):

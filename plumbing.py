@@ -3,6 +3,7 @@
   processes   torchrun's ranks (one process per GPU), a refused input (BadInput: one line, exit code 2)
   files       crash-safe writes (a kill leaves the old file or the new one), one run per folder (a lock), SHA-256
               records that prove a checkpoint or LoRA folder whole, Ctrl-C / SIGTERM that finish the work in flight
+  inputs      the prompt file and an image folder (--from-images), each line checked, one line naming the fault
   the cache   one safetensors shard per prompt, written whole, its tensors' SHA-256 in its header
   checkpoints the LoRA in diffusers' format, the optimizer state, resume
   the run     --out's checks, --resume's comparison with config.json
@@ -18,6 +19,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -187,6 +189,93 @@ def stop_when_done(doing):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# ============================================================================= input files
+# the prompt file and an image folder (--from-images): every line checked before any model loads; --tiny's defaults
+
+
+def shrink_if_tiny(args, argv, tiny_settings):
+    """--tiny shrinks the run for CPU and says what it shrank; every flag given explicitly still wins."""
+    if args.tiny:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        shrunk = {k: v for k, v in tiny_settings.items() if "--" + k.replace("_", "-") not in given}
+        vars(args).update(shrunk)
+        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+    return args
+
+
+def read_prompts(path, reward, max_prompts=None):
+    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"--prompts {path} is a folder; expected a text file with one prompt per line")
+    if not path.is_file():
+        raise BadInput(f"--prompts {path}: file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"--prompts {path}: cannot read it ({e.strerror})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadInput(f"--prompts {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8")
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise BadInput(f"--prompts {path} is binary, not text (line {line} holds a NUL byte)")
+    lines = [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()][:max_prompts]
+    if not lines:
+        raise BadInput(f"--prompts {path} has no prompts")
+    if reward == "ocr":
+        from reward_ocr import ocr_target
+        bad = []
+        for i, prompt in lines:
+            try:
+                ocr_target(prompt)
+            except ValueError:
+                bad.append(str(i))
+        if bad:
+            raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
+    return [prompt for _, prompt in lines]
+
+
+def read_image_folder(folder, group_size):
+    """DIR/metadata.jsonl (Hugging Face "imagefolder": one JSON object per image with file_name, prompt, reward) ->
+    (prompts, groups): the images of each prompt, in order of first appearance, as [(file, reward)]. Every line and
+    every image is checked here, before any model loads; prompts with fewer than k images are skipped."""
+    from PIL import Image
+    folder, groups = Path(folder), {}
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
+    for n, line in enumerate(meta.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file, prompt, reward = folder / row["file_name"], row["prompt"], float(row["reward"])
+            assert isinstance(prompt, str) and prompt.strip(), "prompt must be a non-empty string"
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
+            raise BadInput(f"{meta} line {n}: malformed ({type(e).__name__}: {e}); expected "
+                           '{"file_name": ..., "prompt": ..., "reward": <number>}')
+        if not math.isfinite(reward):
+            raise BadInput(f"{meta} line {n}: the reward {reward} is not a finite number")
+        try:
+            with Image.open(file) as im:
+                im.verify()
+        except Exception as e:
+            raise BadInput(f"{meta} line {n}: cannot read image {file} ({type(e).__name__})")
+        groups.setdefault(prompt.strip(), []).append((file, reward))
+    small = [p for p, g in groups.items() if len(g) < group_size]
+    if small and is_main_process():
+        print(f"--from-images: skipped {len(small)} of {len(groups)} prompts with fewer than --group-size "
+              f"{group_size} images")
+    groups = {p: g for p, g in groups.items() if len(g) >= group_size}
+    if not groups:
+        raise BadInput(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
+    return list(groups), list(groups.values())
 
 
 # ============================================================================= the cache
