@@ -339,7 +339,7 @@ def best_on_val(run_dir):
     scores = run_dir / "eval_val" / "scores.jsonl"
     names = sorted({json.loads(line)["set"] for line in scores.read_text().splitlines()} - {"base"})
     curve = {name: paired_gain(scores, name) for name in names}
-    best = max(names, key=lambda name: (curve[name]["gdro_ocr"], -names.index(name)))
+    best = max(names, key=lambda name: curve[name]["gdro_ocr"])  # max keeps the first of equals: the earliest step
     return {"step": int(best.removeprefix("step_")), "lora": str(run_dir / "checkpoints" / best),
             "val_base_ocr": curve[best]["base_ocr"], "val_ocr": {int(n.removeprefix("step_")): round(c["gdro_ocr"], 4)
                                                                  for n, c in curve.items()}}
@@ -355,14 +355,14 @@ def ocr_experiment(args):
         small_models.build_text_model(model_dir)
     train_prompts, val_prompts, test_prompts = ocr_prompt_files(out, model_dir)
     settings = {**OCR_GDRO, **dict(args.ocr_set)}
-    runs, logs = {s: out / f"seed{s}" for s in args.seeds}, [out / f"seed{s}.log" for s in args.seeds]
+    dirs, logs = {s: out / f"seed{s}" for s in args.seeds}, [out / f"seed{s}.log" for s in args.seeds]
     run_chains([[gdro_command(model_dir, train_prompts, d, s, settings),
                  eval_command(model_dir, val_prompts, [], d / "eval_val", settings["guidance"], OCR_VAL_IMAGES,
-                              checkpoints=d / "checkpoints")] for s, d in runs.items()], logs)
-    chosen = {s: best_on_val(d) for s, d in runs.items()}
+                              checkpoints=d / "checkpoints")] for s, d in dirs.items()], logs)
+    chosen = {s: best_on_val(d) for s, d in dirs.items()}
     run_chains([[eval_command(model_dir, test_prompts, [chosen[s]["lora"]], d / "eval_test", settings["guidance"])]
-                for s, d in runs.items()], logs)
-    runs = [{"seed": s, **chosen[s], **paired_gain(d / "eval_test" / "scores.jsonl")} for s, d in runs.items()]
+                for s, d in dirs.items()], logs)
+    runs = [{"seed": s, **chosen[s], **paired_gain(d / "eval_test" / "scores.jsonl")} for s, d in dirs.items()]
     result = {"model_dir": str(model_dir), "train_prompts": str(train_prompts), "val_prompts": str(val_prompts),
               "heldout_prompts": str(test_prompts), "settings": settings, "seconds": round(time.time() - t0),
               "runs": runs}
