@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import gdro
 import small_models
@@ -294,20 +295,28 @@ def run_chains(chains, log_names):
 
 def paired_gain(scores_file, lora_set="lora"):
     """From eval.py's scores.jsonl: the base's and the LoRA's mean OCR reward and exact-match share, and the standard
-    error of the per-prompt paired difference (each prompt: the mean over its images, same seeds for both)."""
+    error of the per-prompt paired difference (each prompt: the mean over its images, same seeds for both). Also
+    each set's share of large text (small_models.large_text: the text model's readable renders) and those images'
+    mean reward: whether a gain comes from leaving the small, unreadable mode or from reading the digits better."""
     rows = [json.loads(line) for line in Path(scores_file).read_text().splitlines()]
-    per = {name: {} for name in ("base", lora_set)}
+    per, large = {name: {} for name in ("base", lora_set)}, {name: [] for name in ("base", lora_set)}
     for r in rows:
         if r["set"] in per:
             per[r["set"]].setdefault(r["prompt_index"], []).append(r["ocr_reward"])
+            with Image.open(Path(scores_file).parent / r["image"]) as img:
+                large[r["set"]].append((small_models.large_text(img), r["ocr_reward"]))
     prompts = sorted(per["base"])
     base = np.array([np.mean(per["base"][i]) for i in prompts])
     lora = np.array([np.mean(per[lora_set][i]) for i in prompts])
     exact = {n: float(np.mean([x == 1.0 for i in prompts for x in per[n][i]])) for n in per}
+    share = {n: float(np.mean([is_large for is_large, _ in large[n]])) for n in per}
+    large_ocr = {n: float(np.mean([r for is_large, r in large[n] if is_large] or [np.nan])) for n in per}
     d = lora - base
     return {"base_ocr": float(base.mean()), "gdro_ocr": float(lora.mean()), "base_exact": exact["base"],
             "gdro_exact": exact[lora_set], "gain": float(d.mean()), "gain_se": float(d.std(ddof=1) / np.sqrt(len(d))),
-            "prompts_improved": float((d > 0).mean()), "prompts_worse": float((d < 0).mean())}
+            "prompts_improved": float((d > 0).mean()), "prompts_worse": float((d < 0).mean()),
+            "base_large_text": share["base"], "gdro_large_text": share[lora_set],
+            "base_large_text_ocr": large_ocr["base"], "gdro_large_text_ocr": large_ocr[lora_set]}
 
 
 def ocr_prompt_files(out, model_dir):
@@ -370,7 +379,7 @@ def ocr_experiment(args):
     for r in runs:
         print(f"seed {r['seed']}: step {r['step']} (best on val); held-out OCR {r['base_ocr']:.4f} -> "
               f"{r['gdro_ocr']:.4f} ({r['gain']:+.4f} +- {r['gain_se']:.4f}), exact {r['base_exact']:.3f} -> "
-              f"{r['gdro_exact']:.3f}")
+              f"{r['gdro_exact']:.3f}, large text {r['base_large_text']:.0%} -> {r['gdro_large_text']:.0%}")
     print(json.dumps(result))
     return result
 
@@ -395,10 +404,12 @@ def ocr_ablations(args):
         chains.append(chain)
     run_chains(chains, [out / f"ablations_seed{s}.log" for s in args.seeds])
     table = ["| setting | held-out OCR reward (seed " + " / ".join(map(str, args.seeds)) + ") | gain +- se "
-             "| exact matches | prompts improved |", "|" + " --- |" * 5]
+             "| exact matches | prompts improved | large text | reward of the large text |", "|" + " --- |" * 7]
     base = [paired_gain(out / "ablations" / f"eval_seed{s}" / "scores.jsonl", "lora1") for s in args.seeds]
     table.append("| base model | " + " / ".join(f"{b['base_ocr']:.3f}" for b in base) + " | | "
-                 + " / ".join(f"{b['base_exact']:.3f}" for b in base) + " | |")
+                 + " / ".join(f"{b['base_exact']:.3f}" for b in base) + " | | "
+                 + " / ".join(f"{b['base_large_text']:.0%}" for b in base) + " | "
+                 + " / ".join(f"{b['base_large_text_ocr']:.3f}" for b in base) + " |")
     rows = {}
     for i, (label, _) in enumerate(OCR_ABLATIONS):
         res = [paired_gain(out / "ablations" / f"eval_seed{s}" / "scores.jsonl", f"lora{i + 1}") for s in args.seeds]
@@ -406,7 +417,9 @@ def ocr_ablations(args):
         table.append(f"| {label} | " + " / ".join(f"{r['gdro_ocr']:.3f}" for r in res) + " | "
                      + " / ".join(f"{r['gain']:+.3f} +- {r['gain_se']:.3f}" for r in res) + " | "
                      + " / ".join(f"{r['gdro_exact']:.3f}" for r in res) + " | "
-                     + " / ".join(f"{r['prompts_improved']:.0%}" for r in res) + " |")
+                     + " / ".join(f"{r['prompts_improved']:.0%}" for r in res) + " | "
+                     + " / ".join(f"{r['gdro_large_text']:.0%}" for r in res) + " | "
+                     + " / ".join(f"{r['gdro_large_text_ocr']:.3f}" for r in res) + " |")
     (out / "ablations.json").write_text(json.dumps(rows, indent=2))
     (out / "ablations.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
