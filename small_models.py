@@ -313,8 +313,9 @@ def large_text(img, share=0.625):
     import numpy as np
     gray = np.asarray(img.convert("L"), dtype=np.float32)
     dev = np.abs(gray - np.median(gray))
-    columns = np.flatnonzero((dev > 0.5 * dev.max()).any(axis=0)) if dev.max() > 0 else []
+    columns = np.flatnonzero((dev > 0.5 * dev.max()).any(axis=0))  # none in a blank image
     return bool(len(columns) and columns[-1] - columns[0] + 1 > share * gray.shape[1])
+
 
 def to_pixels(images):
     """PIL images -> [N, 3, H, W] in [-1, 1], the VAE's input."""

@@ -5,7 +5,6 @@ LoRA -> fresh samples from seeds never cached, for prompts never trained on. It 
 (`--set max-steps=0`, or `--set beta=0 gamma=0`: effect size exactly 0, no prompt improved).
 """
 import json
-
 import random
 
 import numpy as np
