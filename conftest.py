@@ -1,5 +1,6 @@
 """Test markers. `pytest -q -m "not slow"`: the specification of the method, seconds. `pytest -q`: everything on CPU
-(end-to-end runs, fault injection, two processes). `pytest -m cuda -q`: the GPU acceptance tests, skipped without CUDA."""
+(end-to-end runs, fault injection, two processes). `pytest -m cuda -q`: the GPU acceptance tests, skipped without
+CUDA."""
 import pytest
 import torch
 

@@ -32,7 +32,7 @@ from reward_ocr import ocr_target
 
 # ----------------------------------------------------------------------------- config
 
-TINY_EVAL = {k: gdro.TINY_RUN[k] for k in ("resolution", "max_prompts", "steps")}
+TINY_EVAL = ("resolution", "max_prompts", "steps")  # what --tiny shrinks here, to families.TINY_RUN's values
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: OCR reward, judge scores, corrected score.")
@@ -56,7 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--judge-batch", type=int, default=8, help="images per judge call")
     p.add_argument("--judge-max-new-tokens", type=int, default=256, help="longest judge answer, in tokens")
     argv = sys.argv[1:] if argv is None else argv
-    return gdro.settle_model(gdro.shrink_if_tiny(p.parse_args(argv), argv, TINY_EVAL))
+    args = p.parse_args(argv)
+    if args.tiny:
+        tiny = gdro.companion("--tiny")
+        tiny.shrink_if_tiny(args, argv, {k: v for k, v in tiny.TINY_RUN.items() if k in TINY_EVAL})
+    return gdro.settle_model(args)
 
 
 # ----------------------------------------------------------------------------- inputs (checked before heavy work)
@@ -145,20 +149,23 @@ def generate_set(pipe, family, prompts, args, folder, ocr, desc):
 # ----------------------------------------------------------------------------- the judge (UnifiedReward 2.0)
 # The pointwise prompt the judge was trained on; keep it exact. {prompt} is the generation prompt.
 
-JUDGE_PROMPT = """You are presented with a generated image and its associated text caption. Your task is to analyze the image across multiple dimensions in relation to the caption. Specifically:
-Provide overall assessments for the image along the following axes (each rated from 1 to 5):
-- Alignment Score: How well the image matches the caption in terms of content.
-- Coherence Score: How logically consistent the image is (absence of visual glitches, object distortions, etc.).
-- Style Score: How aesthetically appealing the image looks, regardless of caption accuracy.
-
-Output your evaluation using the format below:
-
-Alignment Score (1-5): X
-Coherence Score (1-5): Y
-Style Score (1-5): Z
-
-Your task is provided as follows:
-Text Caption: [{prompt}]"""
+JUDGE_PROMPT = "\n".join([
+    "You are presented with a generated image and its associated text caption. Your task is to analyze "
+    "the image across multiple dimensions in relation to the caption. Specifically:",
+    "Provide overall assessments for the image along the following axes (each rated from 1 to 5):",
+    "- Alignment Score: How well the image matches the caption in terms of content.",
+    "- Coherence Score: How logically consistent the image is (absence of visual glitches, object distortions, etc.).",
+    "- Style Score: How aesthetically appealing the image looks, regardless of caption accuracy.",
+    "",
+    "Output your evaluation using the format below:",
+    "",
+    "Alignment Score (1-5): X",
+    "Coherence Score (1-5): Y",
+    "Style Score (1-5): Z",
+    "",
+    "Your task is provided as follows:",
+    "Text Caption: [{prompt}]",
+])
 
 AXES = ("alignment", "coherence", "style")
 # "Alignment Score (1-5): 2.69", also "**Alignment Score (1-5):** 4" or "alignment score: 4"; a number must follow

@@ -1,46 +1,22 @@
-"""The model families GDRO trains, one record each: everything about a model that the method does not care about.
+"""What gdro.py loads only when asked, never importing gdro back: more model families, --tiny's random pipelines,
+and --from-images' image folders.
 
-GDRO needs three things of a model: the conditioning of a prompt, the latent layout its transformer consumes, and
-the transformer's velocity in one convention, x_t = (1 - t) x0 + t eps, v = eps - x0 (gdro.velocity). Each record
-below says how its family does them, and what rollouts and training need around them:
-
-  pipeline      the diffusers pipeline class (it also saves and loads the family's LoRA files)
-  hub_names     what a hub id holds to name the family, for --dry-run before anything loads
-  guidance, steps, resolution    the rollouts' usual guidance and sampler steps, the model's usual image side
-  scheduler     the real model's flow-matching schedule (scheduler_config.json): --tiny's, and training's t
-  lora_targets  the attention projections of the image and text streams
-  encode_prompt (cond, uncond): cond is cached for training, uncond (the negative prompt) only rollouts use
-  sampler_inputs, sampler_latents    the pipeline's arguments for rollouts from cached conditioning, and its
-                latents in the cached layout
-  velocity      the transformer call, with the family's own sign and time scale turned into the convention
-  shift_mu      the exponential shift of t that the family's sampler applies (training's t follows it)
-  encode_pixels, decode_latents  the VAE, with the family's latent normalisation, into and out of the cached layout
-
-The defaults in Family are the ways several families share (an AutoencoderKL with a shift and a scaling factor,
-the scheduler config's shift); a family overrides what differs. Adding a family is one record here and its tiny
-configuration in small_models.build_tiny_pipeline.
+- The families beyond the paper's two (SD3 / SD3.5 and FLUX.1, which live in gdro.py): Qwen-Image, FLUX.2 [dev]
+  and [klein], Z-Image. Each record here says only what its family does differently; gdro.py completes it with its
+  Family class (the defaults: the interface, docs/models.md) when a pipeline of it loads, so that a record reads
+  like gdro.SD3 and gdro.Flux. Adding a family is one record in RECORDS and its tiny pipeline in TINY_BUILDERS.
+- build_tiny_pipeline(record): a tiny RANDOM pipeline of a family's diffusers classes, text encoders and tokenizers
+  included, built from configs with no download (--tiny, the tests, the benchmark). It draws noise: it proves the
+  plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to.
+- read_image_folder, encode_images: --from-images' metadata.jsonl and images, every line checked; the images
+  resized, cropped and encoded with the family's VAE step.
 """
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
-
-# the attention projections of an MMDiT's image stream (to_*) and text stream (add_*, to_add_out)
-MMDIT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def pack_latents(z):
-    """FLUX's layout: [N, C, H, W] VAE latents -> [N, H/2 * W/2, 4C], one token per 2x2 patch (as FluxPipeline;
-    Qwen-Image and FLUX.2 pack in the same order)."""
-    n, c, h, w = z.shape
-    return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x):
-    """The inverse of pack_latents, for square images."""
-    n, seq_len, c4 = x.shape
-    side = math.isqrt(seq_len)
-    return x.view(n, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, 2 * side, 2 * side)
-
 
 def padded(embeds, length):
     """Variable-length text [L_i, D] (a list, or a batch with a mask applied) -> ([n, length, D] zero-padded,
@@ -59,119 +35,11 @@ def unpadded(cond):
     return [e[:n] for e, n in zip(cond["prompt_embeds"], cond["prompt_mask"].sum(1).tolist())]
 
 
-class Family:
-    """A family's record: the fields and methods the module docstring lists. The methods here are the defaults
-    several families share; a family's record overrides what differs."""
-    name = pipeline = None
-    hub_names = ()
-    guidance, steps, resolution = None, 10, 1024
-    scheduler = {}
-    lora_targets = MMDIT_ATTENTION
-    packed = False  # the cached latents are a sequence of 2x2-patch tokens ([N, L, 4C]), not a grid ([N, C, H, W])
-
-    def encode_prompt(self, pipe, prompt):
-        raise NotImplementedError
-
-    def sampler_inputs(self, cond, uncond, guidance):
-        """The pipeline's arguments for cached conditioning (one row per image) at a guidance scale."""
-        return {**cond, "guidance_scale": guidance}
-
-    def velocity(self, transformer, x_t, t, cond, guidance):
-        raise NotImplementedError
-
-    def sampler_latents(self, pipe, latents):
-        """What the pipeline returns with output_type="latent", in the cached layout (most return that layout)."""
-        return latents
-
-    def image_tokens(self, latent_shape):
-        """The transformer's image tokens for one cached latent of this shape (the dynamic shifts depend on it)."""
-        return latent_shape[0] if self.packed else latent_shape[-2] * latent_shape[-1] // 4
-
-    def shift_mu(self, scheduler_config, tokens, steps):
-        """mu of the sampler's shift t -> e^mu / (e^mu + 1/t - 1): a fixed shift s is mu = log s; a dynamic shift
-        grows linearly with the image's tokens (diffusers' calculate_shift, as the pipelines set it)."""
-        c = scheduler_config
-        if c.get("use_dynamic_shifting"):
-            slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-            return c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
-        return math.log(c["shift"])
-
-    def pack(self, z):
-        return pack_latents(z) if self.packed else z
-
-    def unpack(self, x):
-        return unpack_latents(x) if self.packed else x
-
-    def encode_pixels(self, pipe, pixels):
-        """Pixels in [-1, 1] -> clean latents in the cached layout: the VAE's posterior MEAN (no sampling noise),
-        shifted and scaled as the sampler's latents are (the exact inverse of decode_latents)."""
-        c = pipe.vae.config
-        z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-        return self.pack((z - c.shift_factor) * c.scaling_factor)
-
-    def decode_latents(self, pipe, latents):
-        """Latents in the cached layout -> pixels in [-1, 1]."""
-        c = pipe.vae.config
-        return pipe.vae.decode(self.unpack(latents).to(pipe.vae.dtype) / c.scaling_factor + c.shift_factor).sample
-
-# ============================================================================= SD3 / SD3.5 (Medium and Large)
-
-
-class SD3(Family):
-    """Two CLIPs + T5, real CFG with the empty negative prompt; latents as the VAE's grid; the transformer takes
-    t x 1000 and predicts v."""
-    name, pipeline, hub_names = "sd3", "StableDiffusion3Pipeline", ("stable-diffusion-3", "sd3")
-    guidance, steps, resolution = 4.5, 10, 1024  # SD3.5-Medium's usual CFG; the paper's 10 rollout steps
-    scheduler = dict(shift=3.0)  # a fixed shift
-
-    def encode_prompt(self, pipe, prompt):
-        length = min(pipe.tokenizer_3.model_max_length, 256)  # the pipeline's T5 length, or a shorter T5's
-        pe, neg_pe, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device=pipe.device,
-                                                            max_sequence_length=length)
-        return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
-                {"prompt_embeds": neg_pe, "pooled_prompt_embeds": neg_pooled})
-
-    def sampler_inputs(self, cond, uncond, guidance):
-        negative = {"negative_" + k: v for k, v in uncond.items()}
-        return {**cond, **negative, "guidance_scale": guidance}
-
-    def velocity(self, transformer, x_t, t, cond, guidance):
-        return transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
-                           pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
-
-# ============================================================================= FLUX.1 (dev, schnell)
-
-
-class Flux(Family):
-    """CLIP pooled + T5, distilled guidance embedded in the transformer (dev; schnell has none and ignores it);
-    packed 2x2 patches; the transformer takes t itself (it scales t and guidance by 1000) and predicts v."""
-    name, pipeline, hub_names = "flux", "FluxPipeline", ("flux",)
-    guidance, steps, resolution = 3.5, 10, 1024  # FLUX.1-dev's distilled guidance
-    scheduler = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                     max_image_seq_len=4096)  # the shift grows with the resolution
-    packed = True
-
-    def encode_prompt(self, pipe, prompt):
-        length = min(pipe.tokenizer_2.model_max_length, 512)
-        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device, max_sequence_length=length)
-        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}  # guidance-distilled: no uncond
-
-    def velocity(self, transformer, x_t, t, cond, guidance):
-        n, seq_len = x_t.shape[:2]
-        side = math.isqrt(seq_len)  # square images: the packed latent is a side x side grid of 2x2 patches
-        img_ids = torch.zeros(side, side, 3, device=x_t.device)  # FLUX's RoPE position ids: (0, row, col)
-        img_ids[..., 1] = torch.arange(side, device=x_t.device)[:, None]
-        img_ids[..., 2] = torch.arange(side, device=x_t.device)[None, :]
-        txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x_t.device)
-        g = None if guidance is None else torch.full((n,), guidance, device=x_t.device)
-        return transformer(hidden_states=x_t, timestep=t, guidance=g, encoder_hidden_states=cond["prompt_embeds"],
-                           pooled_projections=cond["pooled_prompt_embeds"], txt_ids=txt_ids,
-                           img_ids=img_ids.view(-1, 3), return_dict=False)[0]
 
 # ============================================================================= Qwen-Image
 
 
-class QwenImage(Family):
+class QwenImage:
     """Qwen2.5-VL's last hidden state (variable length: the cache pads it and keeps a mask), true CFG with the
     negative prompt " " (true_cfg_scale; the pipeline rescales the combination per token); a 3-D VAE of one frame
     normalised per channel; packed 2x2 patches; the transformer takes t itself and predicts v."""
@@ -216,17 +84,17 @@ class QwenImage(Family):
     def encode_pixels(self, pipe, pixels):
         z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype).unsqueeze(2)).latent_dist.mean[:, :, 0]
         mean, std = self.latent_stats(pipe.vae, z)
-        return pack_latents((z - mean) / std)
+        return self.pack((z - mean) / std)
 
     def decode_latents(self, pipe, latents):
-        z = unpack_latents(latents).to(pipe.vae.dtype)
+        z = self.unpack(latents).to(pipe.vae.dtype)
         mean, std = self.latent_stats(pipe.vae, z)
         return pipe.vae.decode((z * std + mean).unsqueeze(2), return_dict=False)[0][:, :, 0]
 
 # ============================================================================= FLUX.2 [dev]
 
 
-class Flux2(Family):
+class Flux2:
     """Mistral-Small-3.1's hidden states 10, 20, 30 per token, at a fixed 512 tokens with no mask (the padding is
     attended, so it is cached as it is); distilled guidance embedded; a VAE whose 2x2-patchified latents are
     normalised by its BatchNorm statistics AFTER packing; the transformer takes t itself and predicts v. Its
@@ -235,13 +103,17 @@ class Flux2(Family):
     guidance, steps, resolution = 4.0, 10, 1024
     scheduler = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                      max_image_seq_len=4096, time_shift_type="exponential")
-    # the double-stream blocks' MMDiT projections and the single-stream blocks' fused qkv+MLP input and output (the
-    # bulk of the model); a plain "to_out" would also name the double blocks' to_out list, so a regex (peft
-    # full-matches it against module names)
-    lora_targets = (r".*(transformer_blocks\.\d+\.attn\.(" + "|".join(n.replace(".", r"\.") for n in MMDIT_ATTENTION)
-                    + r")|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))")
     packed = True
     text_length = 512  # the pipeline's max_sequence_length
+
+    @property
+    def lora_targets(self):
+        """The double-stream blocks' MMDiT projections (gdro.Family's) and the single-stream blocks' fused qkv+MLP
+        input and output (the bulk of the model): a regex, since a plain "to_out" would also name the double blocks'
+        to_out list (peft full-matches it against module names)."""
+        mmdit = "|".join(n.replace(".", r"\.") for n in super().lora_targets)
+        single = r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+        return rf".*(transformer_blocks\.\d+\.attn\.({mmdit})|{single})"
 
     def encode_prompt(self, pipe, prompt):
         pe, _ = pipe.encode_prompt(prompt=prompt, device=pipe.device, max_sequence_length=self.text_length)
@@ -270,14 +142,14 @@ class Flux2(Family):
         """Raw VAE latents [N, C, H, W] -> the cached layout: packed 2x2 patches, then each of the 4C channels
         normalised."""
         mean, std = self.bn_stats(vae, z)
-        return (pack_latents(z) - mean) / std
+        return (self.pack(z) - mean) / std
 
     def encode_pixels(self, pipe, pixels):
         return self.normalised(pipe.vae, pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean)
 
     def decode_latents(self, pipe, latents):
         mean, std = self.bn_stats(pipe.vae, latents)
-        return pipe.vae.decode(unpack_latents(latents * std + mean).to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.vae.decode(self.unpack(latents * std + mean).to(pipe.vae.dtype), return_dict=False)[0]
 
 # ============================================================================= FLUX.2 [klein]
 
@@ -303,7 +175,7 @@ class Flux2Klein(Flux2):
 # ============================================================================= Z-Image
 
 
-class ZImage(Family):
+class ZImage:
     """Qwen3's second-to-last hidden state (variable length: padded and masked in the cache, a list for the model);
     FLUX.1's VAE and its normalisation; latents as the VAE's grid. The transformer takes lists, the time 1 - t, and
     predicts x0 - eps = -v. CFG is v_c + g (v_c - v_u) with the empty prompt: g = 0 (Turbo) is none."""
@@ -328,20 +200,300 @@ class ZImage(Family):
         return -torch.stack(out).squeeze(2)
 
 
-FAMILIES = {f.name: f for f in (SD3(), Flux(), QwenImage(), Flux2(), Flux2Klein(), ZImage())}
+
+RECORDS = (QwenImage, Flux2, Flux2Klein, ZImage)
+
+# ============================================================================= tiny random pipelines (--tiny)
 
 
-def family_of_pipeline_class(class_name):
-    """The family whose pipeline class is named class_name, or None."""
-    return next((f.name for f in FAMILIES.values() if f.pipeline == class_name), None)
+def char_tokenizers(clip_length=77, t5_length=None):
+    """Character-level CLIP and T5 tokenizers (every printable ASCII character a token), built with no download."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+    chars = [chr(c) for c in range(33, 127)]
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        clip_vocab.setdefault(c, len(clip_vocab)), clip_vocab.setdefault(c + "</w>", len(clip_vocab))
+    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=clip_length)
+    t5_tok = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+                             + [(c, -2.0) for c in chars] + [("\u2581" + c, -2.0) for c in chars], extra_ids=0,
+                             **({} if t5_length is None else {"model_max_length": t5_length}))
+    return clip_tok, t5_tok
 
 
-def family_of_hub_id(model):
-    """The family a hub id names (the longest matching name wins: FLUX.2-klein over FLUX.2 over FLUX), or None."""
-    found = [(len(n), f.name) for f in FAMILIES.values() for n in f.hub_names if n in model.lower()]
-    return max(found)[1] if found else None
+def char_text_configs(clip_tok, t5_tok):
+    """Configs of two-layer CLIP and T5 text encoders for the character tokenizers (random weights)."""
+    from transformers import CLIPTextConfig, T5Config
+    clip = CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                          max_position_embeddings=max(77, clip_tok.model_max_length))
+    t5 = T5Config(vocab_size=len(t5_tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return clip, t5
 
 
-def supported():
-    """The supported pipelines, for error messages."""
-    return ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
+# Qwen3's chat template, cut down to what the pipelines use: one user message, the generation prompt, and
+# enable_thinking=False's empty think block
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+# Mistral-Small-3.1's chat template, cut down to what Flux2Pipeline sends: a system and a user message of text chunks
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+    "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")
+
+
+def byte_level_vocab(specials):
+    """A vocabulary of the special tokens and every byte (byte-level BPE with no merges: a token per byte)."""
+    from tokenizers import pre_tokenizers
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    return vocab
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer (Qwen-Image's, FLUX.2 [klein]'s and Z-Image's class) of bytes and Qwen's chat tokens."""
+    from transformers import Qwen2Tokenizer
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|vision_start|>",
+                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = Qwen2Tokenizer(vocab=byte_level_vocab(specials), merges=[], model_max_length=1024,
+                         additional_special_tokens=specials[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def mistral_processor():
+    """A PixtralProcessor (what FLUX.2 [dev] loads for Mistral-Small-3.1) around a byte tokenizer with Mistral's
+    special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]"]
+    bpe = Tokenizer(models.BPE(vocab=byte_level_vocab(specials), merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:], model_max_length=512,
+                                  padding_side="left")
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=6,
+                            chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+def eval_mode(pipe):
+    for module in pipe.components.values():  # models built from configs start in train mode (dropout on)
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return pipe
+
+
+# the VAE of the tiny pipelines: 64 px -> 16 latent channels at 16 x 16
+TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                block_out_channels=(16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16,
+                sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_sd3(scheduler):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    clip_tok, t5_tok = char_tokenizers()
+    clip, t5 = char_text_configs(clip_tok, t5_tok)
+    return StableDiffusion3Pipeline(  # (built in this order: the seed gives each model the same weights as before)
+        transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
+            num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
+        scheduler=scheduler, vae=AutoencoderKL(**TINY_VAE, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
+
+
+def tiny_flux(scheduler):
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+    clip_tok, t5_tok = char_tokenizers()
+    clip, t5 = char_text_configs(clip_tok, t5_tok)
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        scheduler=scheduler, vae=AutoencoderKL(**TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModel(clip), tokenizer=clip_tok, text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tok)
+
+
+def tiny_qwen_image(scheduler):
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tok = qwen_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad",
+                                                                       "video_pad")}
+    text = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B's classes; the pipeline takes the last hidden state
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}, rope_theta=1e6,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"])
+    return QwenImagePipeline(
+        text_encoder=Qwen2_5_VLForConditionalGeneration(text), tokenizer=tok,
+        transformer=QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        # one frame of a 3-D VAE; the real latents_mean / latents_std (its defaults), 4x down as the other VAEs here
+        vae=AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True]),
+        scheduler=scheduler)
+
+
+def tiny_flux2_transformer(guidance_embeds):
+    from diffusers import Flux2Transformer2DModel
+    return Flux2Transformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16,
+                                   timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                   guidance_embeds=guidance_embeds)
+
+
+def tiny_flux2_vae():
+    """AutoencoderKLFlux2 with random BatchNorm statistics: at their initial 0 and 1 a normalisation left out, or
+    applied before packing instead of after, would go unseen."""
+    from diffusers import AutoencoderKLFlux2
+    vae = AutoencoderKLFlux2(**{**TINY_VAE, "use_quant_conv": True, "use_post_quant_conv": True})
+    vae.bn.running_mean.copy_(torch.randn(64) * 0.5)
+    vae.bn.running_var.copy_(torch.rand(64) + 0.5)
+    return vae
+
+
+def tiny_flux2(scheduler):
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    processor = mistral_processor()
+    tok = processor.tokenizer
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = Mistral3Config(  # 30 layers: the pipeline concatenates hidden states 10, 20 and 30 (hidden size 16 each)
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=1024, rope_theta=1e9, sliding_window=None, **special),
+        vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=16, image_size=30, patch_size=6, num_channels=3, head_dim=8),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1, **special)
+    return Flux2Pipeline(text_encoder=Mistral3ForConditionalGeneration(text), tokenizer=processor,
+                         transformer=tiny_flux2_transformer(guidance_embeds=True), vae=tiny_flux2_vae(),
+                         scheduler=scheduler)
+
+
+def tiny_flux2_klein(scheduler):
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = qwen_tokenizer()
+    text = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                       pad_token_id=0, tie_word_embeddings=True)  # 28 layers: hidden states 9, 18, 27
+    return Flux2KleinPipeline(text_encoder=Qwen3ForCausalLM(text), tokenizer=tok,
+                              transformer=tiny_flux2_transformer(guidance_embeds=False), vae=tiny_flux2_vae(),
+                              scheduler=scheduler, is_distilled=True)
+
+
+def tiny_z_image(scheduler):
+    from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+    tok = qwen_tokenizer()
+    text = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                       pad_token_id=0)  # Qwen3-4B's class; the pipeline takes the second-to-last hidden state
+    return ZImagePipeline(
+        text_encoder=Qwen3Model(text), tokenizer=tok,
+        transformer=ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64,
+                                             n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                             axes_dims=[8, 12, 12], axes_lens=[1024, 64, 64]),
+        vae=AutoencoderKL(**TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE normalisation
+        scheduler=scheduler)
+
+
+TINY_BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux, "qwen-image": tiny_qwen_image, "flux2": tiny_flux2,
+                 "flux2-klein": tiny_flux2_klein, "z-image": tiny_z_image}
+
+
+def build_tiny_pipeline(record, seed=0):
+    """A tiny random pipeline of the family's real diffusers classes (gdro's record of it: its name and scheduler
+    config), built from configs with no download, tokenizers included. The same seed gives the same weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    if record.name not in TINY_BUILDERS:
+        raise ValueError(f"unknown family {record.name!r}: expected one of {', '.join(TINY_BUILDERS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = TINY_BUILDERS[record.name](FlowMatchEulerDiscreteScheduler(**record.scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    return eval_mode(pipe)
+
+
+# --tiny shrinks the run for a CPU (flags given explicitly win)
+TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
+                max_steps=20, lora_rank=8, log_every=5, save_every=10)
+
+
+def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=()):
+    """--tiny shrinks the run for CPU (settings but those in skip) and says what it shrank; every flag given
+    explicitly still wins."""
+    if args.tiny:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        shrunk = {k: v for k, v in settings.items() if k not in skip and "--" + k.replace("_", "-") not in given}
+        vars(args).update(shrunk)
+        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+    return args
+
+# ============================================================================= your own images (--from-images)
+
+
+@torch.no_grad()
+def encode_images(pipe, record, images, resolution):
+    """--from-images: PIL images -> clean latents in the cache's layout, each resized so its short side is
+    `resolution` and centre-cropped, then encoded by the family record's VAE step (gdro.decode's inverse)."""
+    squares = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        squares.append(image.resize((w, h), resample=3).crop((left, top, left + resolution, top + resolution)))
+    pixels = pipe.image_processor.preprocess(squares, height=resolution, width=resolution)  # resample 3: bicubic
+    return record.encode_pixels(pipe, pixels)
+
+
+def read_image_folder(folder, group_size):
+    """--from-images: DIR/metadata.jsonl (Hugging Face "imagefolder": one JSON object per image with file_name,
+    prompt, reward) -> (prompts, groups): each prompt's images in order of first appearance, as [(file, reward)].
+    Every line and image is checked before any model loads: a fault is a ValueError naming the line (gdro.py prints
+    it as one line); prompts with fewer than group_size images are skipped."""
+    from PIL import Image
+    meta, groups = Path(folder) / "metadata.jsonl", {}
+    if not meta.is_file():
+        raise ValueError(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
+    for n, line in enumerate(meta.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file, prompt, reward = Path(folder) / row["file_name"], row["prompt"], float(row["reward"])
+            assert isinstance(prompt, str) and prompt.strip(), "prompt must be a non-empty string"
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
+            raise ValueError(f"{meta} line {n}: malformed ({type(e).__name__}: {e}); expected "
+                           '{"file_name": ..., "prompt": ..., "reward": <number>}')
+        if not math.isfinite(reward):
+            raise ValueError(f"{meta} line {n}: the reward {reward} is not a finite number")
+        try:
+            with Image.open(file) as im:
+                im.verify()
+        except Exception as e:
+            raise ValueError(f"{meta} line {n}: cannot read image {file} ({type(e).__name__})")
+        groups.setdefault(prompt.strip(), []).append((file, reward))
+    kept = {p: g for p, g in groups.items() if len(g) >= group_size}
+    if not kept:
+        raise ValueError(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
+    if len(kept) < len(groups) and os.environ.get("RANK", "0") == "0":
+        print(f"--from-images: skipped {len(groups) - len(kept)} of {len(groups)} prompts with fewer than "
+              f"--group-size {group_size} images")
+    return list(kept), list(kept.values())
+

@@ -7,37 +7,44 @@ between the policy's and the frozen reference's velocity errors is a DPO-style i
 Plackett-Luce cross-entropy ranks the group by it against a softmax of the explicit rewards (Eqs. 5-9).
 
 This file reads top to bottom:
-  1. settings     the paper's defaults as flags, and the constants
-  2. the method   sample_t -> velocity -> velocity_errors -> gdro_loss: from cached images to the loss, one
-                  block with no other dependency in this file, to read next to the paper or copy elsewhere
-     plumbing     plumbing.py: refused inputs, prompt files and image folders, processes (torchrun), crash-safe
-                  files, cache shards, checkpoints, one run per folder, signals: what the phases use and a reader of
-                  the method need not see
-  3. models       the pipelines (or tiny random ones), prompts, samplers, VAE: thin calls to families.py, which
-                  holds one record per model family (SD3/SD3.5, FLUX.1, Qwen-Image, FLUX.2 [dev] and [klein], Z-Image)
-  4. phase 1      the offline rollout cache (or your own images and scores: --from-images)
-  5. phase 2      training: groups drawn in epochs, micro-batches, checkpoints, the loop
-  6. main         every input checked before any model loads; then phase 1, phase 2
+  1. settings   the paper's defaults as flags, and the constants
+  2. the method sample_t -> velocity_errors -> gdro_loss: from cached images to the loss, one block that uses nothing
+                else in this file, to read next to the paper or copy elsewhere
+  3. models     a record per model family (SD3 / SD3.5 and FLUX.1; families.py has more), the pipelines
+  4. phase 1    the offline rollout cache (or your own images and scores: --from-images)
+  5. phase 2    training: the plan, groups drawn in epochs, one step, the loop
+  6. plumbing   what a reader of the method need not see: processes, signals, crash-safe files, the lock, input
+                files, cache shards, checkpoints, the run folder
+  7. main       every input checked before any model loads; then phase 1, phase 2
 
     python gdro.py --prompts ocr.txt                                  # SD3.5-Medium, the paper's OCR setting
     python gdro.py --prompts ocr.txt --model black-forest-labs/FLUX.1-dev
     python gdro.py --prompts ocr.txt --dry-run                        # the plan and its cost, nothing loaded
-    python gdro.py --prompts ocr.txt --tiny                           # tiny random model on CPU, seconds
+    python gdro.py --prompts ocr.txt --tiny                           # tiny random model on CPU (families.py)
     torchrun --nproc_per_node=8 gdro.py --prompts ocr.txt             # 8 GPUs, same result as one
 
+Exit codes: 2 = a refused input (also a folder in use, a damaged checkpoint), 1 = a failure, or a stop signal in
+the cache build or training (finished work kept), 130 = a Ctrl-C anywhere else (nothing half-written), 0 = done.
 Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method table in the README.
 """
 import argparse
 import contextlib
+import errno
+import fcntl
 import functools
 import gc
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import numbers
 import os
+import runpy
+import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -45,145 +52,97 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load as safetensors_load, load_file, save as safetensors_bytes
 from tqdm import tqdm
-
-from families import FAMILIES, family_of_hub_id, family_of_pipeline_class, supported
-from plumbing import (BadInput, LORA_FILE, SHA256_FILE, append_line, barrier, cache_interrupted, check_cache,
-                      check_manifest, check_out, check_run_state, damaged_file, file_sha256, init_distributed,
-                      is_main_process, load_checkpoint, lock_out, my_missing_shards, newest_checkpoint,
-                      rank_and_world, read_image_folder, read_metrics, read_prompts, read_shard, run_config,
-                      save_checkpoint, save_lora, shard_path, shrink_if_tiny, stop_when_done, write_atomic,
-                      write_shard)  # also gdro's public names for other scripts
 
 # ============================================================================= 1. settings
 
-# Per family (families.py): the rollouts' usual guidance (CFG, distilled or none), the real models' flow-matching
-# schedules (their scheduler_config.json; the tiny pipelines use them too), and the LoRA's modules: the attention
-# projections of the image and text streams.
-DEFAULT_GUIDANCE = {name: f.guidance for name, f in FAMILIES.items()}
-SCHEDULER_CONFIG = {name: f.scheduler for name, f in FAMILIES.items()}
-LORA_TARGETS = {name: f.lora_targets for name, f in FAMILIES.items()}
 RESOLUTION_FACTOR = 16  # every family: the VAE downsamples 8x and the transformer takes 2x2 patches
 PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
-# --tiny shrinks the run for a CPU (flags given explicitly win)
-TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
-                max_steps=20, lora_rank=8, log_every=5, save_every=10)
-# Measured on one H200 (bf16, 512 px, see README "Memory and cost"): one prompt's rollout group of 16 images with
-# 10 Euler steps, and one training step of one k = 6 group with checkpointing: --dry-run's estimate, bench.py's
-# baseline.
+# --dry-run's GPU-hour estimate: one prompt's rollout group of 16 images with 10 Euler steps, and one training step
+# of one k = 6 group with checkpointing, bf16 at 512 px, measured on one H200 (torch 2.11) with the code before
+# commit fd8d746 (cuDNN attention disabled by hand, LoRA inputs cast to fp32, no --compile): docs/cost.md
 H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
-
 # --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
-# which drew the cache, so a second-order solver is free speed (README "Samplers": distance to a 200-step solution)
+# which drew the cache, so a second-order solver is free speed (docs/cost.md: distance to a 200-step solution)
 SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
             "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
             "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
 
-
 def image_seed(seed, i, j, n):
-    """The seed of image j of prompt i when every prompt has n images: rollouts (and eval) are reproducible image by
-    image, whatever the batching or the number of processes."""
+    """Image j of prompt i's seed: rollouts (and eval) reproduce image by image, however batched or split."""
     return seed + i * n + j
-
 
 def add_model_flags(p):
     """The flags gdro.py and eval.py share: the model, the prompts used, how it draws (settle_model fills defaults)."""
-    p.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium",
-                   help="hub id or local folder of a supported pipeline (README, docs/models.md) (default: "
-                        "%(default)s)")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny random model of the same classes, no download; shrinks the run for CPU")
-    p.add_argument("--family", default="sd3", choices=list(FAMILIES),
-                   help="model family of --tiny; a real --model says its own (default: %(default)s)")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or a smaller model's own)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale or distilled guidance, as the model takes it (default: the family's usual, "
-                        "e.g. 4.5 SD3, 3.5 FLUX.1)")
-
+    arg, d = p.add_argument, " (default: %(default)s)"
+    arg("--model", default="stabilityai/stable-diffusion-3.5-medium", help="hub id or local folder of a pipeline" + d)
+    arg("--tiny", action="store_true", help="tiny random model of the same classes (families.py); shrinks the run")
+    arg("--family", help="sd3, flux or a family of families.py: --tiny's (sd3), or one the model's name does not say")
+    arg("--max-prompts", type=int, help="use only the first N prompts (default: all)")
+    arg("--resolution", type=int, help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or the model's)")
+    arg("--guidance", type=float, help="CFG or distilled guidance (default: the family's, e.g. 4.5 SD3, 3.5 FLUX.1)")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
-    p.add_argument("--prompts", help="text file, one prompt per line (UTF-8)")
-    p.add_argument("--from-images", metavar="DIR",
-                   help="build the cache from DIR/metadata.jsonl and its images instead of sampling (see README)")
-    p.add_argument("--out", default="runs/gdro",
-                   help="output folder: cache/, checkpoints/, lora/, metrics.jsonl (default: %(default)s)")
+    arg, d = p.add_argument, " (default: %(default)s)"
+    arg("--prompts", help="text file, one prompt per line (UTF-8)")
+    arg("--from-images", metavar="DIR", help="cache DIR/metadata.jsonl's images and rewards instead of sampling")
+    arg("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl" + d)
     add_model_flags(p)
-    p.add_argument("--reward", default="ocr",
-                   help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION: fn(images, prompts) -> list[float] (default: ocr)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
+    arg("--reward", default="ocr", help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION, fn(images, prompts) -> floats" + d)
+    arg("--dry-run", action="store_true", help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
     # phase 1: rollout cache
-    p.add_argument("--images-per-prompt", type=int, default=16,
-                   help="images the frozen base model draws per prompt, once (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="ODE sampler steps per rollout (default: 10, a step-distilled model's own)")
-    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS),
-                   help="rollout ODE solver (default: %(default)s, the model's own)")
-    p.add_argument("--rollout-batch", type=int, default=None,
-                   help="images per pipeline call (default: a whole prompt group)")
+    arg("--images-per-prompt", type=int, default=16, help="images the frozen base draws per prompt, once" + d)
+    arg("--steps", type=int, help="ODE sampler steps per rollout (default: 10, a step-distilled model's own)")
+    arg("--sampler", default="euler", choices=list(SAMPLERS), help="rollout ODE solver (default: euler, the model's)")
+    arg("--rollout-batch", type=int, help="images per pipeline call (default: a whole prompt group)")
     # the loss (Eqs. 5-9)
-    p.add_argument("--beta", type=float, default=12.0,
-                   help="implicit-reward scale, Eq. 5; OCR 12, GenEval 6 (default: %(default)s)")
-    p.add_argument("--tau", type=float, default=0.05,
-                   help="reward softmax temperature, Eq. 7; 0 = hard ranking, Eq. 12 (default: %(default)s)")
-    p.add_argument("--gamma", type=float, default=0.5,
-                   help="weight of the top-1 stabiliser, Eq. 8; OCR 0.5, GenEval 1.0 (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=6,
-                   help="k: images per group in the loss, drawn from one prompt's cache (default: %(default)s)")
-    p.add_argument("--normalize-rewards", action="store_true",
-                   help="z-score rewards within each group before /tau (not in the paper)")
-    p.add_argument("--uniform-t", action="store_true",
-                   help="draw t uniformly instead of the base model's shifted logit-normal")
+    arg("--beta", type=float, default=12.0, help="implicit-reward scale, Eq. 5; OCR 12, GenEval 6" + d)
+    arg("--tau", type=float, default=0.05, help="reward softmax temperature, Eq. 7; 0 = hard ranking, Eq. 12" + d)
+    arg("--gamma", type=float, default=0.5, help="weight of the top-1 stabiliser, Eq. 8; OCR 0.5, GenEval 1.0" + d)
+    arg("--group-size", type=int, default=6, help="k: images per group in the loss, from one prompt's cache" + d)
+    arg("--normalize-rewards", action="store_true", help="z-score rewards within each group before /tau (not paper)")
+    arg("--uniform-t", action="store_true", help="draw t uniformly instead of the base model's shifted logit-normal")
     # phase 2: training
-    p.add_argument("--max-steps", type=int, default=300,
-                   help="optimizer steps; the paper's OCR run peaks near 300 (default: %(default)s)")
-    p.add_argument("--groups-per-step", type=int, default=8,
-                   help="groups per optimizer step, all processes together (default: %(default)s)")
-    p.add_argument("--micro-batch", type=int, default=1,
-                   help="groups per forward/backward; gradients accumulate to --groups-per-step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: %(default)s)")
-    p.add_argument("--lora-rank", type=int, default=32,
-                   help="LoRA rank on the transformer's attention projections (default: %(default)s)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing (default: on with CUDA)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer for rollouts and training (CUDA only)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="steps between lines of metrics.jsonl (default: %(default)s)")
-    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue training from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of rollouts (see image_seed) and of training's draws (default: %(default)s)")
+    arg("--max-steps", type=int, default=300, help="optimizer steps; the paper's OCR run peaks near 300" + d)
+    arg("--groups-per-step", type=int, default=8, help="groups per optimizer step, all processes together" + d)
+    arg("--micro-batch", type=int, default=1, help="groups per forward/backward (gradients accumulate)" + d)
+    arg("--lr", type=float, default=3e-4, help="AdamW learning rate" + d)
+    arg("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm" + d)
+    arg("--lora-rank", type=int, default=32, help="LoRA rank on the transformer's attention projections" + d)
+    arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="(default: on with CUDA)")
+    arg("--compile", action="store_true", help="torch.compile the transformer's blocks (CUDA only)")
+    arg("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl" + d)
+    arg("--save-every", type=int, default=50, help="steps between checkpoints" + d)
+    arg("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
+    arg("--seed", type=int, default=0, help="seed of rollouts (image_seed) and of training's draws" + d)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    unused = ("images_per_prompt", "steps") if args.from_images else ()  # an image folder samples nothing
-    return shrink_if_tiny(args, argv, {k: v for k, v in TINY_RUN.items() if k not in unused})
+    if args.tiny:  # a run shrunk for a CPU; an image folder samples nothing
+        companion("--tiny").shrink_if_tiny(args, argv, skip=("images_per_prompt", "steps") if args.from_images else ())
+    return args
+
+def companion(feature):
+    """families.py (more families, --tiny's pipelines, image folders) for a feature that needs it."""
+    if not importlib.util.find_spec("families"):
+        raise BadInput(f"{feature} needs families.py beside gdro.py")
+    import families
+    return families
 
 
 # ============================================================================= 2. the method
 # Notation (diffusers' rectified flow): x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t in (0, 1).
 # The policy is base + LoRA; the reference is the same transformer with the adapter switched off (no second copy).
-
+# This block needs only torch, math and contextlib: copy it into your own trainer.
 
 def sample_t(n, mu, generator, uniform=False):
     """n noise levels t in (0, 1), drawn as the base model was trained: logit-normal(0, 1), then the sampler's
     exponential shift t -> e^mu / (e^mu + 1/t - 1), so training sees the noise levels the sampler visits. mu: the
-    model's shift (schedule_mu: a fixed shift s is mu = log s; with dynamic shifting it grows with the resolution)."""
+    model's shift (a fixed shift s is mu = log s; with dynamic shifting it grows with the resolution)."""
     u = torch.rand(n, generator=generator) if uniform else torch.sigmoid(torch.randn(n, generator=generator))
     return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-
-
-def velocity(transformer, family, x_t, t, cond, guidance=None):
-    """v(x_t, t, c): the transformer's velocity prediction. x_t [N, ...] in the cached layout, t [N] in (0, 1),
-    cond {name: [N, ...]}; guidance: a distilled guidance the transformer embeds (None for a model without one).
-    The family's record (families.py) makes the call: its timestep scale, its sign, its inputs."""
-    return FAMILIES[family].velocity(transformer, x_t, t, cond, guidance)
-
 
 @contextlib.contextmanager
 def adapter_disabled(transformer):
@@ -195,10 +154,11 @@ def adapter_disabled(transformer):
     finally:
         model.enable_adapters()
 
-
-def velocity_errors(transformer, family, x0, cond, t, eps, guidance=None):
+def velocity_errors(velocity, transformer, x0, cond, t, eps):
     """Per-image velocity errors of the policy and of the frozen reference, on B groups of k cached images.
 
+    velocity: velocity(transformer, x_t [N, ...], t [N], cond {name: [N, ...]}) -> the model's v [N, ...] in the
+          convention above (section 3 has SD3's and FLUX.1's call); the reference is the same call, adapter off
     x0:   [B, k, ...] clean latents of cached images in the transformer's layout (a grid, or packed tokens), fp32
     cond: {name: [B, ...]} each group's prompt conditioning
     t:    [B] ONE noise level per group;  eps: [B, ...] ONE noise sample per group, shared by its k images, so the
@@ -213,12 +173,11 @@ def velocity_errors(transformer, family, x0, cond, t, eps, guidance=None):
     x_t = ((1 - t_) * x0 + t_ * eps).flatten(0, 1)
     v = (eps - x0).flatten(0, 1)
     t, cond = t.repeat_interleave(k), {name: c.repeat_interleave(k, 0) for name, c in cond.items()}
-    v_policy = velocity(transformer, family, x_t, t, cond, guidance)  # first: the host's adapter switching overlaps it
+    v_policy = velocity(transformer, x_t, t, cond)  # first: the host's adapter switching overlaps it
     with torch.no_grad(), adapter_disabled(transformer):
-        v_ref = velocity(transformer, family, x_t, t, cond, guidance)
+        v_ref = velocity(transformer, x_t, t, cond)
     err = lambda v_model: (v_model.float() - v).pow(2).flatten(1).mean(1).view(B, k)
     return err(v_policy), err(v_ref)
-
 
 def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, normalize_rewards=False):
     """The GDRO loss (Eq. 9): Plackett-Luce soft cross-entropy over implicit rewards + top-1 stabiliser.
@@ -249,29 +208,174 @@ def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, norm
     return (l_gdro + gamma * l_reg).mean()  # Eq. 9 (m.7), averaged over groups
 
 # ============================================================================= 3. models
-# What differs between model families (prompt encoding, the latent layout the transformer consumes, which the cache
-# holds, the VAE's normalisation, the transformer call) is in their records in families.py; these functions call
-# the record of the family at hand.
+# What differs between model families (prompts, the latent layout the cache holds, the VAE, the transformer's call)
+# is in one record per family; the functions below call it.
 
+def pack_latents(z):
+    """FLUX's layout: [N, C, H, W] VAE latents -> [N, H/2 * W/2, 4C], one token per 2x2 patch (as FluxPipeline)."""
+    n, c, h, w = z.shape
+    return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
 
-def pipeline_classes():
-    """family -> diffusers pipeline class (it also saves and loads the family's LoRA files)."""
-    import diffusers
-    return {name: getattr(diffusers, f.pipeline) for name, f in FAMILIES.items()}
+def unpack_latents(x):
+    """The inverse of pack_latents, for square images."""
+    n, seq_len, c4 = x.shape
+    side = math.isqrt(seq_len)
+    return x.view(n, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, 2 * side, 2 * side)
 
+class Family:
+    """A model family's record (docs/models.md): pipeline class, hub names, usual guidance, steps and side, schedule,
+    LoRA targets, packed latents or not; prompt encoding, the pipeline's inputs and latents, the velocity call
+    (v = eps - x0), the sampler's shift of t, the VAE. The defaults are shared ways; families.py's records plug in."""
+    name = pipeline = None
+    hub_names = ()
+    guidance, steps, resolution, scheduler, packed = None, 10, 1024, {}, False
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    pack, unpack = staticmethod(pack_latents), staticmethod(unpack_latents)
 
-def schedule_mu(family, scheduler_config, latent_shape, steps):
-    """mu of the shift the family's sampler applies to t (sample_t), for one cached latent of latent_shape drawn in
-    `steps` sampler steps (FLUX.2's shift depends on them)."""
-    f = FAMILIES[family]
-    return f.shift_mu(scheduler_config, f.image_tokens(latent_shape), steps)
+    def sampler_inputs(self, cond, uncond, guidance):
+        return {**cond, "guidance_scale": guidance}
 
+    def sampler_latents(self, pipe, latents):
+        return latents  # most pipelines return output_type="latent" in the cached layout
+
+    def shift_mu(self, scheduler_config, tokens, steps):
+        """A fixed shift s is mu = log s; a dynamic one grows linearly with the tokens (diffusers' calculate_shift)."""
+        c = scheduler_config
+        if c.get("use_dynamic_shifting"):
+            slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+            return c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
+        return math.log(c["shift"])
+
+    def encode_pixels(self, pipe, pixels):
+        """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents (decode's inverse)."""
+        c = pipe.vae.config
+        z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
+        z = (z - c.shift_factor) * c.scaling_factor
+        return self.pack(z) if self.packed else z
+
+    def decode_latents(self, pipe, latents):
+        c, z = pipe.vae.config, self.unpack(latents) if self.packed else latents
+        return pipe.vae.decode(z.to(pipe.vae.dtype) / c.scaling_factor + c.shift_factor).sample
+
+class SD3(Family):
+    """SD3 / SD3.5: two CLIPs + T5, CFG with the empty prompt; the VAE's grid; takes t x 1000 and predicts v."""
+    name, pipeline, hub_names = "sd3", "StableDiffusion3Pipeline", ("stable-diffusion-3", "sd3")
+    guidance, scheduler = 4.5, dict(shift=3.0)  # SD3.5-Medium's usual CFG, its fixed shift
+
+    def encode_prompt(self, pipe, prompt):
+        length = min(pipe.tokenizer_3.model_max_length, 256)  # the pipeline's T5 length, or a shorter T5's
+        pe, neg_pe, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device=pipe.device,
+                                                            max_sequence_length=length)
+        return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
+                {"prompt_embeds": neg_pe, "pooled_prompt_embeds": neg_pooled})
+
+    def sampler_inputs(self, cond, uncond, guidance):
+        return {**cond, **{"negative_" + k: v for k, v in uncond.items()}, "guidance_scale": guidance}
+
+    def velocity(self, transformer, x_t, t, cond, guidance=None):
+        return transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
+                           pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+
+class Flux(Family):
+    """FLUX.1 (dev, schnell): CLIP pooled + T5, distilled guidance embedded in the transformer (dev; schnell has
+    none); packed 2x2 patches; the transformer takes t itself (it scales t and guidance by 1000) and predicts v."""
+    name, pipeline, hub_names = "flux", "FluxPipeline", ("flux.1",)
+    guidance, packed = 3.5, True  # FLUX.1-dev's distilled guidance
+    scheduler = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                     max_image_seq_len=4096)  # the shift grows with the resolution
+
+    def encode_prompt(self, pipe, prompt):
+        length = min(pipe.tokenizer_2.model_max_length, 512)
+        pe, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.device, max_sequence_length=length)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}  # guidance-distilled: no uncond
+
+    def velocity(self, transformer, x_t, t, cond, guidance=None):
+        n, seq_len = x_t.shape[:2]
+        side = math.isqrt(seq_len)  # square images: the packed latent is a side x side grid of 2x2 patches
+        grid = torch.arange(side, device=x_t.device, dtype=torch.float32)
+        img_ids = torch.cartesian_prod(torch.zeros(1, device=x_t.device), grid, grid)  # RoPE ids (0, row, col)
+        txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x_t.device)
+        g = None if guidance is None else torch.full((n,), guidance, device=x_t.device)
+        return transformer(hidden_states=x_t, timestep=t, guidance=g, encoder_hidden_states=cond["prompt_embeds"],
+                           pooled_projections=cond["pooled_prompt_embeds"], txt_ids=txt_ids,
+                           img_ids=img_ids, return_dict=False)[0]
+
+FAMILIES = {f.name: f for f in (SD3(), Flux())}  # the paper's models; families.py's join for a model of theirs
+
+def load_more_families():
+    """families.py's records (Qwen-Image, FLUX.2, Z-Image) join FAMILIES, completed with Family's defaults."""
+    if importlib.util.find_spec("families"):
+        import families
+        FAMILIES.update({r.name: type(r.__name__, (r, Family), {})() for r in families.RECORDS
+                         if r.name not in FAMILIES})
+
+def family_record(name):
+    if name not in FAMILIES:
+        load_more_families()
+    if name not in FAMILIES:
+        raise BadInput(f"--family {name}: not a supported family; supported: {supported()}")
+    return FAMILIES[name]
+
+def family_name(pipeline=None, hub_id=None):
+    """The family of a pipeline class name or a hub id (the longest name wins: FLUX.2-klein over FLUX.2), or None."""
+    for more in (False, True):
+        if more:
+            load_more_families()
+        if pipeline is not None:
+            found = next((f.name for f in FAMILIES.values() if f.pipeline == pipeline), None)
+        else:
+            found = max([(len(n), f.name) for f in FAMILIES.values() for n in f.hub_names if n in hub_id.lower()],
+                        default=(0, None))[1]
+        if found is not None:
+            return found
+
+def supported():
+    load_more_families()
+    return ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
+
+def settle_model(args):
+    """Before the model loads (gdro.py and eval.py): args.family (model_index.json, --family, the hub id or sd3), the
+    family's usual --guidance and --steps, --resolution (the paper's 512, or a local model's own size if smaller)."""
+    folder = Path(args.model)
+    if not args.tiny and (folder / "model_index.json").is_file():
+        pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        args.family = family_name(pipeline=pipeline)
+        if args.family is None:
+            raise BadInput(f"--model {args.model} is a {pipeline} (its model_index.json); supported: {supported()}")
+    elif not args.family:
+        args.family = (None if args.tiny else family_name(hub_id=args.model)) or "sd3"
+    family = family_record(args.family)
+    args.guidance = family.guidance if args.guidance is None else args.guidance
+    if getattr(args, "steps", 0) is None:  # eval.py has its own default
+        args.steps = family.steps
+    native, configs = PAPER_RESOLUTION, [folder / "transformer" / "config.json", folder / "vae" / "config.json"]
+    if not args.tiny and all(c.is_file() for c in configs):
+        transformer, vae = (json.loads(c.read_text()) for c in configs)  # latent side x the VAE's downsampling
+        native = transformer.get("sample_size", native) * 2 ** (len(vae["block_out_channels"]) - 1)
+    args.resolution = min(PAPER_RESOLUTION, native) if args.resolution is None else args.resolution
+    return args
+
+def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
+    """(pipe, family) of `model` (hub id or local folder), or --tiny's random one of `family` (families.py)."""
+    from diffusers import DiffusionPipeline
+    if tiny:
+        pipe = companion("--tiny").build_tiny_pipeline(family_record(family))
+    else:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
+    found = family_name(pipeline=type(pipe).__name__)
+    if found is None:
+        raise BadInput(f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
+    if found != family:  # settle_model went by the name: the guidance, steps and plan were another family's
+        raise BadInput(f"--model {model} is a {found} model, not {family}; pass --family {found}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), found  # from_pretrained already cast to dtype; the tiny model stays fp32
 
 def make_scheduler(name, config):
-    """The rollout ODE solver `name` (SAMPLERS) for a model whose flow-matching Euler scheduler has `config`. The
-    multistep solvers run in diffusers' flow mode on their own grid of the same shifted schedule (SD3: shift; FLUX:
-    the resolution's mu, which FluxPipeline passes); keys they do not know (FLUX's shift settings, which the pipeline
-    reads from scheduler.config) are kept in their config."""
+    """The rollout solver `name` for a model whose Euler scheduler has `config`: multistep solvers in diffusers' flow
+    mode on the same shifted schedule, keeping keys they do not know (FLUX's, read by its pipeline) in their config."""
     import diffusers
     cls, settings = SAMPLERS[name]
     if name == "euler":
@@ -279,85 +383,43 @@ def make_scheduler(name, config):
     flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0),
                 use_dynamic_shifting=bool(config.get("use_dynamic_shifting")))
     scheduler = getattr(diffusers, cls)(num_train_timesteps=config.get("num_train_timesteps", 1000), **flow, **settings)
-    scheduler.register_to_config(**{k: v for k, v in config.items()
-                                    if k not in scheduler.config and not k.startswith("_")})
+    scheduler.register_to_config(**{k: v for k, v in config.items() if k not in scheduler.config and k[0] != "_"})
     return scheduler
 
-
-def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
-    """The pipeline named by `model` (hub id or local folder), or the tiny one of `family`; returns (pipe, family).
-    A model of another family than the one settle_model expected stops here."""
-    from diffusers import DiffusionPipeline
-    if tiny:
-        from small_models import build_tiny_pipeline  # tiny random pipelines live outside the reading path
-        pipe = build_tiny_pipeline(family)
-    else:
-        try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
-    found = family_of_pipeline_class(type(pipe).__name__)
-    if found is None:
-        raise BadInput(f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
-    if found != family:  # settle_model read the name wrong: its default guidance and the plan were another family's
-        raise SystemExit(f"error: {model} is a {found} model, not {family} as its name suggested; "
-                         "pass --guidance explicitly")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), found  # from_pretrained already cast to dtype; the tiny model stays fp32
-
-
 def compile_transformer(transformer, **options):
-    """--compile: torch.compile(**options) each transformer block (regional compilation, as diffusers'
-    compile_repeated_blocks). Blocks of one kind share their compiled code, so compiling costs a few blocks, not
-    the 24 (SD3.5-M) to 57 (FLUX.1) of the whole model traced in a row, for nearly all of the whole model's gain."""
+    """--compile: each block on its own, as diffusers' compile_repeated_blocks (blocks of a kind share their code:
+    compiling costs a few blocks, not the 24 (SD3.5-M) to 57 (FLUX.1) traced in a row, for nearly all the gain)."""
     for child in transformer.children():
         if isinstance(child, torch.nn.ModuleList):  # transformer_blocks, FLUX's single_transformer_blocks
             for block in child:
                 block.compile(**options)
 
+def schedule_mu(family, scheduler_config, latent_shape, steps):
+    """mu of the shift of t (sample_t) for a cached latent of latent_shape drawn in `steps` steps (FLUX.2's)."""
+    f = family_record(family)
+    tokens = latent_shape[0] if f.packed else latent_shape[-2] * latent_shape[-1] // 4
+    return f.shift_mu(scheduler_config, tokens, steps)
 
+@torch.no_grad()
 def encode_prompt(pipe, family, prompt):
-    """Text conditioning of one prompt: (cond, uncond). cond is cached for training; uncond (the negative prompt's,
-    for CFG; {} for a model without CFG) is only needed by rollouts. Tensors have a leading batch dimension of 1."""
-    with torch.no_grad():
-        return FAMILIES[family].encode_prompt(pipe, prompt)
-
+    """(cond, uncond) of one prompt, batch 1: cond is cached for training, uncond ({} without CFG) rollouts use."""
+    return family_record(family).encode_prompt(pipe, prompt)
 
 @torch.no_grad()
 def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
-    """Latents of len(seeds) images from the pipeline's own sampler, in the transformer's layout (the cache's).
-    cond/uncond hold one prompt (batch 1, broadcast) or one row per seed. One CPU generator per image, so an
-    image depends on its seed only, not on the batching."""
+    """Latents of len(seeds) images from the pipeline's own sampler, in the cache's layout; cond/uncond: batch 1 or a
+    row per seed. One CPU generator per image: an image depends on its seed only, not on the batching."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rows = lambda c: {k: v.expand(len(seeds), *v.shape[1:]) for k, v in c.items()}  # one row per image
-    family = FAMILIES[family_of_pipeline_class(type(pipe).__name__)]
+    family = family_record(family_name(pipeline=type(pipe).__name__))
     latents = pipe(**family.sampler_inputs(rows(cond), rows(uncond), guidance), generator=generators, height=resolution,
                    width=resolution, num_inference_steps=steps, output_type="latent").images
     return family.sampler_latents(pipe, latents)
 
-
 @torch.no_grad()
 def decode(pipe, family, latents):
     """Latents in the transformer's layout -> list of PIL images."""
-    pixels = FAMILIES[family].decode_latents(pipe, latents)
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
-
-
-@torch.no_grad()
-def encode_images(pipe, family, images, resolution):
-    """PIL images -> clean latents in the transformer's layout: each image resized so its short side is
-    `resolution` and centre-cropped square, then the VAE's posterior MEAN (no sampling noise), normalised as the
-    model's sampler produces latents (the exact inverse of decode's VAE step)."""
-    squares = []
-    for image in images:
-        image = image.convert("RGB")
-        scale = resolution / min(image.size)
-        w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-        image = image.resize((w, h), resample=3)  # bicubic
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        squares.append(image.crop((left, top, left + resolution, top + resolution)))
-    pixels = pipe.image_processor.preprocess(squares, height=resolution, width=resolution)
-    return FAMILIES[family].encode_pixels(pipe, pixels)
+    return pipe.image_processor.postprocess(family_record(family).decode_latents(pipe, latents), output_type="pil")
 
 # ============================================================================= 4. phase 1: the offline rollout cache
 # OUT/cache/manifest.json says how the cache was made; OUT/cache/prompt_NNNNNN.safetensors holds one prompt's group:
@@ -365,20 +427,29 @@ def encode_images(pipe, family, images, resolution):
 # written under a temporary name and renamed, so a kill leaves whole shards only and a rerun resumes at the first
 # missing one, on any number of processes.
 
-
-def cache_manifest(args):
-    """What makes two caches the same: a cache is never mixed from shards made differently."""
+def cache_manifest(args, cache_dir):
+    """What makes two caches the same (manifest.json), checked: shards made another way are never mixed in."""
     if args.from_images:
         source = {"source": "images", "images": str(Path(args.from_images).resolve()), "group_size": args.group_size,
                   "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
     else:
-        reward_file = (Path(__file__).with_name("reward_ocr.py") if args.reward == "ocr"
-                       else args.reward.rpartition(":")[0])
+        ocr = args.reward == "ocr"
+        reward_file = Path(__file__).with_name("reward_ocr.py") if ocr else args.reward.rpartition(":")[0]
         source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
                   "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
                   "reward_sha256": file_sha256(reward_file), "seed": args.seed}
-    return {"model": f"tiny-{args.family}" if args.tiny else args.model, "resolution": args.resolution, **source}
-
+    manifest = {"model": f"tiny-{args.family}" if args.tiny else args.model, "resolution": args.resolution, **source}
+    path = Path(cache_dir) / "manifest.json"
+    if path.exists() and any(Path(cache_dir).glob("prompt_*.safetensors")):  # without shards: a new manifest
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"unreadable cache manifest {path}: {e}")
+        diff = [f"{k}={found.get(k)!r} (now {v!r})" for k, v in manifest.items() if found.get(k) != v]
+        if diff:
+            raise BadInput(f"the cache in {cache_dir} was built with {', '.join(diff)}; use another --out, or delete "
+                           f"{cache_dir} to rebuild it")
+    return manifest
 
 def load_reward(spec):
     """'ocr' -> reward_ocr.OcrReward(); 'FILE.py:FUNCTION' -> that function. Either is fn(images, prompts)."""
@@ -386,44 +457,36 @@ def load_reward(spec):
         from reward_ocr import OcrReward
         return OcrReward()
     path, _, name = spec.rpartition(":")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
+        fn = runpy.run_path(path).get(name)
     except Exception as e:
         raise BadInput(f"--reward {spec}: importing {path} failed ({type(e).__name__}: {e})")
-    if not callable(getattr(module, name, None)):
+    if not callable(fn):
         raise BadInput(f"--reward {spec}: {path} has no function {name!r}")
-    return getattr(module, name)
-
+    return fn
 
 def score(reward_fn, spec, images, prompt, i):
-    """The reward of one prompt's images as a list of finite floats; a reward that raises or returns anything else
-    stops the run with one line (its own traceback below it)."""
+    """One prompt's rewards as finite floats; a reward that raises or returns anything else stops the run."""
     n = len(images)
     rerun = ("finished shards are kept. Fix it and rerun the same command (shards are scored by the reward file as "
              "it is: after editing it, delete the cache folder or use another --out)")
     try:
         returned = list(reward_fn(images, [prompt] * n))
-        real = all(isinstance(r, numbers.Real) or (torch.is_tensor(r) and r.numel() == 1) for r in returned)
-        rewards = [float(r) for r in returned] if real else None  # never parse strings as rewards
     except Exception as e:
-        frames = "".join(traceback.format_exception(e)[1:])
-        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); "
-                         f"{rerun}\n{frames}")
+        raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); {rerun}\n"
+                         + "".join(traceback.format_exception(e)[1:]))
+    real = all(isinstance(r, numbers.Real) or (torch.is_tensor(r) and r.numel() == 1) for r in returned)
+    rewards = [float(r) for r in returned] if real else None  # never parse strings as rewards
     if rewards is None or len(rewards) != n or not all(math.isfinite(r) for r in rewards):
         raise SystemExit(f"error: the reward {spec} returned {returned[:8]!r} for the {n} images of prompt {i + 1}; "
                          f"expected {n} finite numbers; {rerun}")
     return rewards
 
-
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
-    """Phase 1: the frozen base model draws args.images_per_prompt images per prompt with the sampler args.sampler,
-    the reward scores them. Scoring and writing prompt i run in a worker thread while prompt i+1 generates: OCR
-    would otherwise leave the GPU idle for about as long as it generates. A shard exists only once scored and
-    written. Under torchrun each process takes its share of the missing prompts."""
+    """Phase 1: the frozen base draws each prompt's images with --sampler once, the reward scores them; prompt i is
+    scored and written in a thread while i+1 generates (OCR would idle the GPU about as long). Under torchrun each
+    process takes its share of the missing prompts."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
-    todo = my_missing_shards(cache_dir, len(prompts))
 
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
@@ -433,8 +496,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     base_scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(args.sampler, pipe.scheduler.config)
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = None
-        bar = tqdm(todo, desc="rollout cache", unit="prompt", disable=not is_main_process())
-        for i in bar:
+        for i in progress(my_missing_shards(cache_dir, len(prompts)), "rollout cache", "prompt"):
             if stop:  # a first Ctrl-C or SIGTERM: what is generated gets scored and written below, then we stop
                 break
             cond, uncond = encode_prompt(pipe, family, prompts[i])
@@ -452,17 +514,14 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     pipe.scheduler = base_scheduler  # the model's own schedule again (training's t follows it)
     barrier()
 
-
 def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
-    """Phase 1 from your own data: each prompt's images are encoded with the model's own VAE and written as ordinary
-    cache shards with their given rewards; training cannot tell them from rollouts."""
+    """Phase 1 from your own images: encoded by the model's VAE into ordinary shards with their given rewards."""
     from PIL import Image
-    for i in tqdm(my_missing_shards(cache_dir, len(prompts)), desc="encode images", unit="prompt",
-                  disable=not is_main_process()):
+    for i in progress(my_missing_shards(cache_dir, len(prompts)), "encode images", "prompt"):
         cond, _ = encode_prompt(pipe, family, prompts[i])
         images = [Image.open(file) for file, _ in groups[i]]
-        x0 = torch.cat([encode_images(pipe, family, images[j:j + 8], args.resolution)
-                        for j in range(0, len(images), 8)])
+        x0 = torch.cat([companion("--from-images").encode_images(pipe, family_record(family), images[j:j + 8],
+                                                                 args.resolution) for j in range(0, len(images), 8)])
         write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor([r for _, r in groups[i]]),
                                                **{k: v[0] for k, v in cond.items()}},
                     files=json.dumps([f.name for f, _ in groups[i]]))
@@ -471,23 +530,40 @@ def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
 # ============================================================================= 5. phase 2: training
 
 
-def keyed_generator(*key):
-    """A CPU generator seeded by a key such as (seed, "group", g): every draw is a function of what it is for, not of
-    how many draws came before, so a step's groups are the same whatever the micro-batches, the number of
-    processes, or an interruption and --resume."""
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
+def training_plan(args, sizes):
+    """What a run will do with its cache, before any heavy work (--dry-run prints it): one JSON-able dict."""
+    P, groups = len(sizes), args.max_steps * args.groups_per_step
+    visits = [groups // P + (1 if r < groups % P else 0) for r in range(P)]  # epochs: visits differ by at most one
+    k = args.group_size
+    seen = sum(1 - (1 - k / n) ** v for n, v in zip(sizes, visits))  # expected share of a prompt's images drawn
+    plan = {"family": args.family, "pipeline": family_record(args.family).pipeline, "guidance": args.guidance,
+            "steps": args.steps, "resolution": args.resolution, "prompts": P,
+            "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
+            "images_cached": sum(sizes), "group_size": k, "groups_per_step": args.groups_per_step,
+            "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
+            "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
+            "image_coverage": round(seen / P, 4)}
+    measured = args.resolution == PAPER_RESOLUTION and not args.tiny  # the H200 figures: real models at 512 px
+    if measured and args.family in H200_SECONDS and not args.from_images:
+        h = H200_SECONDS[args.family]
+        rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
+        train_h = groups * h["group_step"] * k / 6 / 3600
+        plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
+    return plan
 
+def keyed_generator(*key):
+    """A generator seeded by a key such as (seed, "group", g): each draw depends on what it is for, so a step's groups
+    are the same whatever the micro-batches, the number of processes, or an interruption and --resume."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n_prompts):
     """The prompts in the order epoch `epoch` visits them: every prompt once before any prompt twice."""
     return torch.randperm(n_prompts, generator=keyed_generator(seed, "epoch", epoch)).tolist()
 
-
 def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device):
-    """Global groups g (numbers over the whole run) -> the inputs of velocity_errors and gdro_loss for them.
-    Group g visits prompt epoch_order[g mod P] of epoch g // P and takes k of its cached images; its own generator
-    draws the images, t and eps. Returns dict(x0 [B,k,...], cond {name: [B,...]}, rewards [B,k], t [B], eps [B,...])."""
+    """Global groups g -> dict(x0 [B,k,...], cond {name: [B,...]}, rewards [B,k], t [B], eps [B,...]). Group g takes
+    k images of prompt epoch_order[g mod P] of epoch g // P; its own generator draws the images, t and eps."""
     rows, conds = [], []
     for g in groups:
         gen = keyed_generator(args.seed, "group", g)
@@ -503,11 +579,9 @@ def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, dev
     stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]).to(device) for k in dicts[0]}
     return {**stack(rows), "cond": stack(conds)}
 
-
 def group_stats(loss, err_policy, err_ref, rewards):
-    """Sums over a micro-batch's groups, for the log: [loss, groups, groups with one strict best image, of those the
-    ones whose implicit reward put the best image first, err_policy, err_ref]. A group whose best reward is tied
-    has no single right answer and is left out of the ranking accuracy (its share is logged)."""
+    """For the log, sums over groups: [loss, groups, groups with one strict best image, of those the ones whose
+    implicit reward ranks it first, err_policy, err_ref]. A tied best has no right answer: left out of rank_acc."""
     s = -(err_policy - err_ref).detach()
     best = rewards.max(1, keepdim=True).values
     strict = (rewards == best).sum(1) == 1
@@ -516,76 +590,20 @@ def group_stats(loss, err_policy, err_ref, rewards):
     return torch.stack([loss.detach() * B, torch.tensor(float(B), device=loss.device), strict.float().sum(),
                         (hit & strict).float().sum(), err_policy.detach().mean(1).sum(), err_ref.mean(1).sum()])
 
-
 @contextlib.contextmanager
 def training_context(transformer):
-    """How the training step's forward AND backward run. Gradient checkpointing re-runs forwards inside the
-    backward, and an op's backward is that of the kernel its forward chose, so the whole step runs under this.
-    - Attention: any SDPA backend but cuDNN's. On CUDA, PyTorch's cuDNN attention backward returns NaN gradients
-      (tiny FLUX) or fails outright (FLUX.1-dev size) (torch 2.11, H200). Rollouts and eval keep PyTorch's own
-      choice: no backward there.
-    - LoRA inputs stay in the compute dtype: peft would cast each LoRA layer's bf16 input to the LoRA's fp32 and
-      autocast would cast it back to bf16 for the matmul: two full-size copies per layer, one kept for the
-      backward (16 % of what a FLUX.1 block keeps, README), for a bit-identical result (bf16 -> fp32 -> bf16)."""
+    """The training step's forward and backward (checkpointing re-runs forwards in the backward): any attention but
+    cuDNN's, whose backward gave NaN (tiny FLUX) or failed (FLUX.1-dev size) on an H200 (torch 2.11); LoRA inputs kept
+    in bf16, not cast to fp32 and back (two full-size copies a layer, 16 % of a FLUX.1 block's memory, docs/cost.md)."""
     from peft.helpers import disable_input_dtype_casting
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), \
             disable_input_dtype_casting(transformer):
         yield
 
-
-def settle_model(args):
-    """Before the model loads, what follows from it: args.family (--tiny's, a local folder's model_index.json, else
-    the hub id's name, else --family; main checks it once the model has loaded), the family's usual --guidance and
-    --steps, and --resolution (the paper's 512, or a local model's own size when smaller). gdro.py and eval.py both
-    settle them here."""
-    folder = Path(args.model)
-    if not args.tiny and (folder / "model_index.json").is_file():
-        pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
-        args.family = family_of_pipeline_class(pipeline)
-        if args.family is None:
-            raise BadInput(f"--model {args.model} is a {pipeline} (its model_index.json); supported: {supported()}")
-    elif not args.tiny:
-        args.family = family_of_hub_id(args.model) or args.family
-    family = FAMILIES[args.family]
-    args.guidance = family.guidance if args.guidance is None else args.guidance
-    if getattr(args, "steps", 0) is None:  # eval.py has its own default
-        args.steps = family.steps
-    native = PAPER_RESOLUTION
-    configs = [folder / "transformer" / "config.json", folder / "vae" / "config.json"]
-    if not args.tiny and all(c.is_file() for c in configs):
-        transformer, vae = (json.loads(c.read_text()) for c in configs)  # latent side x the VAE's downsampling
-        native = transformer.get("sample_size", native) * 2 ** (len(vae["block_out_channels"]) - 1)
-    args.resolution = min(PAPER_RESOLUTION, native) if args.resolution is None else args.resolution
-    return args
-
-
-def training_plan(args, sizes):
-    """What a run will do with its cache, before any heavy work: one JSON-able dict."""
-    P, groups = len(sizes), args.max_steps * args.groups_per_step
-    visits = [groups // P + (1 if r < groups % P else 0) for r in range(P)]  # epochs: visits differ by at most one
-    k = args.group_size
-    seen = sum(1 - (1 - k / n) ** v for n, v in zip(sizes, visits))  # expected share of a prompt's images drawn
-    plan = {"family": args.family, "pipeline": FAMILIES[args.family].pipeline, "guidance": args.guidance,
-            "steps": args.steps, "resolution": args.resolution, "prompts": P,
-            "images_per_prompt": max(sizes) if len(set(sizes)) == 1 else f"{min(sizes)}-{max(sizes)}",
-            "images_cached": sum(sizes), "group_size": k, "groups_per_step": args.groups_per_step,
-            "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
-            "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
-            "image_coverage": round(seen / P, 4)}
-    measured = args.resolution == PAPER_RESOLUTION and not args.tiny  # the H200 figures: real models at 512 px
-    if measured and args.family in H200_SECONDS and not args.from_images:
-        h = H200_SECONDS[args.family]
-        rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
-        train_h = groups * h["group_step"] * k / 6 / 3600
-        plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
-    return plan
-
-
 def add_lora(transformer, targets, args):
-    """The trained part: a LoRA on targets (the family's LORA_TARGETS), A drawn from --seed and B zero (the policy
-    starts as the reference), in fp32 with its AdamW state while the frozen base stays in bf16 on CUDA. Returns the
-    LoRA's parameters."""
+    """A LoRA on targets, A drawn from --seed and B zero (policy == reference at init), in fp32 with its AdamW state
+    while the frozen base stays in bf16 on CUDA. Returns its parameters."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
     torch.manual_seed(args.seed)
@@ -600,67 +618,50 @@ def add_lora(transformer, targets, args):
         compile_transformer(transformer)
     return params
 
-
-def start_or_resume(args, transformer, optimizer):
-    """(first step, last checkpoint): (0, None) for a new run; with --resume the newest checkpoint's, loaded. Rank 0
-    cuts metrics.jsonl back to that step (a kill may have left lines past it, or a torn last line)."""
-    start, last_ckpt = 0, None
-    if args.resume:
-        last_ckpt = newest_checkpoint(Path(args.out) / "checkpoints")
-        start = load_checkpoint(last_ckpt, transformer, optimizer)
-        if is_main_process():
-            print(f"resumed from {last_ckpt} (step {start} of {args.max_steps})")
-    if is_main_process():
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        metrics = Path(args.out) / "metrics.jsonl"
-        write_atomic(metrics, "".join(line + "\n" for line in read_metrics(metrics, start)).encode())
-    return start, last_ckpt
-
+def train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device):
+    """Forwards and backwards of step `step`: this process's share of its groups in micro-batches, each loss scaled so
+    that the accumulated (and averaged over processes) gradient is the mean over all. Returns group_stats' sums."""
+    rank, world = rank_and_world()
+    transformer, G, M = getattr(model, "module", model), args.groups_per_step, args.micro_batch
+    guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
+    velocity_fn = functools.partial(family_record(family).velocity, guidance=guidance)
+    mine = range(step * G + rank * G // world, step * G + (rank + 1) * G // world)
+    micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
+    stats = torch.zeros(6, device=device)
+    for m, groups in enumerate(micro_batches):
+        b = training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device)
+        sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync, training_context(transformer):
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                err_policy, err_ref = velocity_errors(velocity_fn, model, b["x0"], b["cond"], b["t"], b["eps"])
+            loss = gdro_loss(err_policy, err_ref, b["rewards"], args.beta, args.tau, args.gamma, args.normalize_rewards)
+            (loss * len(groups) * world / G).backward()
+        stats += group_stats(loss, err_policy, err_ref, b["rewards"])
+    return stats
 
 def log_line(window, step, args, t0):
-    """A line of metrics.jsonl: the groups of the --log-every window pooled. window: per step, the group_stats sums
-    [loss, groups, strict groups, hits, err_policy, err_ref] and the gradient norm."""
+    """A line of metrics.jsonl: the --log-every window's steps (group_stats' sums and grad norm) pooled."""
     loss, n, strict, hits, ep, er = map(sum, zip(*[row[:6] for row in window]))
     return {"step": step, "loss": loss / n, "rank_acc": hits / strict if strict else None,
             "tied_groups": 1 - strict / n, "grad_norm": torch.stack([row[6] for row in window]).mean().item(),
             "err_policy": ep / n, "err_ref": er / n, "lr": args.lr, "time_s": round(time.time() - t0, 2)}
 
-
-def train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device, on_step=None):
-    """Phase 2: GDRO on the cache. Only the LoRA trains; the reference is the adapter switched off.
-    on_step(step, batch), if given, runs after each optimizer step with the last micro-batch's inputs (bench.py)."""
+def train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device):
+    """Phase 2: GDRO on the cache. Only the LoRA trains; the reference is the adapter switched off."""
     rank, world = rank_and_world()
-    params = add_lora(transformer, LORA_TARGETS[family], args)
+    params = add_lora(transformer, family_record(family).lora_targets, args)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     start, last_ckpt = start_or_resume(args, transformer, optimizer)
     model = transformer  # under torchrun: DDP averages the LoRA's gradients across processes
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False)
-    guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
-    G, M, ckpt_dir = args.groups_per_step, args.micro_batch, Path(args.out) / "checkpoints"
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     window, t0, step = [], time.time(), start
-    bar = tqdm(range(start, args.max_steps), desc="GDRO training", unit="step", initial=start, total=args.max_steps,
-               disable=rank != 0)
+    bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
     with stop_when_done("finishing this step and saving a checkpoint") as stop:
         try:
             for step in bar:
-                # this process's share of the step's G groups, in micro-batches of M; each loss is scaled so that the
-                # accumulated (and, across processes, averaged) gradient is that of the mean over all G groups
-                mine = range(step * G + rank * G // world, step * G + (rank + 1) * G // world)
-                micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
-                stats = torch.zeros(6, device=device)
-                for m, groups in enumerate(micro_batches):
-                    batch = training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device)
-                    sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
-                    with sync, training_context(transformer):
-                        with autocast:
-                            err_policy, err_ref = velocity_errors(model, family, batch["x0"], batch["cond"],
-                                                                  batch["t"], batch["eps"], guidance)
-                        loss = gdro_loss(err_policy, err_ref, batch["rewards"], args.beta, args.tau, args.gamma,
-                                         args.normalize_rewards)
-                        (loss * len(groups) * world / G).backward()
-                    stats += group_stats(loss, err_policy, err_ref, batch["rewards"])
+                stats = train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device)
                 stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=device)])
                 if world > 1:
                     dist.all_reduce(stats)  # the log's sums, and whether any process was asked to stop
@@ -678,12 +679,10 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                     if rank == 0:
                         bar.set_postfix(loss=f"{line['loss']:.4f}", tied=f"{line['tied_groups']:.0%}",
                                         rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}")
-                        append_line(Path(args.out) / "metrics.jsonl", json.dumps(line))
+                        append_line(out / "metrics.jsonl", json.dumps(line))
                 stop_now = stop_now if world > 1 else bool(stop)  # alone, a Ctrl-C up to here counts
                 if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
                     last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
-                if on_step is not None:
-                    on_step(step, batch)
                 if stop_now:
                     barrier()
                     raise SystemExit(f"interrupted after step {done}; saved {ckpt_dir / f'step_{done:06d}'}; "
@@ -693,17 +692,353 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
         finally:
             bar.close()
     if rank == 0:
-        save_lora(pipeline_class, transformer, Path(args.out) / "lora")
+        save_lora(pipeline_class, transformer, out / "lora")
     barrier()
-    return Path(args.out) / "lora"
+    return out / "lora"
+
+# ============================================================================= 6. plumbing
+# ------------------------------------------------------------------------------ processes, signals
+
+class BadInput(SystemExit):
+    """A refused input: one line on stderr naming the flag, file or line, exit code 2 (argparse's convention)."""
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+def init_distributed():
+    """This process's device; torchrun's WORLD_SIZE, RANK, LOCAL_RANK start NCCL (CUDA) or gloo (CPU)."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+def is_main_process():
+    return rank_and_world()[0] == 0
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+def progress(iterable, desc, unit, **kwargs):
+    return tqdm(iterable, desc=desc, unit=unit, **{"disable": not is_main_process(), **kwargs})
+
+@contextlib.contextmanager
+def stop_when_done(doing):
+    """A first Ctrl-C, SIGTERM (preemption, torchrun) or SIGUSR1 (SLURM's warning) only marks the yielded list: the
+    caller finishes what it is `doing`, saves and stops. A second raises KeyboardInterrupt at once."""
+    stop = []
+
+    def handler(signum, _):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        if is_main_process():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: {doing}, then stopping (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in signals} if main_thread else {}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+# ------------------------------------------------------------------------------ files: crash-safe, locked, hashed
+
+def write_failed(path, e):
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror)
+    return SystemExit(f"error: cannot write {path}: {what}. Free space or fix the folder, then rerun the same "
+                      "command: finished cache shards and the last complete checkpoint are kept")
+
+def write_atomic(path, data):
+    """Write bytes to path so that a kill at any moment leaves the old file or the new one, never a torn one."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_failed(path, e)
+
+def append_line(path, line):
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise write_failed(path, e)
+
+HELD_LOCKS = {}  # OUT -> its open lock file, held for the life of the process
+
+def lock_out(out, create=True):
+    """One run per --out: a flock on OUT/.lock before anything is written (create=False: only if OUT exists). The
+    kernel drops it however the process ends: no stale lock. Under torchrun rank 0 holds it and tells the others."""
+    holder, key = None, str(Path(out).resolve())
+    if is_main_process() and key not in HELD_LOCKS and (create or Path(out).is_dir()):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        f = open(Path(out) / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            HELD_LOCKS[key] = f
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+    if dist.is_initialized():
+        shared = [holder]
+        dist.broadcast_object_list(shared, src=0)
+        holder = shared[0]
+    if holder is not None:
+        raise BadInput(f"--out {out} is in use by another run (PID {holder}); wait for it to end, or use another --out")
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# ============================================================================= 6. main
-# --------------------------------------------------------------------- inputs, all checked before any model loads
+SHA256_FILE = "sha256.json"  # in a checkpoint or LoRA folder: the SHA-256 of its other files, written last
 
+def record_sha256(folder):
+    hashes = {p.name: file_sha256(p) for p in sorted(Path(folder).iterdir())
+              if p.is_file() and p.name != SHA256_FILE and not p.name.startswith(".")}
+    write_atomic(Path(folder) / SHA256_FILE, json.dumps(hashes, indent=2).encode())
+
+def damaged_file(folder, names):
+    """The first of `names` in folder that is not what sha256.json recorded, or None."""
+    record = Path(folder) / SHA256_FILE
+    if not record.is_file():
+        return None
+    try:
+        hashes = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return record
+    for path in (Path(folder) / name for name in names if name in hashes):
+        if not path.is_file() or file_sha256(path) != hashes[path.name]:
+            return path
+    return None
+
+# ------------------------------------------------------------------------------ input files: each line checked
+
+def read_prompts(path, reward, max_prompts=None):
+    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"--prompts {path} is a folder; expected a text file with one prompt per line" if path.is_dir()
+                       else f"--prompts {path}: file not found")
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise BadInput(f"--prompts {path}: cannot read it ({e.strerror})")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadInput(f"--prompts {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8")
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise BadInput(f"--prompts {path} is binary, not text (line {line} holds a NUL byte)")
+    lines = [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()][:max_prompts]
+    if not lines:
+        raise BadInput(f"--prompts {path} has no prompts")
+    if reward == "ocr":
+        if not importlib.util.find_spec("reward_ocr"):
+            raise BadInput("--reward ocr needs reward_ocr.py beside gdro.py; or pass --reward FILE.py:FUNCTION")
+        from reward_ocr import ocr_target
+        bad = []
+        for i, prompt in lines:
+            try:
+                ocr_target(prompt)
+            except ValueError:
+                bad.append(str(i))
+        if bad:
+            raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
+    return [prompt for _, prompt in lines]
+
+# ------------------------------------------------------------------------------ cache shards (section 4's layout)
+
+def shard_path(cache_dir, i):
+    return Path(cache_dir) / f"prompt_{i:06d}.safetensors"
+
+def write_shard(cache_dir, i, prompt, tensors, **metadata):
+    """The header records the prompt and the SHA-256 of the tensors (after the length and header) read_shard checks."""
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tensors, metadata = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, {"prompt": prompt, **metadata}
+    data = safetensors_bytes(tensors, metadata=metadata)
+    metadata["sha256"] = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    write_atomic(shard_path(cache_dir, i), safetensors_bytes(tensors, metadata=metadata))
+
+def read_shard(cache_dir, i):
+    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors, checked against its recorded SHA-256."""
+    path = shard_path(cache_dir, i)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")  # a readable header: check_cache read it before training
+    recorded = json.loads(data[8:header_end]).get("__metadata__", {}).get("sha256")
+    if recorded and hashlib.sha256(data[header_end:]).hexdigest() != recorded:
+        raise SystemExit(f"error: cache shard {path} is damaged (its tensors differ from the SHA-256 written with "
+                         "them); delete it and rerun the same command (with --resume once training has started) to "
+                         "regenerate it")
+    return safetensors_load(data)
+
+def check_cache(cache_dir, prompts):
+    """([P] group sizes, mean reward) from every shard's header and rewards; checks each one's prompt."""
+    sizes, total = [], 0.0
+    for i, prompt in enumerate(progress(prompts, "check cache", "shard", disable=len(prompts) < 1000)):
+        path = shard_path(cache_dir, i)
+        try:
+            with safe_open(path, "pt") as f:
+                found, rewards = f.metadata().get("prompt"), f.get_tensor("rewards")
+        except Exception as e:
+            raise SystemExit(f"error: cache shard {path} is unreadable ({str(e).splitlines()[0]}); delete it and rerun "
+                             "the same command to regenerate it")
+        if found != prompt:
+            raise SystemExit(f"error: cache shard {path} holds prompt {found!r} but line {i + 1} of the prompts is "
+                             f"{prompt!r}; use another --out or delete {cache_dir}")
+        sizes.append(len(rewards))
+        total += float(rewards.sum())
+    return sizes, total / sum(sizes)
+
+def my_missing_shards(cache_dir, n_prompts):
+    """This process's share of the prompts without a shard, listed by every process before any writes one."""
+    barrier()
+    rank, world = rank_and_world()
+    return [i for i in range(n_prompts) if not shard_path(cache_dir, i).exists()][rank::world]
+
+def cache_interrupted(cache_dir, prompts):
+    done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
+    return SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to continue")
+
+# ------------------------------------------------------------------------------ checkpoints and resume
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_lora_weights(folder) reads
+
+def save_lora(pipeline_class, transformer, folder):
+    """folder/pytorch_lora_weights.safetensors in diffusers' format, and folder/sha256.json."""
+    from peft.utils import get_peft_model_state_dict
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pipeline_class.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                     weight_name=LORA_FILE, save_function=lambda weights, path: write_atomic(
+                                         path, safetensors_bytes(weights, metadata={"format": "pt"})))
+    record_sha256(folder)
+
+def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
+    """OUT/checkpoints/step_NNNNNN/ (the LoRA, state.pt, last sha256.json) written whole, then renamed; then those
+    older than the two newest drop state.pt (keeping their LoRA for eval's trend): a kill leaves a whole checkpoint."""
+    final, tmp = Path(ckpt_dir) / f"step_{step:06d}", Path(ckpt_dir) / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_lora(pipeline_class, transformer, tmp)
+    state = io.BytesIO()
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, state)
+    write_atomic(tmp / "state.pt", state.getvalue())
+    record_sha256(tmp)
+    if final.exists():  # a LoRA-only leftover of an earlier run at this step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(Path(ckpt_dir).glob("step_*/state.pt"))[:-2]:
+        if old.parent != final:
+            old.unlink()
+    return final
+
+def checkpoints(ckpt_dir):
+    """The checkpoints that --resume can start from (LoRA and state.pt), oldest first."""
+    return [d for d in sorted(Path(ckpt_dir).glob("step_*"))
+            if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
+
+def start_or_resume(args, transformer, optimizer):
+    """(first step, last checkpoint), the newest loaded with --resume; metrics.jsonl cut back to that step."""
+    from peft.utils import set_peft_model_state_dict
+    start, last_ckpt, out = 0, None, Path(args.out)
+    if args.resume:
+        last_ckpt = checkpoints(out / "checkpoints")[-1]
+        set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v
+                                                for k, v in load_file(last_ckpt / LORA_FILE).items()})
+        state = torch.load(last_ckpt / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if is_main_process():
+            print(f"resumed from {last_ckpt} (step {start} of {args.max_steps})")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                if json.loads(line)["step"] <= start:
+                    kept.append(line)
+        write_atomic(out / "metrics.jsonl", "".join(f"{line}\n" for line in kept).encode())
+    return start, last_ckpt
+
+# ------------------------------------------------------------------------------ the run folder
+
+def check_out(out, args):
+    """--out: a writable folder (or none yet) in no other run's use; a run in it continues only with --resume."""
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {parent} is " + ("not a writable folder" if parent.is_dir() else
+                                                       "a file, not a folder"))
+    lock_out(out, create=False)  # a run in OUT already: say so before anything else
+    found = checkpoints(out / "checkpoints")
+    if args.resume and not found:
+        raise BadInput(f"--resume: {out / 'checkpoints'} holds no complete checkpoint; drop --resume to start "
+                       "training (a finished cache is reused either way)")
+    if not args.resume and found:
+        raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found[-1].name}); continue it with --resume, or "
+                       "use another --out")
+    damaged = found and damaged_file(found[-1], [LORA_FILE, "state.pt"])
+    if damaged:
+        then = (f"with --resume to continue from {found[-2].name}" if len(found) > 1 else
+                "without --resume to train from the start (the cache is kept)")
+        raise BadInput(f"checkpoint file {damaged} is damaged (not what its {SHA256_FILE} recorded when it was "
+                       f"saved); delete {found[-1]} and rerun {then}")
+
+
+# config.json records every setting; these do not shape what is learned (how long, how often to log and save, how
+# fast), and these cannot change on --resume (the checkpoint is of that model's layers)
+NOT_SHAPING = {"out", "resume", "max_steps", "log_every", "save_every", "dry_run", "compile", "rollout_batch",
+               "grad_checkpointing"}
+CANNOT_CHANGE = {"model", "tiny", "family", "resolution", "lora_rank"}
+
+def run_config(args, out, world):
+    """config.json: the settings; on --resume the first run's plus this resume's step and changes in "resumes" (listed
+    in one line; a change of model, family, resolution or LoRA rank is refused)."""
+    config, path = {**vars(args), "world_size": world}, out / "config.json"
+    if not args.resume or not path.is_file():
+        return config
+    try:
+        first = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"--resume: unreadable {path} ({e}); it records the first run's settings")
+    changes = {k: [first.get(k), v] for k, v in config.items() if k not in NOT_SHAPING and first.get(k) != v}
+    listed = ", ".join(f"{'--' + k.replace('_', '-') if k in vars(args) else k} {a} -> {b}"
+                       for k, (a, b) in changes.items())
+    if changes.keys() & CANNOT_CHANGE:
+        raise BadInput(f"--resume with {listed}: a checkpoint cannot continue on another model, family, resolution or "
+                       f"LoRA rank; resume with the first run's settings ({path}), or use another --out")
+    if changes and is_main_process():
+        print(f"--resume with changed settings: {listed}; the run is no longer what an uninterrupted one would be")
+    step = int(checkpoints(out / "checkpoints")[-1].name.removeprefix("step_"))
+    return {**first, "resumes": first.get("resumes", []) + [{"step": step, "changes": changes}]}
+
+# ============================================================================= 7. main
 
 def check_args(args, world):
-    """Every flag's range, before anything loads or is written."""
+    """One rule a flag, checked before anything loads or is written."""
     finite = lambda x: x is not None and math.isfinite(x)
     rules = [("--images-per-prompt", args.images_per_prompt >= 2, "at least 2"),
              ("--resolution", args.resolution >= RESOLUTION_FACTOR and args.resolution % RESOLUTION_FACTOR == 0,
@@ -734,11 +1069,9 @@ def check_args(args, world):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
     if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise BadInput("--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here")
-    if args.reward != "ocr" and not args.from_images:
-        path, _, name = args.reward.rpartition(":")
-        if not path.endswith(".py") or not name or not os.path.isfile(path):
-            raise BadInput(f"--reward {args.reward!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
-
+    path, _, name = args.reward.rpartition(":")
+    if args.reward != "ocr" and not args.from_images and not (path.endswith(".py") and name and os.path.isfile(path)):
+        raise BadInput(f"--reward {args.reward!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
 
 def main(argv=None):
     """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
@@ -747,43 +1080,43 @@ def main(argv=None):
     rank, world = rank_and_world()
     check_args(args, world)
     if args.from_images:
-        prompts, image_groups = read_image_folder(args.from_images, args.group_size)
-        prompts, image_groups = prompts[:args.max_prompts], image_groups[:args.max_prompts]
+        try:  # every line and image checked before any model loads
+            found = companion("--from-images").read_image_folder(args.from_images, args.group_size)
+        except ValueError as e:
+            raise BadInput(str(e))
+        prompts, image_groups = (x[:args.max_prompts] for x in found)
+        sizes = [len(g) for g in image_groups]
     else:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
-    out, cache_dir = Path(args.out), Path(args.out) / "cache"
-    sizes = [len(g) for g in image_groups] if args.from_images else [args.images_per_prompt] * len(prompts)
+        sizes = [args.images_per_prompt] * len(prompts)
     plan = training_plan(args, sizes)
     if rank == 0:
         print("plan: " + ", ".join(f"{k} {v}" for k, v in plan.items()))
         if plan["prompt_coverage"] < 0.5:
             print(f"warning: training visits only {plan['prompt_coverage']:.0%} of the cached prompts; raise "
                   "--max-steps or --groups-per-step, or cache fewer prompts (--max-prompts)")
-    if args.dry_run:
-        if rank == 0:
+        if args.dry_run:
             print(json.dumps(plan))
+    if args.dry_run:
         return None
     if device.type == "cpu" and not args.tiny and rank == 0:
         print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
-    check_out(out)
-    lock_out(out, create=False)  # a run in OUT already: say so before anything else
-    check_run_state(args, out)
-    manifest = cache_manifest(args)
-    check_manifest(cache_dir, manifest)
+    out, cache_dir = Path(args.out), Path(args.out) / "cache"
+    check_out(out, args)
+    manifest = cache_manifest(args, cache_dir)
     cache_complete = all(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
     reward_fn = None if cache_complete or args.from_images else load_reward(args.reward)
-    if args.grad_checkpointing is None:
-        args.grad_checkpointing = device.type == "cuda"
+    args.grad_checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
     config = run_config(args, out, world)
     lock_out(out)
-    if rank == 0:  # -------- files: the manifest and config describe the run on disk
+    if rank == 0:  # the manifest and config describe the run on disk
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(cache_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
         write_atomic(out / "config.json", json.dumps(config, indent=2).encode())
     barrier()
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe, family = load_pipeline(args.model, args.tiny, args.family, device, dtype)
+    pipe, family = load_pipeline(args.model, args.tiny, args.family, device,
+                                 torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not cache_complete:
         if args.compile:
             compile_transformer(pipe.transformer)

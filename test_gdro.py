@@ -5,17 +5,19 @@ and the whole pipeline on both model families.
     pytest -q test_gdro.py                   # plus end-to-end runs on tiny models
 """
 import contextlib
+import functools
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
+import families
 import gdro
-import small_models
 from gdro import gdro_loss
 
 FAMILIES = ["sd3", "flux"]
@@ -50,9 +52,11 @@ def test_pairwise_hard_ranking_without_stabiliser_is_diffusion_dpo():
     w = rewards.argmax(1, keepdim=True)  # winner and loser of each pair
     s = -beta * (err_policy - err_ref)
     dpo = -torch.nn.functional.logsigmoid(s.gather(1, w) - s.gather(1, 1 - w)).mean()
-    assert gdro_loss(err_policy, err_ref, rewards, beta=beta, tau=0.0, gamma=0.0).item() == pytest.approx(dpo.item(), rel=1e-5)
+    hard = gdro_loss(err_policy, err_ref, rewards, beta=beta, tau=0.0, gamma=0.0)
+    assert hard.item() == pytest.approx(dpo.item(), rel=1e-5)
     # and tau -> 0 is the limit of the soft loss (Eq. 12 from Eq. 7)
-    assert gdro_loss(err_policy, err_ref, rewards, beta=beta, tau=1e-4, gamma=0.0).item() == pytest.approx(dpo.item(), rel=1e-3)
+    soft = gdro_loss(err_policy, err_ref, rewards, beta=beta, tau=1e-4, gamma=0.0)
+    assert soft.item() == pytest.approx(dpo.item(), rel=1e-3)
 
 
 def test_constant_shift_of_a_groups_reference_errors_changes_nothing():
@@ -105,23 +109,29 @@ def test_stabiliser_is_the_best_images_flow_matching_error():
 
 def test_training_noise_levels_follow_the_schedulers_shift():
     gen = torch.Generator().manual_seed(0)
-    sd3 = gdro.schedule_mu("sd3", gdro.SCHEDULER_CONFIG["sd3"], (16, 16, 16), None)  # a fixed shift of 3: mu = log 3
+    sd3 = gdro.schedule_mu("sd3", gdro.SD3.scheduler, (16, 16, 16), None)  # a fixed shift of 3: mu = log 3
     t = gdro.sample_t(20000, sd3, gen)  # logit-normal median 0.5 -> 3*0.5/(1+2*0.5)
     assert 0 < t.min() and t.max() < 1
     assert t.median().item() == pytest.approx(0.75, abs=0.01)
-    flux = gdro.SCHEDULER_CONFIG["flux"]
+    flux = gdro.Flux.scheduler
     t_small, t_large = (gdro.sample_t(20000, gdro.schedule_mu("flux", flux, (n, 64), None), gen).median().item()
                         for n in (256, 4096))  # packed latents of n tokens
     assert t_small == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1), abs=0.01)  # FLUX: more noise at high res
     assert t_large == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1), abs=0.01)
 
 
+def velocity_errors(transformer, family, x0, cond, t, eps, guidance=3.5):
+    """gdro.velocity_errors with the family's velocity call (FLUX.1's distilled guidance; SD3 takes none)."""
+    return gdro.velocity_errors(functools.partial(gdro.family_record(family).velocity, guidance=guidance), transformer,
+                                x0, cond, t, eps)
+
+
 def tiny_transformer_with_lora(family):
-    transformer = small_models.build_tiny_pipeline(family).transformer
+    transformer = families.build_tiny_pipeline(gdro.family_record(family)).transformer
     transformer.requires_grad_(False)
     torch.manual_seed(0)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=gdro.LORA_TARGETS[family]))
+                                       target_modules=gdro.family_record(family).lora_targets))
     return transformer
 
 
@@ -131,14 +141,15 @@ def random_groups(family, B=2, k=6):
     x_shape = (64, 64) if family == "flux" else (16, 16, 16)  # FLUX: 8 x 8 packed patches of 2 x 2 x 16 channels
     cond = {"prompt_embeds": torch.randn(B, 7, 64, generator=g),
             "pooled_prompt_embeds": torch.randn(B, 32 if family == "flux" else 64, generator=g)}
-    return torch.randn(B, k, *x_shape, generator=g), cond, torch.rand(B, generator=g), torch.randn(B, *x_shape, generator=g)
+    x0, t = torch.randn(B, k, *x_shape, generator=g), torch.rand(B, generator=g)
+    return x0, cond, t, torch.randn(B, *x_shape, generator=g)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_policy_equals_reference_at_lora_init_so_the_ranking_term_is_exactly_log_uniform(family):
     transformer = tiny_transformer_with_lora(family)
     x0, cond, t, eps = random_groups(family)
-    err_policy, err_ref = gdro.velocity_errors(transformer, family, x0, cond, t, eps, 3.5)
+    err_policy, err_ref = velocity_errors(transformer, family, x0, cond, t, eps)
     assert err_policy.shape == err_ref.shape == (2, 6) and err_policy.dtype == torch.float32
     assert torch.equal(err_policy, err_ref)
     # s = 0 for every image: position i's term is log(number of remaining items), so L_GDRO = log(k!)
@@ -150,11 +161,12 @@ def test_policy_equals_reference_at_lora_init_so_the_ranking_term_is_exactly_log
 def test_velocity_errors_score_each_image_at_its_groups_one_t_and_one_eps(family):
     transformer = tiny_transformer_with_lora(family)
     x0, cond, t, eps = random_groups(family)
-    err_policy, _ = gdro.velocity_errors(transformer, family, x0, cond, t, eps, 3.5)
+    err_policy, _ = velocity_errors(transformer, family, x0, cond, t, eps)
     b, j = 1, 4  # image 4 of group 1, by the definitions: x_t = (1 - t) x0 + t eps, v = eps - x0
     x_t = (1 - t[b]) * x0[b, j] + t[b] * eps[b]
     with torch.no_grad():
-        v_model = gdro.velocity(transformer, family, x_t[None], t[b:b + 1], {k: c[b:b + 1] for k, c in cond.items()}, 3.5)
+        one = {k: c[b:b + 1] for k, c in cond.items()}
+        v_model = gdro.family_record(family).velocity(transformer, x_t[None], t[b:b + 1], one, 3.5)
     expected = (v_model[0] - (eps[b] - x0[b, j])).pow(2).mean()
     assert err_policy[b, j].item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -173,8 +185,30 @@ def test_training_velocity_is_the_velocity_the_sampler_follows():
         guidance = 1.0 if fam == "sd3" else 3.5  # SD3 without CFG, so the step is one transformer call
         x0 = gdro.generate(pipe, cond, uncond, [11], 1, guidance, 64)
         with torch.no_grad():
-            v = gdro.velocity(pipe.transformer, fam, seen["x1"], torch.ones(1), cond, guidance)
+            v = gdro.family_record(fam).velocity(pipe.transformer, seen["x1"], torch.ones(1), cond, guidance)
         torch.testing.assert_close(x0, seen["x1"] - v, rtol=1e-4, atol=1e-4)
+
+def method_block():
+    """Section 2 of gdro.py, "the method", as source: what a reader copies into their own trainer."""
+    source = Path(gdro.__file__).read_text()
+    banner = "# " + "=" * 77
+    return source[source.index(banner + " 2. the method"):source.index(banner + " 3. models")]
+
+
+def test_the_method_block_runs_on_its_own_and_gives_gdros_loss_and_errors():
+    namespace = {}
+    exec("import contextlib\nimport math\n\nimport torch\n" + method_block(), namespace)  # nothing else of gdro.py
+    assert {"sample_t", "velocity_errors", "gdro_loss"} <= namespace.keys()
+    g = torch.Generator().manual_seed(5)
+    err_policy, err_ref, rewards = (torch.rand(3, 6, generator=g) for _ in range(3))
+    assert namespace["gdro_loss"](err_policy, err_ref, rewards).item() == gdro_loss(err_policy, err_ref, rewards).item()
+    assert torch.equal(namespace["sample_t"](4, 1.1, torch.Generator().manual_seed(0)),
+                       gdro.sample_t(4, 1.1, torch.Generator().manual_seed(0)))
+    transformer = tiny_transformer_with_lora("sd3")
+    x0, cond, t, eps = random_groups("sd3")
+    ours = namespace["velocity_errors"](gdro.SD3().velocity, transformer, x0, cond, t, eps)
+    for a, b in zip(ours, velocity_errors(transformer, "sd3", x0, cond, t, eps)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 # ----------------------------------------------------------------------------- how training draws its groups
 
@@ -207,7 +241,7 @@ def test_every_prompt_is_trained_once_before_any_prompt_twice():
 def test_a_steps_groups_are_the_same_however_they_are_split_into_micro_batches(tmp_path):
     cache_dir, prompts = fake_cache(tmp_path)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
-    args, config = train_args(tmp_path), gdro.SCHEDULER_CONFIG["sd3"]
+    args, config = train_args(tmp_path), gdro.family_record("sd3").scheduler
     whole = gdro.training_batch(cache_dir, sizes, range(8, 12), args, "sd3", config, "cpu")
     halves = [gdro.training_batch(cache_dir, sizes, r, args, "sd3", config, "cpu")
               for r in (range(8, 10), range(10, 12))]
@@ -222,14 +256,15 @@ def test_gradient_accumulation_over_micro_batches_gives_the_one_pass_update(tmp_
     sizes, _ = gdro.check_cache(cache_dir, prompts)
     loras, grad_norms = [], []
     for micro in ("4", "1"):
-        pipe = small_models.build_tiny_pipeline(family)
+        pipe = families.build_tiny_pipeline(gdro.family_record(family))
         args = train_args(tmp_path / micro, "--groups-per-step", "4", "--micro-batch", micro, "--max-steps", "2",
                           "--lora-rank", "4", "--lr", "1e-2", "--log-every", "1")
         args.guidance = 3.5
         lora = gdro.train(pipe.transformer, family, type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, args,
                           torch.device("cpu"))
         loras.append(load_file(lora / gdro.LORA_FILE))
-        grad_norms.append([json.loads(l)["grad_norm"] for l in (tmp_path / micro / "metrics.jsonl").read_text().splitlines()])
+        lines = (tmp_path / micro / "metrics.jsonl").read_text().splitlines()
+        grad_norms.append([json.loads(line)["grad_norm"] for line in lines])
     # the gradient itself, before clipping (AdamW's update alone would hide a wrong scale of the loss) ...
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
     assert loras[0].keys() == loras[1].keys()
@@ -245,7 +280,7 @@ def test_training_step_runs_forward_and_backward_without_cudnn_attention_or_lora
     checkpointing's recomputation inside the backward."""
     cache_dir, prompts = fake_cache(tmp_path / "cache", "flux", prompts=2)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
-    pipe = small_models.build_tiny_pipeline("flux")
+    pipe = families.build_tiny_pipeline(gdro.family_record("flux"))
     attention = [m for m in pipe.transformer.modules() if hasattr(m, "processor")]
     seen = []
     for m in attention:  # m.to_q is the LoRA layer once training has added the adapter
@@ -254,7 +289,8 @@ def test_training_step_runs_forward_and_backward_without_cudnn_attention_or_lora
     args = train_args(tmp_path / "run", "--groups-per-step", "1", "--max-steps", "1")
     args.guidance = 3.5
     assert torch.backends.cuda.cudnn_sdp_enabled()  # PyTorch's default, outside training
-    gdro.train(pipe.transformer, "flux", type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, args, torch.device("cpu"))
+    gdro.train(pipe.transformer, "flux", type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, args,
+               torch.device("cpu"))
     # policy forward + reference forward + the policy's recomputation during backward, for every attention module
     assert len(seen) == 3 * len(attention)
     assert not any(cudnn or cast for cudnn, cast in seen), seen
@@ -279,8 +315,9 @@ def test_lora_inputs_kept_in_bf16_give_bit_identical_errors_and_gradients_and_ke
             return x
         with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
             with torch.autocast("cpu", torch.bfloat16):
-                err_policy, err_ref = gdro.velocity_errors(transformer, family, x0, cond, t, eps, 3.5)
-            grads = torch.autograd.grad(gdro_loss(err_policy, err_ref, torch.rand(2, 6, generator=torch.Generator())), lora)
+                err_policy, err_ref = velocity_errors(transformer, family, x0, cond, t, eps)
+            loss = gdro_loss(err_policy, err_ref, torch.rand(2, 6, generator=torch.Generator()))
+            grads = torch.autograd.grad(loss, lora)
         return err_policy.detach(), grads, sum(saved.values())
 
     err_cast, grads_cast, saved_cast = step(contextlib.nullcontext())  # peft's default: LoRA inputs cast to fp32
@@ -305,7 +342,7 @@ def test_compiled_blocks_give_the_eager_training_step_bit_for_bit(family):
 
     def step():
         with gdro.training_context(transformer):
-            err_policy, err_ref = gdro.velocity_errors(transformer, family, x0, cond, t, eps, 3.5)
+            err_policy, err_ref = velocity_errors(transformer, family, x0, cond, t, eps)
             loss = gdro_loss(err_policy, err_ref, torch.arange(12.0).view(2, 6))
             return err_policy.detach(), err_ref, torch.autograd.grad(loss, lora)
 
@@ -355,7 +392,8 @@ def workdir(tmp_path_factory):
 
 def run(workdir, out, *flags, reward=None):
     reward = reward or f"{workdir / 'reward.py'}:brightness"
-    return gdro.main(["--prompts", str(workdir / "prompts.txt"), "--tiny", "--out", str(out), "--reward", reward, *flags])
+    return gdro.main(["--prompts", str(workdir / "prompts.txt"), "--tiny", "--out", str(out), "--reward", reward,
+                      *flags])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -373,9 +411,9 @@ def test_tiny_run_writes_a_lora_that_loads_into_a_fresh_pipeline_and_changes_it(
     assert [l["step"] for l in lines] == [5, 10, 15, 20] and all(math.isfinite(l["loss"]) for l in lines)
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     cond, uncond = gdro.encode_prompt(pipe, fam, 'a sign that reads "Hi"')
-    before = gdro.generate(pipe, cond, uncond, [123], 4, gdro.DEFAULT_GUIDANCE[fam], 64)
+    before = gdro.generate(pipe, cond, uncond, [123], 4, gdro.family_record(fam).guidance, 64)
     pipe.load_lora_weights(str(lora_dir))
-    after = gdro.generate(pipe, cond, uncond, [123], 4, gdro.DEFAULT_GUIDANCE[fam], 64)
+    after = gdro.generate(pipe, cond, uncond, [123], 4, gdro.family_record(fam).guidance, 64)
     assert not torch.allclose(before, after, atol=1e-5)
 
 
@@ -383,7 +421,7 @@ def test_tiny_run_writes_a_lora_that_loads_into_a_fresh_pipeline_and_changes_it(
 def test_cache_holds_each_prompts_group_and_conditioning_and_says_how_it_was_made(tiny_run):
     family, out, _ = tiny_run
     shard = load_file(out / "cache" / "prompt_000000.safetensors")
-    n = gdro.TINY_RUN["images_per_prompt"]
+    n = families.TINY_RUN["images_per_prompt"]
     assert shard["x0"].shape[0] == shard["rewards"].shape[0] == n
     assert shard["seeds"].tolist() == [gdro.image_seed(0, 0, j, n) for j in range(n)]
     assert {"prompt_embeds", "pooled_prompt_embeds"} <= set(shard)
@@ -417,7 +455,7 @@ def test_an_existing_run_is_not_overwritten_without_resume_and_a_cache_made_anot
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resumed_cache_build_equals_an_uninterrupted_one(workdir, tmp_path, family):
     args = gdro.parse_args(["--prompts", "x", "--tiny", "--images-per-prompt", "4", "--rollout-batch", "3"])
-    args.guidance = gdro.DEFAULT_GUIDANCE[family]
+    args.guidance = gdro.family_record(family).guidance
     prompts = gdro.read_prompts(workdir / "prompts.txt", "ocr", 3)
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     calls = []
@@ -495,12 +533,13 @@ def test_a_second_order_sampler_builds_the_cache_and_the_manifest_records_it(wor
 
 def test_tiny_flags_given_explicitly_win_over_the_tiny_defaults():
     args = gdro.parse_args(["--prompts", "p", "--tiny", "--resolution", "32", "--max-steps=7"])
-    assert args.resolution == 32 and args.max_steps == 7 and args.images_per_prompt == gdro.TINY_RUN["images_per_prompt"]
+    assert args.resolution == 32 and args.max_steps == 7
+    assert args.images_per_prompt == families.TINY_RUN["images_per_prompt"]
     assert gdro.parse_args(["--prompts", "p"]).beta == 12.0  # paper defaults without --tiny
 
 
 def test_tiny_pipeline_is_reproducible_from_its_seed():
-    a, b = small_models.build_tiny_pipeline("flux", seed=3), small_models.build_tiny_pipeline("flux", seed=3)
+    a, b = (families.build_tiny_pipeline(gdro.Flux(), seed=3) for _ in range(2))
     for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
         assert torch.equal(p, q), name
 

@@ -21,17 +21,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bench
 import eval as gdro_eval
 import families
 import gdro
+from experiments import bench
 
 DEVICE = torch.device("cuda")
-FAMILIES = list(families.FAMILIES)
+gdro.load_more_families()  # all six: the paper's two and families.py's
+FAMILIES = list(gdro.FAMILIES)
 GPU_GIB = 80  # the GPU the real-size tests are sized for
+# each prompt: a colour for the reward, a text for OCR
 PROMPTS = ['a red shop sign that reads "Open Late"', 'a green mug printed with "Coffee 42"',
-           'a blue neon sign saying "Bar"', 'a red cake with "Happy Birthday Ana"']  # a colour for the reward, a text for OCR
-TOY_REWARD = f"{Path(__file__).resolve().parent.parent / 'toy_reward.py'}:colour_reward"
+           'a blue neon sign saying "Bar"', 'a red cake with "Happy Birthday Ana"']
+TOY_REWARD = f"{Path(__file__).resolve().parent.parent / 'experiments' / 'toy_reward.py'}:colour_reward"
 
 
 @pytest.fixture(autouse=True)
@@ -65,12 +67,13 @@ def tiny_run(request, workdir):
 def test_tiny_run_on_cuda_logs_finite_losses_and_its_lora_changes_a_fresh_pipeline(tiny_run):
     family, out, lora = tiny_run
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    print(f"{family}: losses {[round(l['loss'], 4) for l in lines]}, grad norms {[round(l['grad_norm'], 4) for l in lines]}")
+    print(f"{family}: losses {[round(l['loss'], 4) for l in lines]}, "
+          f"grad norms {[round(l['grad_norm'], 4) for l in lines]}")
     assert lines and all(math.isfinite(l["loss"]) and math.isfinite(l["grad_norm"]) for l in lines), lines
     assert json.loads((out / "config.json").read_text())["grad_checkpointing"] is True  # the CUDA default
     pipe, _ = gdro.load_pipeline("", tiny=True, family=family, device=DEVICE)
     cond, uncond = gdro.encode_prompt(pipe, family, PROMPTS[0])
-    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 4, gdro.DEFAULT_GUIDANCE[family], 64)
+    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 4, gdro.family_record(family).guidance, 64)
     before = sample()
     pipe.load_lora_weights(str(lora))
     change = (sample() - before).abs().max().item()
@@ -114,7 +117,8 @@ def real_cache(request, workdir):
     seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
     del pipe
     bench.free_memory(DEVICE)
-    print(f"\n{name}: one prompt's rollout group in {seconds:.2f} s (first call, warm-up included), peak {peak:.1f} GiB")
+    print(f"\n{name}: one prompt's rollout group in {seconds:.2f} s (first call, warm-up included), "
+          f"peak {peak:.1f} GiB")
     return name, workdir / f"cache_{name}", seconds, peak
 
 

@@ -257,7 +257,8 @@ def test_corrected_score_and_summary_on_hand_made_numbers():
     assert gdro_eval.corrected_score(0.37, 3.0) == pytest.approx(0.2)  # a neutral judge ignores the reward
     assert gdro_eval.corrected_score(1.0, 1.0) == pytest.approx(-1.8)  # hacked: full reward, the judge hates it
     assert gdro_eval.corrected_score(0.5, 4.5) == pytest.approx(0.95)
-    scores = [{"alignment": 4.0, "coherence": 5.0, "style": 3.0}, None, {"alignment": 2.0, "coherence": 3.0, "style": 4.0}]
+    scores = [{"alignment": 4.0, "coherence": 5.0, "style": 3.0}, None,
+              {"alignment": 2.0, "coherence": 3.0, "style": 4.0}]
     s = gdro_eval.summarize([1.0, 0.5, 0.0], scores)
     assert s["ocr_reward"] == pytest.approx(0.5) and s["ocr_exact"] == pytest.approx(1 / 3) and s["n_images"] == 3
     assert s["judge"] == pytest.approx({"alignment": 3.0, "coherence": 4.0, "style": 3.5, "mean": 3.5, "unparsed": 1})

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
-import experiment
-import small_models
+from experiments import run as experiment
+from experiments import text_model
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ def write_scores(folder, rewards, small):
         (folder / name).mkdir(parents=True)
         for i, rs in per.items():
             for j, r in enumerate(rs):
-                small_models.render("123", rng, small=small[name][i][j]).save(folder / name / f"{i}_{j}.png")
+                text_model.render("123", rng, small=small[name][i][j]).save(folder / name / f"{i}_{j}.png")
                 rows.append({"set": name, "prompt_index": i, "ocr_reward": r, "image": f"{name}/{i}_{j}.png"})
     (folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder / "scores.jsonl"

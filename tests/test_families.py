@@ -6,6 +6,7 @@ or --from-images) writes a LoRA that the family's pipeline loads and that change
 Run: pytest -q tests/test_families.py   (-m "not slow": everything but the end-to-end runs, seconds per family)
 """
 import copy
+import functools
 import json
 import math
 from types import SimpleNamespace
@@ -18,7 +19,8 @@ from PIL import Image
 import families
 import gdro
 
-FAMILIES = list(families.FAMILIES)
+gdro.load_more_families()  # all six: the paper's two and families.py's
+FAMILIES = list(gdro.FAMILIES)
 PROMPT = 'a shop sign that reads "Open"'
 RES = 64  # the tiny pipelines' resolution
 # the guidance at which each pipeline's step is a single conditional transformer call (no CFG); a distilled
@@ -67,7 +69,8 @@ def test_the_family_velocity_equals_the_velocity_inside_the_pipelines_own_denois
     assert len(seen) == 2 and 0 < seen[1][1] < seen[0][1] == 1
     for v_pipe, sigma, x_t in seen:
         with torch.no_grad():
-            v = gdro.velocity(pipe.transformer, family, x_t, sigma.expand(1), cond, embedded_guidance(pipe, family))
+            guidance = embedded_guidance(pipe, family)
+            v = gdro.family_record(family).velocity(pipe.transformer, x_t, sigma.expand(1), cond, guidance)
         assert v.abs().max() > 1e-3  # a velocity, not zeros
         torch.testing.assert_close(v, v_pipe, rtol=1e-4, atol=2e-5)
 
@@ -75,9 +78,9 @@ def test_the_family_velocity_equals_the_velocity_inside_the_pipelines_own_denois
 def test_cached_latents_of_a_rollout_decode_to_the_pipelines_own_image(tiny):
     family, pipe, cond = tiny
     _, uncond = gdro.encode_prompt(pipe, family, PROMPT)
-    guidance = gdro.DEFAULT_GUIDANCE[family]
+    guidance = gdro.family_record(family).guidance
     latents = gdro.generate(pipe, cond, uncond, [7], 2, guidance, RES)
-    image = pipe(**families.FAMILIES[family].sampler_inputs(cond, uncond, guidance), height=RES, width=RES,
+    image = pipe(**gdro.family_record(family).sampler_inputs(cond, uncond, guidance), height=RES, width=RES,
                  num_inference_steps=2, generator=[torch.Generator().manual_seed(7)], output_type="np").images[0]
     (decoded,) = gdro.decode(pipe, family, latents)
     diff = np.abs(np.asarray(decoded, dtype=np.int16) - np.round(image * 255).astype(np.int16))
@@ -88,8 +91,8 @@ def test_encoding_undoes_decodings_normalisation_and_layout_exactly(tiny):
     # decode_latents is the pipeline's own (above); encode_pixels must be its inverse around the VAE: fed the latent
     # the VAE decoder received, as if the encoder returned it, it gives back the cached latents
     family, pipe, _ = tiny
-    f = families.FAMILIES[family]
-    x0 = gdro.encode_images(pipe, family, [random_image(0), random_image(1)], RES)
+    f = gdro.family_record(family)
+    x0 = families.encode_images(pipe, gdro.family_record(family), [random_image(0), random_image(1)], RES)
     seen, decode = {}, pipe.vae.decode
     pipe.vae.decode = lambda z, *args, **kwargs: seen.setdefault("z", z) is None or decode(z, *args, **kwargs)
     pixels = f.decode_latents(pipe, x0)
@@ -109,16 +112,17 @@ def test_encoding_undoes_decodings_normalisation_and_layout_exactly(tiny):
 def test_at_lora_init_the_policy_and_reference_errors_are_equal(tiny):
     family, pipe, cond = tiny
     transformer = copy.deepcopy(pipe.transformer)
-    gdro.add_lora(transformer, gdro.LORA_TARGETS[family], gdro.parse_args(["--tiny", "--prompts", "p"]))
+    gdro.add_lora(transformer, gdro.family_record(family).lora_targets, gdro.parse_args(["--tiny", "--prompts", "p"]))
     adapted = [name for name, _ in transformer.named_modules() if name.endswith("lora_A")]
     assert adapted, "the LoRA reached no module"
     if family.startswith("flux2"):  # the single-stream blocks, most of FLUX.2, are adapted too
         assert any(name.startswith("single_transformer_blocks") for name in adapted), adapted
     g = torch.Generator().manual_seed(0)
-    shape = gdro.encode_images(pipe, family, [random_image(2)], RES).shape[1:]
+    shape = families.encode_images(pipe, gdro.family_record(family), [random_image(2)], RES).shape[1:]
     x0, eps, t = torch.randn(2, 3, *shape, generator=g), torch.randn(2, *shape, generator=g), torch.rand(2, generator=g)
     cond2 = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
-    err_policy, err_ref = gdro.velocity_errors(transformer, family, x0, cond2, t, eps, embedded_guidance(pipe, family))
+    velocity = functools.partial(gdro.family_record(family).velocity, guidance=embedded_guidance(pipe, family))
+    err_policy, err_ref = gdro.velocity_errors(velocity, transformer, x0, cond2, t, eps)
     assert err_policy.shape == (2, 3) and torch.equal(err_policy, err_ref)
     assert not torch.equal(err_policy, err_policy[:, :1].expand_as(err_policy))  # each image its own error
 
@@ -128,8 +132,8 @@ def test_at_lora_init_the_policy_and_reference_errors_are_equal(tiny):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_t_is_shifted_as_the_familys_own_scheduler_shifts_it(family):
     from diffusers import FlowMatchEulerDiscreteScheduler
-    config = gdro.SCHEDULER_CONFIG[family]
-    shape = (4096, 64) if families.FAMILIES[family].packed else (16, 128, 128)  # 1024 px: 4096 image tokens
+    config = gdro.family_record(family).scheduler
+    shape = (4096, 64) if gdro.family_record(family).packed else (16, 128, 128)  # 1024 px: 4096 image tokens
     mu = gdro.schedule_mu(family, config, shape, 28)
     scheduler = FlowMatchEulerDiscreteScheduler(**{**config, "shift_terminal": None})  # that stretch is inference's
     scheduler.set_timesteps(sigmas=[0.3, 0.7], mu=mu if config.get("use_dynamic_shifting") else None)
@@ -139,7 +143,7 @@ def test_training_t_is_shifted_as_the_familys_own_scheduler_shifts_it(family):
 
 def test_flux2s_shift_follows_the_step_count_as_its_pipeline_sets_it():
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
-    config = gdro.SCHEDULER_CONFIG["flux2"]
+    config = gdro.family_record("flux2").scheduler
     mus = [gdro.schedule_mu("flux2", config, (1024, 128), steps) for steps in (4, 50)]  # 512 px: 1024 tokens
     assert mus == [compute_empirical_mu(1024, 4), compute_empirical_mu(1024, 50)] and mus[0] != mus[1]
 
@@ -150,15 +154,15 @@ def test_flux2s_shift_follows_the_step_count_as_its_pipeline_sets_it():
 def test_dry_run_plans_each_family_with_its_pipeline_and_defaults(family, capsys):
     assert gdro.main(["--prompts", "ocr.txt", "--tiny", "--family", family, "--dry-run"]) is None
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    f = families.FAMILIES[family]
+    f = gdro.family_record(family)
     assert (plan["family"], plan["pipeline"], plan["guidance"]) == (family, f.pipeline, f.guidance)
-    assert plan["steps"] == gdro.TINY_RUN["steps"]
+    assert plan["steps"] == families.TINY_RUN["steps"]
 
 
 @pytest.mark.parametrize("hub_id", list(HUB_IDS))
 def test_a_hub_id_names_its_family_before_anything_loads(hub_id):
     args = gdro.settle_model(gdro.parse_args(["--prompts", "p", "--model", hub_id]))
-    f = families.FAMILIES[HUB_IDS[hub_id]]
+    f = gdro.family_record(HUB_IDS[hub_id])
     assert (args.family, args.guidance, args.steps) == (f.name, f.guidance, f.steps)
 
 
@@ -168,7 +172,7 @@ def test_a_folders_pipeline_class_names_its_family_and_an_unsupported_one_is_ref
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(gdro.BadInput, match="StableDiffusionXLPipeline.*supported: StableDiffusion3Pipeline") as e:
         gdro.settle_model(gdro.parse_args(["--prompts", "p", "--model", str(tmp_path)]))
-    assert e.value.code == 2 and all(f.pipeline in str(e.value) for f in families.FAMILIES.values())
+    assert e.value.code == 2 and all(f.pipeline in str(e.value) for f in gdro.FAMILIES.values())
 
 # ----------------------------------------------------------------------------- end to end, each family
 
@@ -195,7 +199,7 @@ def workdir(tmp_path_factory):
 def lora_changes_a_fresh_pipeline(family, lora_dir):
     pipe, _ = gdro.load_pipeline("", tiny=True, family=family)
     cond, uncond = gdro.encode_prompt(pipe, family, PROMPT)
-    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 2, gdro.DEFAULT_GUIDANCE[family], RES)
+    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 2, gdro.family_record(family).guidance, RES)
     before = sample()
     pipe.load_lora_weights(str(lora_dir))
     return (sample() - before).abs().max().item()
@@ -220,6 +224,6 @@ def test_a_from_images_run_caches_the_images_in_the_familys_layout_and_its_lora_
                       "--max-steps", "2", "--groups-per-step", "1", "--save-every", "2", "--log-every", "1"])
     pipe, _ = gdro.load_pipeline("", tiny=True, family=family)
     images = [Image.open(workdir / "images" / f"{i}.png") for i in range(6)]
-    torch.testing.assert_close(gdro.read_shard(out / "cache", 0)["x0"], gdro.encode_images(pipe, family, images, RES),
-                               rtol=1e-4, atol=1e-5)
+    encoded = families.encode_images(pipe, gdro.family_record(family), images, RES)
+    torch.testing.assert_close(gdro.read_shard(out / "cache", 0)["x0"], encoded, rtol=1e-4, atol=1e-5)
     assert lora_changes_a_fresh_pipeline(family, lora) > 1e-4

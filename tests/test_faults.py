@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 import gdro
 
 HERE = Path(__file__).resolve().parent.parent  # the repository
-REWARD = f"{HERE / 'toy_reward.py'}:colour_reward"
+REWARD = f"{HERE / 'experiments' / 'toy_reward.py'}:colour_reward"
 PROMPTS = "a red ball\na green tree\na blue sky\na red car\n"
 # a tiny run: 3 prompts of 6 images, 4 steps, a checkpoint every 2 steps (and at the last), a metrics line per step
 BASE = ["--tiny", "--reward", REWARD, "--max-prompts", "3", "--images-per-prompt", "6", "--max-steps", "4",
@@ -60,11 +60,12 @@ DRIVER = r'''
 answers its exit code (negative: killed by that signal) or "timeout"."""
 import builtins, errno, json, os, pathlib, runpy, signal, sys, time
 import torch
+import families
 import gdro
 import peft
-import small_models
-for family in gdro.SCHEDULER_CONFIG:
-    small_models.build_tiny_pipeline(family)  # imports diffusers and transformers once, before the forks
+gdro.load_more_families()  # all six
+for family in gdro.FAMILIES:
+    families.build_tiny_pipeline(gdro.FAMILIES[family])  # imports diffusers and transformers once, before the forks
 
 OWNERS = {"os": os, "builtins": builtins, "pathlib.Path": pathlib.Path, "torch.Tensor": torch.Tensor}
 
@@ -252,7 +253,8 @@ def test_a_numeric_flag_out_of_range_is_refused_in_one_line_naming_it_before_any
 
 
 def test_a_resolution_that_is_not_a_multiple_of_the_model_familys_factor_says_the_factor(prompts, tmp_path):
-    for family in gdro.SCHEDULER_CONFIG:
+    gdro.load_more_families()  # all six families
+    for family in list(gdro.FAMILIES):
         line = refused(["--prompts", str(prompts), *BASE, "--family", family, "--out", str(tmp_path / "run"),
                         "--resolution", str(4 * gdro.RESOLUTION_FACTOR + 8)])
         assert f"multiple of {gdro.RESOLUTION_FACTOR}" in line
@@ -361,7 +363,7 @@ def up_to_model_load(monkeypatch):
 def test_a_rerun_that_would_mix_shards_made_differently_is_refused_and_keeps_config_json(
         up_to_model_load, prompts, tmp_path, change, key):
     reward = tmp_path / "reward.py"
-    shutil.copy(HERE / "toy_reward.py", reward)
+    shutil.copy(HERE / "experiments" / "toy_reward.py", reward)
     out = tmp_path / "run"
     argv = ["--prompts", str(prompts), *BASE, "--out", str(out), "--reward", f"{reward}:colour_reward"]
     up_to_model_load(argv)
@@ -457,7 +459,7 @@ def test_ctrl_c_or_sigterm_in_training_finishes_the_step_saves_and_resume_ends_w
     assert stopped.code == 1
     saved = out / "checkpoints" / "step_000003"
     assert last_line(stopped) == f"interrupted after step 3; saved {saved}; continue with the same command and --resume"
-    assert "Traceback" not in stopped.err and gdro.newest_checkpoint(out / "checkpoints") == saved
+    assert "Traceback" not in stopped.err and gdro.checkpoints(out / "checkpoints")[-1] == saved
     resume_to_the_same_run(gdro_cli, out, reference, from_step=3)
 
 
@@ -468,7 +470,7 @@ def test_a_second_ctrl_c_discards_the_step_in_flight_and_resume_still_ends_with_
     stopped = gdro_cli(out, faults=[fault(BACKWARD, calls=IN_STEP_3, do="SIGINT+SIGINT")])
     previous = out / "checkpoints" / "step_000002"
     line = assert_one_line_error(stopped, "interrupted during step 3, which was discarded", str(previous))
-    assert gdro.newest_checkpoint(out / "checkpoints") == previous, line
+    assert gdro.checkpoints(out / "checkpoints")[-1] == previous, line
     resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
 
 # ----------------------------------------------------------------------------- kills in a checkpoint save
@@ -540,14 +542,14 @@ def test_a_full_disk_in_training_stops_with_one_line_keeps_the_last_checkpoint_a
     out = with_cache(reference, tmp_path)
     stopped = gdro_cli(out, faults=[point])
     assert_one_line_error(stopped, file, "the disk is full")
-    assert gdro.newest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_000002"
+    assert gdro.checkpoints(out / "checkpoints")[-1] == out / "checkpoints" / "step_000002"
     resume_to_the_same_run(gdro_cli, out, reference, from_step=2)
 
 # ----------------------------------------------------------------------------- a broken reward, a broken shard
 
 
 FAILING_REWARD = '''
-from toy_reward import colour_reward
+from experiments.toy_reward import colour_reward
 
 
 def reward(images, prompts):
@@ -560,7 +562,7 @@ def reward(images, prompts):
     return ["good"] * len(images)
 '''
 FIXED_REWARD = '''
-from toy_reward import colour_reward
+from experiments.toy_reward import colour_reward
 
 
 def reward(images, prompts):
@@ -597,7 +599,8 @@ def test_a_reward_returning_strings_stops_with_one_line_and_its_corrected_rerun_
     out = tmp_path / "run"
     stopped = gdro_cli(out, "--reward", f"{reward}:reward")
     assert stopped.code == 1
-    assert any(l.startswith("error: the reward") and "prompt 1" in l and "'good'" in l for l in stopped.err.splitlines())
+    lines = stopped.err.splitlines()
+    assert any(x.startswith("error: the reward") and "prompt 1" in x and "'good'" in x for x in lines)
     reward.write_text(FIXED_REWARD)
     rerun = gdro_cli(out, "--reward", f"{reward}:reward")
     assert rerun.code == 0, rerun.err

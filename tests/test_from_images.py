@@ -44,21 +44,22 @@ def vae_reference(pipe, image):
 def test_encoded_latent_is_the_vaes_mean_with_the_models_shift_and_scaling(family):
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     images = [random_image(0), random_image(1)]
-    x0 = gdro.encode_images(pipe, fam, images, RES)
+    x0 = families.encode_images(pipe, gdro.family_record(fam), images, RES)
     expected = torch.cat([vae_reference(pipe, im) for im in images])
-    got = families.unpack_latents(x0) if fam == "flux" else x0  # FLUX's cache holds the transformer's packed layout
+    got = gdro.unpack_latents(x0) if fam == "flux" else x0  # FLUX's cache holds the transformer's packed layout
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gdro.encode_images(pipe, fam, images, RES), x0, rtol=0, atol=0)  # the mean: no noise
+    again = families.encode_images(pipe, gdro.family_record(fam), images, RES)
+    torch.testing.assert_close(again, x0, rtol=0, atol=0)  # the mean: no noise
 
 
 def test_flux_packing_puts_each_2x2_patch_in_one_token_and_unpacking_inverts_it():
     z = torch.randn(2, 16, 8, 8)
-    x = families.pack_latents(z)
+    x = gdro.pack_latents(z)
     assert x.shape == (2, 16, 64)
     # token (row r, col c) of the 4 x 4 grid holds channel ch of pixel (dy, dx) of its patch at ch * 4 + dy * 2 + dx
     for r, c, ch, dy, dx in [(0, 0, 0, 0, 0), (1, 2, 3, 0, 1), (3, 3, 15, 1, 1), (2, 0, 7, 1, 0)]:
         assert x[1, r * 4 + c, ch * 4 + dy * 2 + dx] == z[1, ch, 2 * r + dy, 2 * c + dx]
-    torch.testing.assert_close(families.unpack_latents(x), z, rtol=0, atol=0)
+    torch.testing.assert_close(gdro.unpack_latents(x), z, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,7 +68,7 @@ def test_decoding_an_encoded_image_gives_the_vaes_own_reconstruction(family):
     # VAE's quality (a tiny random VAE reconstructs nothing, a real one nearly everything)
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     image = random_image(2)
-    (decoded,) = gdro.decode(pipe, fam, gdro.encode_images(pipe, fam, [image], RES))
+    (decoded,) = gdro.decode(pipe, fam, families.encode_images(pipe, gdro.family_record(fam), [image], RES))
     with torch.no_grad():
         z = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mean
         (expected,) = pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pil")
@@ -80,7 +81,7 @@ def test_images_are_resized_to_the_resolution_and_centre_cropped():
     wide = random_image(3, size=(2 * RES, RES))  # short side already RES: only the crop applies
     centre = wide.crop((RES // 2, 0, RES // 2 + RES, RES))
     small = random_image(4, size=(RES // 2, RES // 2))  # upscaled, bicubic
-    got = gdro.encode_images(pipe, fam, [wide, small], RES)
+    got = families.encode_images(pipe, gdro.family_record(fam), [wide, small], RES)
     expected = torch.cat([vae_reference(pipe, centre), vae_reference(pipe, small.resize((RES, RES), Image.BICUBIC))])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -136,7 +137,7 @@ def test_tiny_shrinks_only_what_an_image_folder_run_uses(capsys):
     args = gdro.parse_args(["--from-images", "d", "--tiny"])
     default = gdro.parse_args(["--from-images", "d"])
     assert (args.images_per_prompt, args.steps) == (default.images_per_prompt, default.steps)  # nothing is sampled
-    assert args.resolution == gdro.TINY_RUN["resolution"] and args.max_steps == gdro.TINY_RUN["max_steps"]
+    assert args.resolution == families.TINY_RUN["resolution"] and args.max_steps == families.TINY_RUN["max_steps"]
     said = capsys.readouterr().out.strip().removeprefix("--tiny: ").split(", ")  # what --tiny says it shrank
     assert "resolution=64" in said and not any(s.startswith(("images_per_prompt=", "steps=")) for s in said), said
 
@@ -169,7 +170,8 @@ def image_folder(folder, family):
     rows = []
     for p, (prompt, n) in enumerate(PROMPTS.items()):
         cond, uncond = gdro.encode_prompt(pipe, fam, prompt)
-        x0 = gdro.generate(pipe, cond, uncond, [100 * p + j for j in range(n)], 2, gdro.DEFAULT_GUIDANCE[fam], RES)
+        seeds, guidance = [100 * p + j for j in range(n)], gdro.family_record(fam).guidance
+        x0 = gdro.generate(pipe, cond, uncond, seeds, 2, guidance, RES)
         for j, image in enumerate(gdro.decode(pipe, fam, x0)):
             image.save(folder / f"{p}_{j}.png")
             rows.append({"file_name": f"{p}_{j}.png", "prompt": prompt,
@@ -195,15 +197,16 @@ def test_training_from_an_image_folder_gives_a_lora_that_loads_and_changes_the_m
         shard = load_file(gdro.shard_path(tmp_path / "out" / "cache", i))
         mine = [r for r in rows if r["prompt"] == prompt]
         images = [Image.open(tmp_path / "images" / r["file_name"]) for r in mine]
-        torch.testing.assert_close(shard["x0"], gdro.encode_images(pipe, fam, images, RES), rtol=1e-5, atol=1e-6)
+        encoded = families.encode_images(pipe, gdro.family_record(fam), images, RES)
+        torch.testing.assert_close(shard["x0"], encoded, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(shard["rewards"], torch.tensor([r["reward"] for r in mine]))
         assert "seeds" not in shard and {"prompt_embeds", "pooled_prompt_embeds"} <= set(shard)
     assert json.loads((tmp_path / "out" / "cache" / "manifest.json").read_text())["source"] == "images"
     # the LoRA loads into a fresh pipeline and changes what it draws
     cond, uncond = gdro.encode_prompt(pipe, fam, 'a sign that reads "Hi"')
-    before = gdro.generate(pipe, cond, uncond, [7], 2, gdro.DEFAULT_GUIDANCE[fam], RES)
+    before = gdro.generate(pipe, cond, uncond, [7], 2, gdro.family_record(fam).guidance, RES)
     pipe.load_lora_weights(str(lora_dir))
-    after = gdro.generate(pipe, cond, uncond, [7], 2, gdro.DEFAULT_GUIDANCE[fam], RES)
+    after = gdro.generate(pipe, cond, uncond, [7], 2, gdro.family_record(fam).guidance, RES)
     assert not torch.allclose(before, after, atol=1e-5)
 
 
@@ -211,7 +214,7 @@ def test_training_from_an_image_folder_gives_a_lora_that_loads_and_changes_the_m
 def test_an_interrupted_image_cache_resumes_where_it_stopped(tmp_path, monkeypatch):
     image_folder(tmp_path / "images", "sd3")
     straight = from_images(tmp_path / "images", tmp_path / "straight", "--max-steps", "0").parent
-    real_encode, calls = gdro.encode_images, []
+    real_encode, calls = families.encode_images, []
 
     def encode_then_interrupt(*a, **kw):
         calls.append(1)
@@ -219,11 +222,11 @@ def test_an_interrupted_image_cache_resumes_where_it_stopped(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_encode(*a, **kw)
 
-    monkeypatch.setattr(gdro, "encode_images", encode_then_interrupt)
+    monkeypatch.setattr(families, "encode_images", encode_then_interrupt)
     with pytest.raises(SystemExit, match="1 of 2 prompts are cached"):
         from_images(tmp_path / "images", tmp_path / "stopped", "--max-steps", "0")
     first = gdro.shard_path(tmp_path / "stopped" / "cache", 0).stat().st_mtime_ns
-    monkeypatch.setattr(gdro, "encode_images", real_encode)
+    monkeypatch.setattr(families, "encode_images", real_encode)
     from_images(tmp_path / "images", tmp_path / "stopped", "--max-steps", "0")
     assert gdro.shard_path(tmp_path / "stopped" / "cache", 0).stat().st_mtime_ns == first  # kept, not redone
     for i in range(2):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import gdro
-import small_models
+from experiments import text_model as small_models
 
 HERE = Path(__file__).resolve().parent.parent
 TOY = {"variants": 1, "vae_steps": 2, "vae_batch": 4, "steps": 3, "batch": 4, "layers": 1}
@@ -67,5 +67,5 @@ def test_gdro_trains_a_lora_on_the_text_model_with_the_ocr_reward(text_model, tm
 
 @pytest.mark.slow
 def test_a_model_of_another_family_than_expected_stops_in_one_line(text_model):
-    with pytest.raises(SystemExit, match=r"is a sd3 model, not flux as its name suggested; pass --guidance"):
+    with pytest.raises(SystemExit, match=r"is a sd3 model, not flux; pass --family sd3"):
         gdro.load_pipeline(str(text_model), family="flux")

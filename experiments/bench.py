@@ -1,21 +1,22 @@
 """What GDRO costs, measured in one run: ratios on any machine; on a CUDA GPU also the real models' speed and memory.
 
-    python bench.py              # a few minutes on CPU; on CUDA also SD3.5-Medium and FLUX.1-dev at real size
-    python bench.py --quick      # CPU smoke (CI), about a minute: the same code on small configs
-    python bench.py --samplers   # each rollout sampler's distance to a 200-step solution (tiny models, CPU)
-    python bench.py --real flux.1-dev   # one real architecture only (a short GPU session)
-    python bench.py --architectures     # every supported architecture on the meta device: parameters, LoRA, FLOPs
+    python -m experiments.bench          # a few minutes on CPU; on CUDA also SD3.5-Medium and FLUX.1-dev at real size
+    python -m experiments.bench --quick      # CPU smoke (CI), about a minute: the same code on small configs
+    python -m experiments.bench --samplers   # each rollout sampler's distance to a 200-step solution (tiny models, CPU)
+    python -m experiments.bench --real flux.1-dev   # one real architecture only (a short GPU session)
+    python -m experiments.bench --architectures   # every supported architecture on the meta device: parameters,
+                                                  # LoRA, FLOPs
 
 A progress line per measurement; the last line printed is one JSON object holding every figure:
   step_overhead         full gdro.train step / the transformer work inside it          target <= 1.10
   rollout_overhead      gdro.build_cache / bare pipeline calls making the same images   target <= 1.10
   ckpt_memory_ratio     peak memory of a training step, checkpointing on / off          target <= 0.60
   offline_amortization  transformer forward-equivalents per training image, online / GDRO (> 1: GDRO is cheaper)
-  default_plan          how much of ocr.txt's cache the default recipe trains (gdro.training_plan, as --dry-run)
   real                  every supported architecture (ARCHITECTURES) from its config on the meta device: parameters,
                         bf16 GiB, the rank-32 LoRA, FLOPs of a k = 6 step at 512 px and its estimated peak memory
   measured_training     on CUDA, the other architectures (COMPUTED) at real size: gdro.train's default setting on a
-                        random cache of their shapes: step time, peak memory, share of the matmul peak
+                        random cache of their shapes, measured as measured's training settings are (step time, peak
+                        memory, model TFLOP/s and its share of the matmul peak)
   measured              SD3.5-Medium and FLUX.1-dev with random weights (no download), end to end: seconds per
                         prompt group through gdro.build_cache for each sampler at the steps that give Euler's ODE
                         accuracy (measured on the tiny model), with and without --compile, and the fastest against
@@ -25,7 +26,8 @@ A progress line per measurement; the last line printed is one JSON object holdin
                         real size (16 images, 10 steps, 512 px, k = 6, bf16), with the GPU targets met or missed
                         (FLUX.1-dev >= 0.45 of the matmul peak within 40 GiB; rollouts >= 1.5x Euler's); on CPU
                         the same code on small configs (figures that only show it runs).
-Every measurement drives gdro.py's own functions (build_cache, train, velocity_errors, generate), never a copy.
+Every measurement drives gdro.py's own functions (build_cache, train, train_step, velocity_errors, generate), never
+a copy.
 """
 import argparse
 import contextlib
@@ -39,14 +41,14 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
+import diffusers
 import torch
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
+import families
 import gdro
-import small_models
 
-HERE = Path(__file__).parent
 # gdro.py's default recipe (SD3.5-Medium): 16 images per prompt, 10 steps, 512 px, k = 6, rank 32
 DEFAULTS = gdro.settle_model(gdro.parse_args([]))
 K = DEFAULTS.group_size  # images per group in the loss
@@ -70,7 +72,7 @@ PEAK_GIB = {"sd3.5-medium": 16, "flux.1-dev": 40}
 TARGETS = {"flux.1-dev": dict(matmul_fraction=0.45, rollout_speedup=1.5)}
 VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=16,
-           sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)  # both families' VAE: 8x down, 16 channels
+           sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)  # both families': 8x down, 16 channels
 # SD3.5-Medium and FLUX.1-dev: their transformer and VAE config.json, the output sizes of their text encoders (the
 # tiny encoders are widened to them; depth stays tiny: rollouts need embeddings of the real shapes, not their
 # meaning), and the shapes of one cached image and its conditioning at 512 px
@@ -96,9 +98,9 @@ REAL = {
                            text_encoder_2=dict(d_model=4096)),                      # T5-XXL
         shapes=dict(x0=(32 * 32, 64), prompt_embeds=(512, 4096), pooled_prompt_embeds=(768,))),  # packed 2x2 patches
 }
-# The other supported architectures (transformer/config.json), computed on the meta device only (real_architectures):
-# shapes of one cached image and its conditioning at 512 px, the text at its cached length. The measured ones need
-# text encoders of the real output shapes, which bench.py builds for the two above.
+# The other supported architectures (transformer/config.json), computed on the meta device only
+# (real_architectures): shapes of one cached image and its conditioning at 512 px, the text at its cached length. The
+# measured ones need text encoders of the real output shapes, which bench.py builds for the two above.
 FLUX2 = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256, mlp_ratio=3.0,
              axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6)
 COMPUTED = {
@@ -140,15 +142,16 @@ ARCHITECTURES = {**REAL, **COMPUTED}
 TEXT_TOKENS = 64  # a masked prompt's real tokens in the meta count: an OCR prompt in its chat template
 SMALL_VAE = dict(block_out_channels=(16,) * 4, layers_per_block=1, norm_num_groups=8)
 SMALL = {  # REAL with few, narrow layers, for a CPU: the text encoders keep the real output sizes
-    "sd3.5-medium": dict(transformer=dict(sample_size=8, num_layers=2, num_attention_heads=2, caption_projection_dim=128,
-                                          pos_embed_max_size=16, dual_attention_layers=(0,)), vae=SMALL_VAE),
+    "sd3.5-medium": dict(transformer=dict(sample_size=8, num_layers=2, num_attention_heads=2,
+                                          caption_projection_dim=128, pos_embed_max_size=16,
+                                          dual_attention_layers=(0,)), vae=SMALL_VAE),
     "flux.1-dev": dict(transformer=dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
                                         axes_dims_rope=(8, 12, 12)), vae=SMALL_VAE),
 }
 PROMPT = 'a shop sign that reads "Open Late"'  # the real architectures' rollout prompt
 SAMPLER_STEPS = (2, 4, 6, 8, 10, 16)
 REFERENCE_STEPS = 200
-SAMPLER_PROMPTS = ["a red apple on a wooden table", 'a shop sign that reads "Open Late"', "a blue bird in the snow"]
+SAMPLER_PROMPTS = ("a red apple on a wooden table", 'a shop sign that reads "Open Late"', "a blue bird in the snow")
 SAMPLER_SEEDS = (0, 1)
 
 # ----------------------------------------------------------------------------- models
@@ -197,15 +200,15 @@ def build(cls, *args, device, dtype, seed=0, **kwargs):
 
 def build_transformer(spec, device, dtype, seed=0):
     """The spec's transformer, of the family's class (as in gdro's tiny pipeline), with random weights."""
-    cls = type(small_models.build_tiny_pipeline(spec["family"]).transformer)
+    cls = type(families.build_tiny_pipeline(gdro.family_record(spec["family"])).transformer)
     return build(cls, **spec["transformer"], device=device, dtype=dtype, seed=seed)
 
 
 def build_pipeline(spec, device, dtype, seed=0):
     """A pipeline of the spec's family with random weights: the spec's transformer and VAE, gdro's tiny pipeline's
     text encoders widened to the spec's output sizes, its tokenizers, and its scheduler on the real models' flow
-    schedule (gdro.SCHEDULER_CONFIG)."""
-    tiny = small_models.build_tiny_pipeline(spec["family"])
+    schedule (the family record's scheduler)."""
+    tiny = families.build_tiny_pipeline(gdro.family_record(spec["family"]))
     parts = {**tiny.components, "transformer": build_transformer(spec, device, dtype, seed),
              "vae": build(type(tiny.vae), **spec["vae"], device=device, dtype=dtype, seed=seed)}
     for name, sizes in spec["text_encoders"].items():
@@ -224,24 +227,25 @@ def brightness(images, prompts):
 
 def rollout_args(family, images, steps, resolution, sampler="euler"):
     """gdro.build_cache's settings: one prompt group of `images` images, the family's usual guidance."""
-    return gdro.parse_args(["--reward", f"{Path(__file__).name}:brightness", "--images-per-prompt", str(images),
+    return gdro.parse_args(["--reward", f"{Path(__file__)}:brightness", "--images-per-prompt", str(images),
                             "--steps", str(steps), "--resolution", str(resolution), "--sampler", sampler,
-                            "--guidance", str(gdro.DEFAULT_GUIDANCE[family])])
+                            "--guidance", str(gdro.family_record(family).guidance)])
 
 
 def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every=10, k=K, compile=False):
     """gdro.train's settings: groups of k images, the default LoRA and loss, one checkpoint at the end."""
     return gdro.parse_args(["--out", str(out), "--max-steps", str(steps), "--groups-per-step", str(groups),
                             "--micro-batch", str(micro_batch), "--group-size", str(k), "--log-every", str(log_every),
-                            "--save-every", str(steps), "--guidance", str(gdro.DEFAULT_GUIDANCE[family]),
+                            "--save-every", str(steps), "--guidance", str(gdro.family_record(family).guidance),
                             "--steps", str(DEFAULTS.steps),  # the rollouts' steps (FLUX.2's shift of t follows them)
                             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"] + ["--compile"] * compile)
 
 
-def train(transformer, family, cache_dir, sizes, args, device, on_step=None):
+def train(transformer, family, cache_dir, sizes, args, device):
     """gdro.train as gdro.main calls it, with the family's pipeline class and the real models' flow schedule."""
-    return gdro.train(transformer, family, gdro.pipeline_classes()[family], gdro.SCHEDULER_CONFIG[family], cache_dir,
-                      sizes, args, device, on_step)
+    record = gdro.family_record(family)
+    return gdro.train(transformer, family, getattr(diffusers, record.pipeline), record.scheduler, cache_dir, sizes,
+                      args, device)
 
 
 def free_memory(device):
@@ -293,36 +297,44 @@ def peak_memory(run, device):
 
 def transformer_work(transformer, family, batch, guidance, device):
     """The transformer work of a training step and nothing else: gdro.velocity_errors (policy and reference
-    forwards) and the policy's backward, on a step's batch, as gdro.train runs them. autograd.grad leaves the LoRA's
-    .grad untouched, so training goes on as if this had not run."""
+    forwards) and the policy's backward, on a step's batch, as gdro.train_step runs them. autograd.grad leaves the
+    LoRA's .grad untouched, so training goes on as if this had not run."""
     lora = [p for p in transformer.parameters() if p.requires_grad]
+    velocity = functools.partial(gdro.family_record(family).velocity, guidance=guidance)
     with gdro.training_context(transformer):
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            err_policy, _ = gdro.velocity_errors(transformer, family, batch["x0"], batch["cond"], batch["t"],
-                                                 batch["eps"], guidance)
+            err_policy, _ = gdro.velocity_errors(velocity, transformer, batch["x0"], batch["cond"], batch["t"],
+                                                 batch["eps"])
         torch.autograd.grad(err_policy.sum(), lora)
 
 
 def timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=True):
-    """gdro.train as in a real run, timed step by step through its on_step callback; with bare_work, after each
-    optimizer step the bare transformer work on the batch that step used, so full steps and bare work alternate one
-    to one. A full step is the time from one on_step (or the end of its bare work) to the next: drawing the batch,
-    both velocities, the loss, backward, clipping, AdamW, logging. The first step (adapter set-up, warm-up) and the
-    last (it writes a checkpoint) are left out. Returns [(full step, the bare work just before it or None)], each
-    time a (time, wall time) pair."""
-    full, bare, last = [], [], []
-
-    def on_step(step, batch):
-        if last:
-            full.append(since(last.pop(), device))
+    """gdro.train's loop, timed step by step: gdro.add_lora, then per step gdro.train_step (drawing the batches,
+    both velocities, the loss, backward), the stats' host sync, clipping and AdamW, as gdro.train runs them; with
+    bare_work, after each step the bare transformer work on that step's last micro-batch, so full steps and bare work
+    alternate one to one. The first step (warm-up) is left out. Returns ([(full step, the bare work after the step
+    before it, or None)], each time a (time, wall time) pair; the last step's loss)."""
+    record = gdro.family_record(family)
+    params = gdro.add_lora(transformer, record.lora_targets, args)
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
+    full, bare = [], []
+    for step in range(args.max_steps):
+        t0 = stamp(device)
+        loss, groups, *_ = gdro.train_step(transformer, family, record.scheduler, cache_dir, sizes, step, args,
+                                           device).tolist()  # the host sync gdro.train makes
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        full.append(since(t0, device))
         if bare_work:
+            G, M = args.groups_per_step, args.micro_batch
+            last = range(step * G + (G - 1) // M * M, (step + 1) * G)  # the step's last micro-batch
+            batch = gdro.training_batch(cache_dir, sizes, last, args, family, record.scheduler, device)
             t0 = stamp(device)
-            transformer_work(transformer, family, batch, args.guidance, device)
+            transformer_work(transformer, family, batch, guidance, device)
             bare.append(since(t0, device))
-        last.append(stamp(device))
-
-    train(transformer, family, cache_dir, sizes, args, device, on_step)
-    return list(zip(full, bare if bare_work else [None] * len(full)))[:-1]  # full[i]: step i + 1; bare[i]: after step i
+    return list(zip(full[1:], bare[:-1] if bare_work else [None] * (len(full) - 1))), loss / groups
 
 
 def meta_step(spec, shapes, k=K, activations=False):
@@ -336,14 +348,15 @@ def meta_step(spec, shapes, k=K, activations=False):
     transformer = build_transformer(spec, "meta", torch.float32)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank,
-                                       target_modules=gdro.LORA_TARGETS[family]))
-    guidance = gdro.DEFAULT_GUIDANCE[family] if getattr(transformer.config, "guidance_embeds", False) else None
+                                       target_modules=gdro.family_record(family).lora_targets))
+    guidance = gdro.family_record(family).guidance if getattr(transformer.config, "guidance_embeds", False) else None
     with torch.device("meta"):
         x0, eps, t = torch.randn(1, k, *shapes["x0"]), torch.randn(1, *shapes["x0"]), torch.rand(1)
         cond = {name: torch.randn(1, *shape) for name, shape in shapes.items() if name not in ("x0", "prompt_mask")}
     if "prompt_mask" in shapes:  # which tokens are real is data, which the meta device has none of: a host tensor
         cond["prompt_mask"] = (torch.arange(shapes["prompt_mask"][0]) < TEXT_TOKENS).long()[None]
-    run = lambda: gdro.velocity_errors(transformer, family, x0, cond, t, eps, guidance)[0]
+    velocity = functools.partial(gdro.family_record(family).velocity, guidance=guidance)
+    run = lambda: gdro.velocity_errors(velocity, transformer, x0, cond, t, eps)[0]
     with FlopCounterMode(display=False) as forward:
         err_policy = run()
     with FlopCounterMode(display=False) as backward:
@@ -362,12 +375,6 @@ def meta_step(spec, shapes, k=K, activations=False):
             found["saved_checkpointed" if checkpointed else "saved_per_block"] = sum(saved) // (1 if checkpointed
                                                                                                else blocks)
     return found
-
-
-def step_flops(spec, shapes, k=K):
-    """Model FLOPs of one group's training step (meta_step): {"forward": both forwards, "backward": ...}."""
-    found = meta_step(spec, shapes, k)
-    return {"forward": found["forward"], "backward": found["backward"]}
 
 
 def training_memory_gib(params, found):
@@ -418,6 +425,13 @@ def relative_rms(x, reference):
     return (rms(x - reference) / rms(reference)).mean().item()
 
 
+def markdown_table(header, rows, align):
+    """A markdown table: header and rows are lists of cells (printed with str); align has a letter per column, "l"
+    (text) or "r" (figures)."""
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join("| " + " | ".join(str(cell) for cell in cells) + " |" for cells in (header, rule, *rows))
+
+
 # ----------------------------------------------------------------------------- the CPU ratios
 
 
@@ -457,7 +471,7 @@ def measure_rollout_overhead(pipe, prompts, args, repeats, work, device):
 def measure_step_overhead(spec, cache_dir, sizes, steps, work, device, dtype):
     transformer = build_transformer(spec, device, dtype)
     args = train_args(work / "step", spec["family"], steps, ckpt=device.type == "cuda")
-    pairs = timed_training(transformer, spec["family"], cache_dir, sizes, args, device)
+    pairs, _ = timed_training(transformer, spec["family"], cache_dir, sizes, args, device)
     ratios, wall = [f[0] / b[0] for f, b in pairs], [f[1] / b[1] for f, b in pairs]
     print(f"step: full / transformer work = {median(ratios):.3f} (median of {len(ratios)} adjacent pairs, range "
           f"{min(ratios):.3f}-{max(ratios):.3f}, {median(b[0] for _, b in pairs):.3f} s of work each; wall-time "
@@ -470,8 +484,8 @@ def measure_ckpt_memory(spec, cache_dir, sizes, work, device, dtype):
     for ckpt in (False, True):  # one whole gdro.train step each, on a fresh transformer
         transformer = build_transformer(spec, device, dtype)
         args = train_args(work / f"memory_{ckpt}", spec["family"], 1, ckpt=ckpt)
-        _, peaks[ckpt] = peak_memory(functools.partial(train, transformer, spec["family"], cache_dir, sizes, args, device),
-                                     device)
+        run = functools.partial(train, transformer, spec["family"], cache_dir, sizes, args, device)
+        _, peaks[ckpt] = peak_memory(run, device)
         del transformer
         free_memory(device)
     print(f"memory: peak of a training step beyond weights and cache: {peaks[False] / 2**20:.1f} MiB without "
@@ -488,31 +502,21 @@ def cost_ratios(s, work, device, dtype):
           f"{s['resolution']} px, k = {K}, on {device.type}")
     prompts = [f'a shop sign that reads "Offer {i}"' for i in range(s["prompts"])]
     args = rollout_args("sd3", s["images"], s["sampler_steps"], s["resolution"])
-    rollout_overhead, cache_dir, rows_per_image = measure_rollout_overhead(pipe, prompts, args, s["repeats"], work, device)
+    rollout_overhead, cache_dir, rows_per_image = measure_rollout_overhead(pipe, prompts, args, s["repeats"], work,
+                                                                           device)
     del pipe
     free_memory(device)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
     step_overhead = measure_step_overhead(model, cache_dir, sizes, s["train_steps"], work, device, dtype)
     ckpt_memory_ratio = measure_ckpt_memory(model, cache_dir, sizes, work, device, dtype)
-    train_per_image = train_cost(step_flops(model, cached_shapes(cache_dir)))
+    train_per_image = train_cost(meta_step(model, cached_shapes(cache_dir)))
     epochs = s["train_steps"] * K / sum(sizes)  # one group of K images per step
     amortization = offline_amortization(rows_per_image, train_per_image, epochs)
     print(f"amortization: per training image GDRO {rows_per_image / epochs + train_per_image:.2f} forward-equivalents "
           f"(cache {rows_per_image} per image / {epochs:.2f} epochs + step {train_per_image:.2f}), online "
           f"{rows_per_image + train_per_image:.2f}; ratio {amortization:.2f}")
-    return {"step_overhead": step_overhead, "rollout_overhead": rollout_overhead, "ckpt_memory_ratio": ckpt_memory_ratio,
-            "offline_amortization": amortization}
-
-
-def default_plan():
-    """The default recipe on ocr.txt, as `python gdro.py --prompts ocr.txt --dry-run` plans it."""
-    args = gdro.parse_args(["--prompts", str(HERE / "ocr.txt")])
-    prompts = gdro.read_prompts(args.prompts, args.reward, args.max_prompts)
-    plan = gdro.training_plan(args, [args.images_per_prompt] * len(prompts))
-    print(f"default plan: {plan['prompts']} prompts x {plan['images_per_prompt']} images, {plan['groups_trained']} groups "
-          f"trained: prompt coverage {plan['prompt_coverage']:.0%}, image coverage {plan['image_coverage']:.0%} "
-          f"({plan['epochs']} epochs)")
-    return plan
+    return {"step_overhead": step_overhead, "rollout_overhead": rollout_overhead,
+            "ckpt_memory_ratio": ckpt_memory_ratio, "offline_amortization": amortization}
 
 
 def measure_ocr(n_images, name, gen_s_per_image, device):
@@ -540,30 +544,36 @@ def measure_ocr(n_images, name, gen_s_per_image, device):
 # ----------------------------------------------------------------------------- samplers
 
 
-def tiny_solver(family, prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
-    """solve(sampler, steps): the latents of every prompt x seed on the tiny model of the family, each image from its
-    own seeded noise (gdro.generate), so every solve starts from the same noise."""
-    pipe = small_models.build_tiny_pipeline(family)
+@functools.cache
+def distance_to_reference(family, prompts, seeds, reference_steps):
+    """distance(sampler, steps): the relative RMS distance of the sampler's latents of every prompt x seed, on the
+    tiny model of the family, to a `reference_steps`-step Euler solution of the same ODE. Each image comes from its
+    own seeded noise (gdro.generate), so every solve starts from the same noise. Cached (arguments without defaults,
+    so that equal calls share a key): the reference is solved once per family, and the sampler study and
+    equal_accuracy_steps measure against the same one."""
+    pipe = families.build_tiny_pipeline(gdro.family_record(family))
     pipe.set_progress_bar_config(disable=True)
-    config, guidance, resolution = dict(pipe.scheduler.config), gdro.DEFAULT_GUIDANCE[family], gdro.TINY_RUN["resolution"]
+    config, guidance = dict(pipe.scheduler.config), gdro.family_record(family).guidance
     encoded = [gdro.encode_prompt(pipe, family, prompt) for prompt in prompts]
 
     def solve(sampler, n):
         pipe.scheduler = gdro.make_scheduler(sampler, config)
-        return torch.cat([gdro.generate(pipe, cond, uncond, seeds, n, guidance, resolution) for cond, uncond in encoded])
-    return solve
+        return torch.cat([gdro.generate(pipe, cond, uncond, seeds, n, guidance, families.TINY_RUN["resolution"])
+                          for cond, uncond in encoded])
+
+    reference = solve("euler", reference_steps)
+    return lambda sampler, n: relative_rms(solve(sampler, n), reference)
 
 
 def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS, reference_steps=REFERENCE_STEPS,
                       prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
     """{sampler: {steps: distance}}: the relative RMS distance of each sampler's latents, on the tiny model of the
     family, to a `reference_steps`-step Euler solution of the same ODE from the same noise."""
-    solve = tiny_solver(family, prompts, seeds)
-    reference, found = solve("euler", reference_steps), {}
+    distance, found = distance_to_reference(family, tuple(prompts), tuple(seeds), reference_steps), {}
     for sampler in samplers:
         found[sampler] = {}
         for n in steps:
-            found[sampler][n] = relative_rms(solve(sampler, n), reference)
+            found[sampler][n] = distance(sampler, n)
             print(f"samplers {family} {sampler} {n} steps: {found[sampler][n]:.4f}")
     return found
 
@@ -571,34 +581,29 @@ def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS
 def equal_accuracy_steps(family, steps):
     """{sampler: the fewest steps at which it is as close to a REFERENCE_STEPS-step Euler solution as Euler is at
     `steps`}, on the tiny model of the family (README "Samplers"; a trained model's figures may differ)."""
-    solve = tiny_solver(family)
-    reference = solve("euler", REFERENCE_STEPS)
-    target, found = relative_rms(solve("euler", steps), reference), {"euler": steps}
+    distance = distance_to_reference(family, SAMPLER_PROMPTS, SAMPLER_SEEDS, REFERENCE_STEPS)
+    target, found = distance("euler", steps), {"euler": steps}
     for sampler in [name for name in gdro.SAMPLERS if name != "euler"]:
         n = 1
-        while n < REFERENCE_STEPS and relative_rms(solve(sampler, n), reference) > target:
+        while n < REFERENCE_STEPS and distance(sampler, n) > target:
             n += 1
         found[sampler] = n
     return found
-
-
-def markdown_table(distances, steps):
-    """One row per sampler, one column per step count."""
-    lines = ["| sampler \\ steps | " + " | ".join(str(n) for n in steps) + " |", "| --- |" + " ---: |" * len(steps)]
-    lines += [f"| {sampler} | " + " | ".join(f"{row[n]:.4f}" for n in steps) + " |" for sampler, row in distances.items()]
-    return "\n".join(lines)
 
 
 def samplers_report():
     found = {}
     for family in ("sd3", "flux"):
         found[family] = sampler_distances(family)
-        print(f"\ntiny {family} ({gdro.TINY_RUN['resolution']} px, guidance {gdro.DEFAULT_GUIDANCE[family]}): relative "
+        side, guidance = families.TINY_RUN["resolution"], gdro.family_record(family).guidance
+        print(f"\ntiny {family} ({side} px, guidance {guidance}): relative "
               f"RMS distance of the latents to a {REFERENCE_STEPS}-step Euler solution from the same noise, "
               f"{len(SAMPLER_PROMPTS)} prompts x {len(SAMPLER_SEEDS)} seeds\n")
-        print(markdown_table(found[family], SAMPLER_STEPS) + "\n")
-    return {"reference_steps": REFERENCE_STEPS, "samplers": {f: {s: {str(n): round(d, 5) for n, d in row.items()}
-                                                               for s, row in table.items()} for f, table in found.items()}}
+        rows = [[sampler, *(f"{row[n]:.4f}" for n in SAMPLER_STEPS)] for sampler, row in found[family].items()]
+        print(markdown_table(["sampler \\ steps", *SAMPLER_STEPS], rows, "l" + "r" * len(SAMPLER_STEPS)) + "\n")
+    return {"reference_steps": REFERENCE_STEPS,
+            "samplers": {f: {s: {str(n): round(d, 5) for n, d in row.items()} for s, row in table.items()}
+                         for f, table in found.items()}}
 
 # ----------------------------------------------------------------------------- the real architectures
 
@@ -624,16 +629,6 @@ def real_architectures(with_flops, names=None):
               + (f"; LoRA r{DEFAULTS.lora_rank} {row['lora_mib']} MiB; one k={K} 512-px step = {row['step_tflop']} "
                  f"TFLOP, est. {row['est_train_gib']} GiB with checkpointing" if with_flops else ""))
     return found
-
-
-def architectures_table(real):
-    """real_architectures' rows as a markdown table (README "Supported models", docs/models.md)."""
-    lines = [f"| model | family | parameters | bf16 GiB | LoRA r{DEFAULTS.lora_rank} MiB | k={K} step TFLOP (512 px) | "
-             "est. training GiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, row in real.items():
-        lines.append(f"| {name} | {row['family']} | {row['params'] / 1e9:.2f} B | {row['bf16_weight_gib']} | "
-                     f"{row.get('lora_mib', '')} | {row.get('step_tflop', '')} | {row.get('est_train_gib', '')} |")
-    return "\n".join(lines)
 
 
 def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
@@ -664,42 +659,44 @@ def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
 def rollout_speedup(rollout_s, baseline_s=None):
     """The fastest rollout against Euler at gdro's default steps, eager, in the same run (and against an earlier
     measurement, baseline_s, where given): {"fastest", "s", "vs_euler", "vs_baseline"}."""
-    s, tag, sampler = min((s, tag, sampler) for tag in ("eager", "compiled") for sampler, s in (rollout_s[tag] or {}).items())
+    s, tag, sampler = min((s, tag, sampler) for tag in ("eager", "compiled")
+                          for sampler, s in (rollout_s[tag] or {}).items())
     return {"fastest": f"{sampler} {rollout_s['steps'][sampler]} steps {tag}", "s": s,
-            "vs_euler": round(rollout_s["eager"]["euler"] / s, 3), "vs_baseline": baseline_s and round(baseline_s / s, 3)}
+            "vs_euler": round(rollout_s["eager"]["euler"] / s, 3),
+            "vs_baseline": baseline_s and round(baseline_s / s, 3)}
 
 
-def final_loss(out):
-    """The loss of the last line of a run's metrics.jsonl."""
-    return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-
-
-def measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work, device, dtype):
-    """Per setting of TRAINING_SETTINGS a fresh transformer through gdro.train: step time, peak memory (CUDA,
-    weights included), model TFLOP/s and its share of the matmul peak; the default setting's overhead over its
-    transformer work (real size); the compiled setting's loss against the same setting eager (same seed, same
-    draws: equal up to kernel rounding). A setting that runs out of memory or fails is recorded, and the bench
-    goes on."""
-    family, found = real["family"], {}
-    for i, (ckpt, micro, compiled) in enumerate(TRAINING_SETTINGS):
+def measure_training(spec, cache_dir, run, flops, peak_tflops, work, device, dtype, settings=TRAINING_SETTINGS,
+                     overhead=False):
+    """Per setting (of TRAINING_SETTINGS: checkpointing, groups per micro-batch, --compile) a fresh transformer of
+    the spec through gdro.train on the cache: step time, peak memory (CUDA, weights included), model TFLOP/s (flops:
+    one group's step) and its share of the matmul peak, the last loss; with overhead, the first setting's overhead
+    over its transformer work; a compiled setting's loss against the same setting eager (same seed, same draws:
+    equal up to kernel rounding). A setting that runs out of memory or fails is recorded, and the bench goes on.
+    Returns {setting's key: its row}."""
+    family, found = spec["family"], {}
+    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
+    for i, (ckpt, micro, compiled) in enumerate(settings):
         key = f"ckpt_{'on' if ckpt else 'off'}_m{micro}" + "_compiled" * compiled
-        with_overhead = i == 0 and not small  # the default setting, at real size
+        with_overhead = overhead and i == 0
         row = found[key] = {"checkpointing": ckpt, "micro_batch": micro, "compiled": compiled}
         if compiled and device.type != "cuda":
             row["skipped"] = "torch.compile's GPU backend needs CUDA"
             print(f"  training {key}: skipped ({row['skipped']})")
             continue
-        transformer = build_transformer(real, device, dtype)
-        args = train_args(work / key, family, run["train_steps"], groups=micro, micro_batch=micro, ckpt=ckpt, k=run["k"],
-                          compile=compiled)
+        args = train_args(work / key, family, run["train_steps"], groups=micro, micro_batch=micro, ckpt=ckpt,
+                          k=run["k"], compile=compiled)
+        transformer = None
         free_memory(device)
-        try:
-            pairs = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=with_overhead)
+        try:  # building is inside: the largest architectures' weights alone may not fit
+            transformer = build_transformer(spec, device, dtype)
+            pairs, loss = timed_training(transformer, family, cache_dir, sizes, args, device, bare_work=with_overhead)
             step_s = median(f[0] for f, _ in pairs)
             tflops = flops * micro / step_s / 1e12
-            row.update(step_s=round(step_s, 4), tflops=round(tflops, 4), matmul_fraction=round(tflops / peak_tflops, 4),
+            row.update(step_s=round(step_s, 4), tflops=round(tflops, 4),
+                       matmul_fraction=round(tflops / peak_tflops, 4),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-                       loss=final_loss(work / key))
+                       loss=round(loss, 6))
             if with_overhead:
                 row["step_overhead"] = round(median(f[0] / b[0] for f, b in pairs), 3)
             eager = found.get(key.removesuffix("_compiled"), {})
@@ -731,25 +728,28 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
     family = real["family"]
     steps_for = equal_accuracy_steps(family, run["steps"])
     print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on "
-          f"{device.type}; steps per sampler for the ODE accuracy of {run['steps']} Euler steps (tiny {family}): {steps_for}")
+          f"{device.type}; steps per sampler for the ODE accuracy of {run['steps']} Euler steps (tiny {family}): "
+          f"{steps_for}")
     pipe = build_pipeline(real, device, dtype)
     rollout_s, cache_dir = measure_rollouts(pipe, family, PROMPT, run, steps_for, work / name, device)
     del pipe
     torch.compiler.reset()  # compiled graphs hold on to the rollout transformer
     free_memory(device)
-    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
-    flops = sum(step_flops(real, cached_shapes(cache_dir), run["k"]).values())
-    training = measure_training(real, small, cache_dir, sizes, run, flops, peak_tflops, work / name, device, dtype)
+    step = meta_step(real, cached_shapes(cache_dir), run["k"])
+    flops = step["forward"] + step["backward"]  # one group's training step
+    training = measure_training(real, cache_dir, run, flops, peak_tflops, work / name, device, dtype,
+                                overhead=not small)  # the overhead at real size only
     step_s = training["ckpt_on_m1"].get("step_s")
     steps_per_rollout = rollout_s["eager"]["euler"] / step_s if step_s else None
     print(f"  one prompt's rollout ({run['images']} images, {run['steps']} Euler steps) = "
-          f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group (checkpointing on)")
+          f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group "
+          "(checkpointing on)")
     baseline = None if small else gdro.H200_SECONDS[family]["rollout_16x10"]  # before this bench's changes, on an H200
     wall_s = round(time.perf_counter() - started, 1)
     print(f"  {name}: measured in {wall_s} s")
-    return {"small_config": small, "wall_s": wall_s, "rollout_s": rollout_s, "rollout_speedup": rollout_speedup(rollout_s, baseline),
-            "step_tflop": round(flops / 1e12, 6), "training": training,
-            "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
+    return {"small_config": small, "wall_s": wall_s, "rollout_s": rollout_s,
+            "rollout_speedup": rollout_speedup(rollout_s, baseline), "step_tflop": round(flops / 1e12, 6),
+            "training": training, "rollout_in_training_steps": steps_per_rollout and round(steps_per_rollout, 3)}
 
 
 def random_cache(spec, folder, n=REAL_RUN["images"], seed=0):
@@ -767,47 +767,48 @@ def random_cache(spec, folder, n=REAL_RUN["images"], seed=0):
 
 
 def measure_training_only(name, peak_tflops, work, device, dtype):
-    """An architecture of COMPUTED on CUDA: gdro.train's default setting (checkpointing, one group per micro-batch)
-    on a random cache of its shapes: step time, peak memory (weights included), model TFLOP/s and its share of the
-    matmul peak. Out of memory is recorded."""
+    """An architecture of COMPUTED on CUDA: gdro.train's default setting (the first of TRAINING_SETTINGS) on a random
+    cache of its shapes, measured as measure_real measures it (measure_training): {"family", "step_tflop", the
+    row}."""
     spec = COMPUTED[name]
     cache_dir = random_cache(spec, work / f"cache_{name}")
-    sizes, _ = gdro.check_cache(cache_dir, [PROMPT])
-    flops = sum(step_flops(spec, cached_shapes(cache_dir)).values())
-    row = {"family": spec["family"], "step_tflop": round(flops / 1e12, 1)}
-    free_memory(device)
-    try:
-        transformer = build_transformer(spec, device, dtype)
-        args = train_args(work / f"train_{name}", spec["family"], REAL_RUN["train_steps"])
-        step_s = median(f[0] for f, _ in timed_training(transformer, spec["family"], cache_dir, sizes, args, device,
-                                                        bare_work=False))
-        row.update(step_s=round(step_s, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   tflops=round(flops / step_s / 1e12, 4), matmul_fraction=round(flops / step_s / 1e12 / peak_tflops, 4))
-        del transformer
-    except torch.cuda.OutOfMemoryError:
-        row["oom"] = True
-    free_memory(device)
-    print(f"{name} training (random cache, checkpointing, k = {K}): {row}")
-    return row
+    step = meta_step(spec, cached_shapes(cache_dir), REAL_RUN["k"])
+    flops = step["forward"] + step["backward"]
+    print(f"{name}: training on a random cache of its shapes, k = {REAL_RUN['k']}, {flops / 1e12:.1f} TFLOP a step")
+    (row,) = measure_training(spec, cache_dir, REAL_RUN, flops, peak_tflops, work / name, device, dtype,
+                              settings=TRAINING_SETTINGS[:1]).values()
+    return {"family": spec["family"], "step_tflop": round(flops / 1e12, 1), **row}
 
 
-def print_tables(measured):
-    """The measured architectures as markdown tables (README "Memory and cost")."""
-    print("\n| model | checkpointing | groups per micro-batch | compiled | step s | peak GiB | model TFLOP/s | "
-          "of matmul peak |\n| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
-    for name, m in measured.items():
-        for row in m["training"].values():
+def print_tables(result):
+    """The result's tables in markdown (README "Supported models" and "Memory and cost", docs/models.md): every
+    architecture computed on the meta device; where measured, each training setting and each sampler's rollout."""
+    tables = [markdown_table(
+        ["model", "family", "parameters", "bf16 GiB", f"LoRA r{DEFAULTS.lora_rank} MiB", f"k={K} step TFLOP (512 px)",
+         "est. training GiB"],
+        [[name, row["family"], f"{row['params'] / 1e9:.2f} B", row["bf16_weight_gib"], row.get("lora_mib", ""),
+          row.get("step_tflop", ""), row.get("est_train_gib", "")] for name, row in result["real"].items()],
+        "llrrrrr")]
+    measured = result.get("measured", {})
+    training = [(name, row) for name, m in measured.items() for row in m["training"].values()]
+    training += list(result.get("measured_training", {}).items())
+    if training:
+        rows = []
+        for name, row in training:
             failed = "OOM" if row.get("oom") else row.get("error") or row.get("skipped")
-            figures = [failed, "", "", ""] if failed else [row["step_s"], row["peak_gib"], row["tflops"], row["matmul_fraction"]]
-            print(f"| {name} | {'on' if row['checkpointing'] else 'off'} | {row['micro_batch']} | "
-                  f"{'yes' if row['compiled'] else 'no'} | " + " | ".join(str(x) for x in figures) + " |")
-    print("\n| model | sampler | steps (same ODE accuracy) | s per prompt group | compiled |\n| --- | --- | ---: | ---: | ---: |")
-    for name, m in measured.items():
-        rollout_s = m["rollout_s"]
-        for sampler, s in rollout_s["eager"].items():
-            compiled = "-" if rollout_s["compiled"] is None else f"{rollout_s['compiled'][sampler]:.3f}"
-            print(f"| {name} | {sampler} | {rollout_s['steps'][sampler]} | {s:.3f} | {compiled} |")
-    print()
+            figures = [failed, "", "", ""] if failed else [row[key] for key in
+                                                           ("step_s", "peak_gib", "tflops", "matmul_fraction")]
+            rows.append([name, "on" if row["checkpointing"] else "off", row["micro_batch"],
+                         "yes" if row["compiled"] else "no", *figures])
+        tables.append(markdown_table(["model", "checkpointing", "groups per micro-batch", "compiled", "step s",
+                                      "peak GiB", "model TFLOP/s", "of matmul peak"], rows, "llrlrrrr"))
+    if measured:
+        rows = [[name, sampler, m["rollout_s"]["steps"][sampler], f"{s:.3f}",
+                 "-" if m["rollout_s"]["compiled"] is None else f"{m['rollout_s']['compiled'][sampler]:.3f}"]
+                for name, m in measured.items() for sampler, s in m["rollout_s"]["eager"].items()]
+        tables.append(markdown_table(["model", "sampler", "steps (same ODE accuracy)", "s per prompt group",
+                                      "compiled"], rows, "llrrr"))
+    print("\n" + "\n\n".join(tables) + "\n")
 
 
 def report_targets(measured, small):
@@ -825,8 +826,9 @@ def report_targets(measured, small):
                                       f"the matmul peak" if row else f"no setting fits in {PEAK_GIB[name]} GiB")
               + verdict(fraction, targets.get("matmul_fraction")))
         speedup = m["rollout_speedup"]
-        print(f"{name} rollout: fastest {speedup['fastest']}, {speedup['s']:.3f} s per prompt group: {speedup['vs_euler']}x "
-              f"Euler's {REAL_RUN['steps']} steps in this run, {speedup['vs_baseline']}x the earlier H200 figure"
+        print(f"{name} rollout: fastest {speedup['fastest']}, {speedup['s']:.3f} s per prompt group: "
+              f"{speedup['vs_euler']}x Euler's {REAL_RUN['steps']} steps in this run, {speedup['vs_baseline']}x the "
+              "earlier H200 figure"
               + verdict(speedup["vs_euler"], targets.get("rollout_speedup")))
 
 # ----------------------------------------------------------------------------- main
@@ -837,7 +839,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU smoke (CI), about a minute: small configs everywhere")
     p.add_argument("--samplers", action="store_true", help="only the samplers' distance to a 200-step solution")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time then measures our work only)")
-    p.add_argument("--real", choices=list(REAL), action="append", help="measure only this real architecture (repeatable)")
+    p.add_argument("--real", choices=list(REAL), action="append",
+                   help="measure only this real architecture (repeatable)")
     p.add_argument("--architectures", action="store_true",
                    help="only the table of every supported architecture, computed on the meta device (CPU, minutes)")
     args = p.parse_args(argv)
@@ -847,7 +850,7 @@ def main(argv=None):
         return
     if args.architectures:
         real = real_architectures(with_flops=True)
-        print("\n" + architectures_table(real) + "\n")
+        print_tables({"real": real})
         print(json.dumps(real))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -857,23 +860,23 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         figures = cost_ratios(s, Path(tmp), device, dtype)
         result = {**{k: round(v, 4) for k, v in figures.items()}, "device": torch.cuda.get_device_name()
-                  if device.type == "cuda" else "cpu", "torch": torch.__version__, "quick": args.quick,
-                  "default_plan": default_plan()}
+                  if device.type == "cuda" else "cpu", "torch": torch.__version__, "quick": args.quick}
         result["real"] = real_architectures(with_flops=not args.quick)
         peak = matmul_tflops(device, run["matmul"])
         result["matmul_peak_tflops"] = round(peak, 4)
-        result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype) for name in args.real or REAL}
+        result["measured"] = {name: measure_real(name, small, peak, Path(tmp), device, dtype)
+                              for name in args.real or REAL}
         if not small and not args.real:  # the other architectures: training at real size, where the GPU holds them
             result["measured_training"] = {name: measure_training_only(name, peak, Path(tmp), device, dtype)
                                            for name in COMPUTED}
-    print("\n" + architectures_table(result["real"]))
-    print_tables(result["measured"])
+    print_tables(result)
     name, first = next(iter(result["measured"].items()))
     gen_s_per_image = first["rollout_s"]["eager"]["euler"] / run["images"]
     result["ocr_s_per_image"] = measure_ocr(s["ocr_images"], name, gen_s_per_image, device) if s["ocr_images"] else None
     report_targets(result["measured"], small)
     for name, target in (("step_overhead", 1.10), ("rollout_overhead", 1.10), ("ckpt_memory_ratio", 0.60)):
-        print(f"{name:>20} {figures[name]:.3f}  (target <= {target:.2f}: {'met' if figures[name] <= target else 'MISSED'})")
+        verdict = "met" if figures[name] <= target else "MISSED"
+        print(f"{name:>20} {figures[name]:.3f}  (target <= {target:.2f}: {verdict})")
     print(f"{'offline_amortization':>20} {figures['offline_amortization']:.3f}  (online / GDRO forward-equivalents "
           "per training image)")
     print(json.dumps(result))

@@ -1,21 +1,21 @@
 """Does GDRO learn? Two CPU experiments, each with the paper's ablations.
 
 --ocr: GDRO with the OCR reward on a small text-rendering model pretrained here on the CPU
-(small_models.build_text_model: 3-digit strings, 64 px, SD3's classes). The real commands end to end: gdro.py
+(experiments/text_model.py: 3-digit strings, 64 px, SD3's classes). The real commands end to end: gdro.py
 --model DIR --reward ocr on training strings, eval.py --model DIR on held-out strings and seeds, base vs GDRO.
 
-    python experiment.py --ocr                # the text model (once), two seeds: JSON on the last line
-    python experiment.py --ocr --ablations    # k = 2, gamma = 0, tau = 0 / 0.5, beta = 6 / 0 on the same caches
+    python -m experiments.run --ocr               # the text model (once), two seeds: JSON on the last line
+    python -m experiments.run --ocr --ablations   # k = 2, gamma = 0, tau = 0 / 0.5, beta = 6 / 0 on the same caches
 
 The colour toy (no flag): the tiny random SD3 model draws noise that OCR cannot read, so the prompt names a colour
-(red, green or blue) and toy_reward.py scores how much that colour dominates the image. The run is the real one,
-through gdro.main and the --reward hook. Then the base and the trained model draw FRESH images from seeds never
-used in the cache, for held-out prompts (the same colours in sentences never trained on) and for the training
+(red, green or blue) and experiments/toy_reward.py scores how much that colour dominates the image. The run is the
+real one, through gdro.main and the --reward hook. Then the base and the trained model draw FRESH images from seeds
+never used in the cache, for held-out prompts (the same colours in sentences never trained on) and for the training
 prompts. The three colour rewards of one image sum to zero, so no prompt-independent change can raise all three:
 improving every colour means the LoRA reads the colour word in the prompt.
 
-    python experiment.py                # main experiment, prints the measures (about 2 minutes on 2 CPU cores)
-    python experiment.py --ablations    # the paper's ablations on this toy, two seeds: a markdown table
+    python -m experiments.run               # main experiment, prints the measures (about 2 minutes on 2 CPU cores)
+    python -m experiments.run --ablations   # the paper's ablations on this toy, two seeds: a markdown table
 
 Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md (docs/experiments.md).
 """
@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 
 import gdro
-import small_models
-import toy_reward
+from experiments import text_model, toy_reward
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # gdro.py's and eval.py's folder: the commands run there
 COLOURS = ("red", "green", "blue")
 # Short prompts, colour word first: the tiny text encoders are random and read characters, and only in short prompts
 # does the colour word dominate the embedding (in long sentences prompts did not cluster by colour; see README).
@@ -101,7 +101,7 @@ def fresh_samples(pipe, prompt_list, n_seeds, settings):
     res, latents, rewards, conds = settings["resolution"], [], [], []
     for p in prompt_list:
         cond, uncond = gdro.encode_prompt(pipe, "sd3", p)
-        x0 = gdro.generate(pipe, cond, uncond, seeds, settings["steps"], gdro.DEFAULT_GUIDANCE["sd3"], res)
+        x0 = gdro.generate(pipe, cond, uncond, seeds, settings["steps"], gdro.SD3.guidance, res)
         latents.append(x0)
         rewards.append(toy_reward.colour_reward(gdro.decode(pipe, "sd3", x0), [p] * n_seeds))
         conds.append(cond)
@@ -131,7 +131,7 @@ def rank_accuracy(pipe, latents, rewards, conds, k=6, draws=4, seed=0):
             for _ in range(draws):
                 eps = torch.randn((1, *x0.shape[2:]), generator=gen)
                 t = gdro.sample_t(1, gdro.schedule_mu("sd3", config, x0.shape[2:], None), gen)
-                err_policy, err_ref = gdro.velocity_errors(pipe.transformer, "sd3", x0, cond, t, eps)
+                err_policy, err_ref = gdro.velocity_errors(gdro.SD3().velocity, pipe.transformer, x0, cond, t, eps)
                 s = -(err_policy - err_ref)[0]
                 if (r == r.max()).sum() == 1:  # tied implicit rewards (an untrained LoRA: all 0) count as a share
                     top1.append((r[s == s.max()] == r.max()).float().mean().item())
@@ -244,7 +244,7 @@ def run_cli(args, p):
 
 
 # ============================================================================= --ocr: GDRO raises OCR accuracy
-# The text model (small_models.build_text_model, pretrained here on a CPU) draws 3-digit strings that EasyOCR reads.
+# The text model (text_model.build_text_model, pretrained here on a CPU) draws 3-digit strings that EasyOCR reads.
 # The real commands end to end: gdro.py --model DIR --reward ocr on training strings (cache -> loss -> LoRA), eval.py
 # on the val strings for every checkpoint (the step is chosen there, as the paper chooses its step near 300), then
 # eval.py --model DIR on held-out strings (never trained on, by the model or by GDRO) from held-out seeds, base vs the
@@ -284,7 +284,7 @@ def run_chains(chains, log_names):
                 print("$ " + " ".join(cmd), flush=True)
                 f.write("$ " + " ".join(cmd) + "\n")
                 f.flush()
-                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE).returncode != 0:
+                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode != 0:
                     return f"failed: {' '.join(cmd)} (see {log})"
         return None
 
@@ -297,7 +297,7 @@ def run_chains(chains, log_names):
 def paired_gain(scores_file, lora_set="lora"):
     """From eval.py's scores.jsonl: the base's and the LoRA's mean OCR reward and exact-match share, and the standard
     error of the per-prompt paired difference (each prompt: the mean over its images, same seeds for both). Also
-    each set's share of large text (small_models.large_text: the text model's readable renders) and those images'
+    each set's share of large text (text_model.large_text: the text model's readable renders) and those images'
     mean reward: whether a gain comes from leaving the small, unreadable mode or from reading the digits better."""
     rows = [json.loads(line) for line in Path(scores_file).read_text().splitlines()]
     per, large = {name: {} for name in ("base", lora_set)}, {name: [] for name in ("base", lora_set)}
@@ -305,7 +305,7 @@ def paired_gain(scores_file, lora_set="lora"):
         if r["set"] in per:
             per[r["set"]].setdefault(r["prompt_index"], []).append(r["ocr_reward"])
             with Image.open(Path(scores_file).parent / r["image"]) as img:
-                large[r["set"]].append((small_models.large_text(img), r["ocr_reward"]))
+                large[r["set"]].append((text_model.large_text(img), r["ocr_reward"]))
     prompts = sorted(per["base"])
     base = np.array([np.mean(per["base"][i]) for i in prompts])
     lora = np.array([np.mean(per[lora_set][i]) for i in prompts])
@@ -331,7 +331,7 @@ def ocr_prompt_files(out, model_dir):
 
 def gdro_command(model_dir, prompts, out, seed, settings):
     """gdro.py's command line; with --resume where an earlier run left a checkpoint (a rerun continues it)."""
-    resume = ["--resume"] if gdro.newest_checkpoint(Path(out) / "checkpoints") else []
+    resume = ["--resume"] if gdro.checkpoints(Path(out) / "checkpoints") else []
     return [sys.executable, "gdro.py", "--model", str(model_dir), "--reward", "ocr", "--prompts", str(prompts),
             "--out", str(out), "--seed", str(seed), *flags(settings), *resume]
 
@@ -362,7 +362,7 @@ def ocr_experiment(args):
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)  # the text model found there (whatever its recipe), else built there now
     if not (model_dir / "text_model.json").is_file():
-        small_models.build_text_model(model_dir)
+        text_model.build_text_model(model_dir)
     train_prompts, val_prompts, test_prompts = ocr_prompt_files(out, model_dir)
     settings = {**OCR_GDRO, **dict(args.ocr_set)}
     dirs, logs = {s: out / f"seed{s}" for s in args.seeds}, [out / f"seed{s}.log" for s in args.seeds]
@@ -448,7 +448,7 @@ def main(argv=None):
         args.out = args.out or "runs/ocr"
         return ocr_ablations(args) if args.ablations else ocr_experiment(args)
     args.out = args.out or ("runs/ablations" if args.ablations else "runs/experiment")
-    args.command = " ".join(["python experiment.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m experiments.run", *(sys.argv[1:] if argv is None else argv)])
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
