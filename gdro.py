@@ -277,8 +277,7 @@ class SD3(Family):
                            pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
 
 class Flux(Family):
-    """FLUX.1 (dev, schnell): CLIP pooled + T5, distilled guidance embedded in the transformer (dev; schnell has
-    none); packed 2x2 patches; the transformer takes t itself (it scales t and guidance by 1000) and predicts v."""
+    """FLUX.1: CLIP pooled + T5, distilled guidance embedded (not schnell); packed 2x2 patches; takes t, predicts v."""
     name, pipeline, hub_names = "flux", "FluxPipeline", ("flux.1",)
     guidance, packed = 3.5, True  # FLUX.1-dev's distilled guidance
     scheduler = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -387,8 +386,7 @@ def make_scheduler(name, config):
     return scheduler
 
 def compile_transformer(transformer, **options):
-    """--compile: each block on its own, as diffusers' compile_repeated_blocks (blocks of a kind share their code:
-    compiling costs a few blocks, not the 24 (SD3.5-M) to 57 (FLUX.1) traced in a row, for nearly all the gain)."""
+    """--compile: block by block, as diffusers' compile_repeated_blocks (blocks of a kind share their compiled code)."""
     for child in transformer.children():
         if isinstance(child, torch.nn.ModuleList):  # transformer_blocks, FLUX's single_transformer_blocks
             for block in child:
@@ -407,8 +405,7 @@ def encode_prompt(pipe, family, prompt):
 
 @torch.no_grad()
 def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
-    """Latents of len(seeds) images from the pipeline's own sampler, in the cache's layout; cond/uncond: batch 1 or a
-    row per seed. One CPU generator per image: an image depends on its seed only, not on the batching."""
+    """Latents (cache layout) from the pipeline's sampler, one CPU generator per image: its seed alone decides it."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rows = lambda c: {k: v.expand(len(seeds), *v.shape[1:]) for k, v in c.items()}  # one row per image
     family = family_record(family_name(pipeline=type(pipe).__name__))
@@ -552,8 +549,7 @@ def training_plan(args, sizes):
     return plan
 
 def keyed_generator(*key):
-    """A generator seeded by a key such as (seed, "group", g): each draw depends on what it is for, so a step's groups
-    are the same whatever the micro-batches, the number of processes, or an interruption and --resume."""
+    """A generator keyed by what it draws, e.g. (seed, "group", g): the same groups however split, run or resumed."""
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
 
 @functools.lru_cache(maxsize=4)
@@ -562,8 +558,7 @@ def epoch_order(seed, epoch, n_prompts):
     return torch.randperm(n_prompts, generator=keyed_generator(seed, "epoch", epoch)).tolist()
 
 def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device):
-    """Global groups g -> dict(x0 [B,k,...], cond {name: [B,...]}, rewards [B,k], t [B], eps [B,...]). Group g takes
-    k images of prompt epoch_order[g mod P] of epoch g // P; its own generator draws the images, t and eps."""
+    """Groups g -> x0 [B,k,...], cond, rewards [B,k], t [B], eps [B,...]: k images of prompt epoch_order[g mod P]."""
     rows, conds = [], []
     for g in groups:
         gen = keyed_generator(args.seed, "group", g)
@@ -580,8 +575,7 @@ def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, dev
     return {**stack(rows), "cond": stack(conds)}
 
 def group_stats(loss, err_policy, err_ref, rewards):
-    """For the log, sums over groups: [loss, groups, groups with one strict best image, of those the ones whose
-    implicit reward ranks it first, err_policy, err_ref]. A tied best has no right answer: left out of rank_acc."""
+    """Sums for the log: [loss, groups, groups with a strict best, of those ranked right, err_policy, err_ref]."""
     s = -(err_policy - err_ref).detach()
     best = rewards.max(1, keepdim=True).values
     strict = (rewards == best).sum(1) == 1
@@ -602,8 +596,7 @@ def training_context(transformer):
         yield
 
 def add_lora(transformer, targets, args):
-    """A LoRA on targets, A drawn from --seed and B zero (policy == reference at init), in fp32 with its AdamW state
-    while the frozen base stays in bf16 on CUDA. Returns its parameters."""
+    """A LoRA (A from --seed, B zero: policy == reference at init) in fp32 beside the bf16 base; its parameters."""
     from peft import LoraConfig
     transformer.requires_grad_(False)
     torch.manual_seed(args.seed)
@@ -619,8 +612,7 @@ def add_lora(transformer, targets, args):
     return params
 
 def train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device):
-    """Forwards and backwards of step `step`: this process's share of its groups in micro-batches, each loss scaled so
-    that the accumulated (and averaged over processes) gradient is the mean over all. Returns group_stats' sums."""
+    """Step `step`'s forwards and backwards, this process's groups in micro-batches: the gradient of their mean."""
     rank, world = rank_and_world()
     transformer, G, M = getattr(model, "module", model), args.groups_per_step, args.micro_batch
     guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
@@ -658,7 +650,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     window, t0, step = [], time.time(), start
     bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
-    with stop_when_done("finishing this step and saving a checkpoint") as stop:
+    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop:
         try:
             for step in bar:
                 stats = train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device)
@@ -689,8 +681,6 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                                      "continue with the same command and --resume")
         except KeyboardInterrupt:  # a second signal: the step in flight is discarded
             raise SystemExit(f"interrupted during step {step + 1}, which was discarded; last checkpoint: {last_ckpt}")
-        finally:
-            bar.close()
     if rank == 0:
         save_lora(pipeline_class, transformer, out / "lora")
     barrier()
@@ -733,8 +723,7 @@ def progress(iterable, desc, unit, **kwargs):
 
 @contextlib.contextmanager
 def stop_when_done(doing):
-    """A first Ctrl-C, SIGTERM (preemption, torchrun) or SIGUSR1 (SLURM's warning) only marks the yielded list: the
-    caller finishes what it is `doing`, saves and stops. A second raises KeyboardInterrupt at once."""
+    """A first Ctrl-C, SIGTERM or SIGUSR1 marks the yielded list (finish, save, stop); a second interrupts at once."""
     stop = []
 
     def handler(signum, _):
@@ -786,8 +775,7 @@ def append_line(path, line):
 HELD_LOCKS = {}  # OUT -> its open lock file, held for the life of the process
 
 def lock_out(out, create=True):
-    """One run per --out: a flock on OUT/.lock before anything is written (create=False: only if OUT exists). The
-    kernel drops it however the process ends: no stale lock. Under torchrun rank 0 holds it and tells the others."""
+    """One run per --out: a flock on OUT/.lock (create=False: only if OUT exists), dropped however the process ends."""
     holder, key = None, str(Path(out).resolve())
     if is_main_process() and key not in HELD_LOCKS and (create or Path(out).is_dir()):
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -1015,8 +1003,7 @@ NOT_SHAPING = {"out", "resume", "max_steps", "log_every", "save_every", "dry_run
 CANNOT_CHANGE = {"model", "tiny", "family", "resolution", "lora_rank"}
 
 def run_config(args, out, world):
-    """config.json: the settings; on --resume the first run's plus this resume's step and changes in "resumes" (listed
-    in one line; a change of model, family, resolution or LoRA rank is refused)."""
+    """config.json: the settings; on --resume the first run's, this resume and its changes added under "resumes"."""
     config, path = {**vars(args), "world_size": world}, out / "config.json"
     if not args.resume or not path.is_file():
         return config
