@@ -448,18 +448,22 @@ def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=()):
 
 
 @torch.no_grad()
-def encode_images(pipe, record, images, resolution):
-    """--from-images: PIL images -> clean latents in the cache's layout, each resized so its short side is
-    `resolution` and centre-cropped, then encoded by the family record's VAE step (gdro.decode's inverse)."""
+def encode_images(pipe, record, images, resolution, batch=8):
+    """--from-images: images (PIL images or files) -> clean latents in the cache's layout, each resized so its short
+    side is `resolution` and centre-cropped, then encoded `batch` at a time by the family record's VAE step
+    (gdro.decode's inverse)."""
+    from PIL import Image
     squares = []
     for image in images:
-        image = image.convert("RGB")
+        image = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
         scale = resolution / min(image.size)
         w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
         left, top = (w - resolution) // 2, (h - resolution) // 2
-        squares.append(image.resize((w, h), resample=3).crop((left, top, left + resolution, top + resolution)))
-    pixels = pipe.image_processor.preprocess(squares, height=resolution, width=resolution)  # resample 3: bicubic
-    return record.encode_pixels(pipe, pixels)
+        image = image.resize((w, h), resample=Image.BICUBIC)
+        squares.append(image.crop((left, top, left + resolution, top + resolution)))
+    preprocess = lambda part: pipe.image_processor.preprocess(part, height=resolution, width=resolution)
+    return torch.cat([record.encode_pixels(pipe, preprocess(squares[j:j + batch]))
+                      for j in range(0, len(squares), batch)])
 
 
 def read_image_folder(folder, group_size):

@@ -317,16 +317,12 @@ def family_record(name):
 
 def family_name(pipeline=None, hub_id=None):
     """The family of a pipeline class name or a hub id (the longest name wins: FLUX.2-klein over FLUX.2), or None."""
-    for more in (False, True):
-        if more:
-            load_more_families()
+    def find():
         if pipeline is not None:
-            found = next((f.name for f in FAMILIES.values() if f.pipeline == pipeline), None)
-        else:
-            found = max([(len(n), f.name) for f in FAMILIES.values() for n in f.hub_names if n in hub_id.lower()],
-                        default=(0, None))[1]
-        if found is not None:
-            return found
+            return next((f.name for f in FAMILIES.values() if f.pipeline == pipeline), None)
+        found = [(len(n), f.name) for f in FAMILIES.values() for n in f.hub_names if n in hub_id.lower()]
+        return max(found)[1] if found else None
+    return find() or load_more_families() or find()  # families.py only when the paper's two do not match
 
 def supported():
     load_more_families()
@@ -513,12 +509,10 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
 
 def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
     """Phase 1 from your own images: encoded by the model's VAE into ordinary shards with their given rewards."""
-    from PIL import Image
+    encode_images = companion("--from-images").encode_images
     for i in progress(my_missing_shards(cache_dir, len(prompts)), "encode images", "prompt"):
         cond, _ = encode_prompt(pipe, family, prompts[i])
-        images = [Image.open(file) for file, _ in groups[i]]
-        x0 = torch.cat([companion("--from-images").encode_images(pipe, family_record(family), images[j:j + 8],
-                                                                 args.resolution) for j in range(0, len(images), 8)])
+        x0 = encode_images(pipe, family_record(family), [file for file, _ in groups[i]], args.resolution)
         write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor([r for _, r in groups[i]]),
                                                **{k: v[0] for k, v in cond.items()}},
                     files=json.dumps([f.name for f, _ in groups[i]]))
@@ -847,13 +841,8 @@ def read_prompts(path, reward, max_prompts=None):
     if reward == "ocr":
         if not importlib.util.find_spec("reward_ocr"):
             raise BadInput("--reward ocr needs reward_ocr.py beside gdro.py; or pass --reward FILE.py:FUNCTION")
-        from reward_ocr import ocr_target
-        bad = []
-        for i, prompt in lines:
-            try:
-                ocr_target(prompt)
-            except ValueError:
-                bad.append(str(i))
+        from reward_ocr import has_ocr_target
+        bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
         if bad:
             raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
     return [prompt for _, prompt in lines]

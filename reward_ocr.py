@@ -36,6 +36,11 @@ def ocr_target(prompt):
     return m.group(1)
 
 
+def has_ocr_target(prompt):
+    """Whether the prompt quotes a target text (the OCR reward needs one)."""
+    return bool((m := _QUOTED.search(prompt)) and m.group(1).strip())
+
+
 def _normalise(text):
     return "".join(text.lower().split())
 

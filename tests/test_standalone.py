@@ -96,7 +96,7 @@ def test_copied_alone_gdro_trains_a_lora_that_loads_into_the_pipeline(tmp_path, 
     families.build_tiny_pipeline(gdro.family_record(family)).save_pretrained(folder / "model")
     out = run(folder, "gdro.py", "--model", "model", "--prompts", "prompts.txt", "--reward", "my_reward.py:brightness",
               "--images-per-prompt", "4", "--group-size", "3", "--steps", "2", "--groups-per-step", "2",
-              "--max-steps", "3", "--lora-rank", "4", "--out", "run")
+              "--max-steps", "3", "--lora-rank", "4", "--resolution", "64", "--out", "run")
     assert "LoRA saved to run/lora" in out
     pipe = DiffusionPipeline.from_pretrained(folder / "model")
     pipe.set_progress_bar_config(disable=True)
