@@ -1049,22 +1049,25 @@ def check_args(args, world):
     if args.reward != "ocr" and not args.from_images and not (path.endswith(".py") and name and os.path.isfile(path)):
         raise BadInput(f"--reward {args.reward!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
 
+def read_inputs(args):
+    """(prompts, the image folder's groups or None, each prompt's group size), every line checked."""
+    if not args.from_images:
+        prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
+        return prompts, None, [args.images_per_prompt] * len(prompts)
+    try:
+        found = companion("--from-images").read_image_folder(args.from_images, args.group_size)
+    except ValueError as e:  # a line or an image at fault, named
+        raise BadInput(str(e))
+    prompts, groups = (x[:args.max_prompts] for x in found)
+    return prompts, groups, [len(g) for g in groups]
+
 def main(argv=None):
     """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
     args = settle_model(parse_args(argv))
     device = init_distributed()
     rank, world = rank_and_world()
     check_args(args, world)
-    if args.from_images:
-        try:  # every line and image checked before any model loads
-            found = companion("--from-images").read_image_folder(args.from_images, args.group_size)
-        except ValueError as e:
-            raise BadInput(str(e))
-        prompts, image_groups = (x[:args.max_prompts] for x in found)
-        sizes = [len(g) for g in image_groups]
-    else:
-        prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
-        sizes = [args.images_per_prompt] * len(prompts)
+    prompts, image_groups, sizes = read_inputs(args)
     plan = training_plan(args, sizes)
     if rank == 0:
         print("plan: " + ", ".join(f"{k} {v}" for k, v in plan.items()))

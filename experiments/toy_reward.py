@@ -3,7 +3,7 @@
 gdro.py takes any `fn(images, prompts) -> list[float]` through `--reward FILE.py:FUNCTION`:
 
     printf 'red sky\\ngreen wall\\nblue car\\n' > colours.txt
-    python gdro.py --tiny --prompts colours.txt --reward toy_reward.py:colour_reward
+    python gdro.py --tiny --prompts colours.txt --reward experiments/toy_reward.py:colour_reward
 
 The prompt names one colour (red, green or blue) and the reward is how much that colour dominates the
 image: the mean of its RGB channel minus the mean of the two other channels, pixels in [0, 1], times
