@@ -312,7 +312,8 @@ def family_record(name):
     if name not in FAMILIES:
         load_more_families()
     if name not in FAMILIES:
-        raise BadInput(f"--family {name}: not a supported family; supported: {supported()}")
+        more = "" if importlib.util.find_spec("families") else " (families.py beside gdro.py adds four more)"
+        raise BadInput(f"--family {name}: not a supported family; supported: {supported()}{more}")
     return FAMILIES[name]
 
 def family_name(pipeline=None, hub_id=None):
