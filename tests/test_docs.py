@@ -29,9 +29,9 @@ NOT_PROJECT_NAMES = {
     "rank_acc", "tied_groups", "grad_norm", "err_policy", "err_ref", "time_s",
     # eval.py's report.json and scores.jsonl keys
     "ocr_reward", "ocr_exact", "n_images", "prompt_index", "judge_answer",
-    # experiment.py --ocr's results.json keys
+    # experiments/run.py --ocr's results.json keys
     "base_ocr", "gdro_ocr", "base_exact", "gdro_exact", "gain_se", "model_dir", "train_prompts", "heldout_prompts",
-    # bench.py's JSON keys (figures, not functions)
+    # experiments/bench.py's JSON keys (figures, not functions)
     "step_overhead", "rollout_overhead", "ckpt_memory_ratio",
     # --dry-run's plan keys (gdro.training_plan's dict)
     "prompt_coverage", "image_coverage", "est_rollout_gpu_hours_h200", "est_train_gpu_hours_h200",

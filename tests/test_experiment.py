@@ -1,6 +1,6 @@
 """GDRO learns: on the toy colour reward the trained LoRA raises the reward of fresh images for held-out prompts.
 
-Runs the main experiment of experiment.py (tiny random SD3, CPU, about 1.5 minutes on 2 cores): cache -> gdro_loss ->
+Runs the main experiment of experiments/run.py (tiny random SD3, CPU, 1.5-4.5 minutes on 2 cores): cache -> gdro_loss ->
 LoRA -> fresh samples from seeds never cached, for prompts never trained on. It fails when training does nothing
 (`--set max-steps=0`, or `--set beta=0 gamma=0`: effect size exactly 0, no prompt improved).
 """

@@ -1,4 +1,4 @@
-"""The text model pretrained on CPU (small_models.build_text_model), at toy size: it is a diffusers folder that the
+"""The text model pretrained on CPU (text_model.build_text_model), at toy size: it is a diffusers folder that the
 real from_pretrained path loads, the same seed builds the same weights, and gdro.py trains on it with the OCR reward
 through its normal --model path (no --tiny)."""
 import json
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import gdro
-from experiments import text_model as small_models
+from experiments import text_model as pretraining  # the fixture below is named text_model
 
 HERE = Path(__file__).resolve().parent.parent
 TOY = {"variants": 1, "vae_steps": 2, "vae_batch": 4, "steps": 3, "batch": 4, "layers": 1}
@@ -19,15 +19,15 @@ TOY = {"variants": 1, "vae_steps": 2, "vae_batch": 4, "steps": 3, "batch": 4, "l
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    return small_models.build_text_model(tmp_path_factory.mktemp("text_model"), TOY)
+    return pretraining.build_text_model(tmp_path_factory.mktemp("text_model"), TOY)
 
 
 def test_text_strings_split_without_overlap_and_the_prompts_quote_the_string():
-    splits = small_models.text_strings()
+    splits = pretraining.text_strings()
     assert {k: len(v) for k, v in splits.items()} == {"test": 100, "val": 100, "train": 800}
     assert not set(splits["test"]) & set(splits["train"]) and not set(splits["val"]) & set(splits["train"])
     from reward_ocr import ocr_target
-    assert ocr_target(small_models.TEXT_PROMPT.format("042")) == "042"
+    assert ocr_target(pretraining.TEXT_PROMPT.format("042")) == "042"
 
 
 @pytest.mark.slow
@@ -36,14 +36,14 @@ def test_the_text_model_loads_through_from_pretrained_and_rebuilds_bit_for_bit(t
     pipe = DiffusionPipeline.from_pretrained(text_model)
     assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.tokenizer_3.model_max_length == 32
     assert gdro.settle_model(gdro.parse_args(["--model", str(text_model)])).resolution == 64  # its own size
-    again = small_models.build_text_model(tmp_path / "again", TOY)
+    again = pretraining.build_text_model(tmp_path / "again", TOY)
     a, b = (load_file(f / "transformer" / "diffusion_pytorch_model.safetensors") for f in (text_model, again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stamp = (text_model / "text_model.json").stat().st_mtime_ns
-    assert small_models.build_text_model(text_model, TOY) == text_model  # built once, then reused
+    assert pretraining.build_text_model(text_model, TOY) == text_model  # built once, then reused
     assert (text_model / "text_model.json").stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match="another recipe"):  # never silently rebuilt over
-        small_models.build_text_model(text_model, {**TOY, "steps": 4})
+        pretraining.build_text_model(text_model, {**TOY, "steps": 4})
     assert not (text_model / "build").exists()  # the stages' checkpoints are gone once the model is whole
 
 
