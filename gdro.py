@@ -131,7 +131,6 @@ def companion(feature):
     import families
     return families
 
-
 # ============================================================================= 2. the method
 # Notation (diffusers' rectified flow): x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t in (0, 1).
 # The policy is base + LoRA; the reference is the same transformer with the adapter switched off (no second copy).
@@ -521,7 +520,6 @@ def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
 
 # ============================================================================= 5. phase 2: training
 
-
 def training_plan(args, sizes):
     """What a run will do with its cache, before any heavy work (--dry-run prints it): one JSON-able dict."""
     P, groups = len(sizes), args.max_steps * args.groups_per_step
@@ -795,7 +793,6 @@ def lock_out(out, create=True):
 def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-
 SHA256_FILE = "sha256.json"  # in a checkpoint or LoRA folder: the SHA-256 of its other files, written last
 
 def record_sha256(folder):
@@ -984,7 +981,6 @@ def check_out(out, args):
                 "without --resume to train from the start (the cache is kept)")
         raise BadInput(f"checkpoint file {damaged} is damaged (not what its {SHA256_FILE} recorded when it was "
                        f"saved); delete {found[-1]} and rerun {then}")
-
 
 # config.json records every setting; these do not shape what is learned (how long, how often to log and save, how
 # fast), and these cannot change on --resume (the checkpoint is of that model's layers)
