@@ -36,10 +36,15 @@ def alone(tmp_path, *companions):
     return folder
 
 
-def run(folder, *args, timeout=300):
+def python(folder, *args, timeout=300):
     """python ARGS in folder, with none of the project on the path (only what is in the folder)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run(folder, *args):
+    """python ARGS in folder, which must succeed; its stdout."""
+    done = python(folder, *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -78,13 +83,12 @@ def test_copied_alone_gdro_answers_help_and_dry_run_and_exports_the_method(tmp_p
 @pytest.mark.slow
 def test_copied_alone_gdro_says_in_one_line_what_needs_a_companion(tmp_path):
     folder = alone(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     custom = ["--prompts", "prompts.txt", "--reward", "my_reward.py:brightness", "--dry-run"]
     for args, needs in ((custom + ["--tiny"], "--tiny needs families.py"),
                         (["--from-images", ".", "--dry-run"], "--from-images needs families.py"),
                         (["--prompts", "prompts.txt", "--dry-run"], "--reward ocr needs reward_ocr.py"),
                         (custom + ["--family", "qwen-image"], "--family qwen-image: not a supported family")):
-        done = subprocess.run([sys.executable, "gdro.py", *args], cwd=folder, env=env, capture_output=True, text=True)
+        done = python(folder, "gdro.py", *args)
         assert done.returncode == 2 and needs in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
