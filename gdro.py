@@ -8,13 +8,11 @@ Plackett-Luce cross-entropy ranks the group by it against a softmax of the expli
 
 This file reads top to bottom:
   1. settings   the paper's defaults as flags, and the constants
-  2. the method sample_t -> velocity_errors -> gdro_loss: from cached images to the loss, one block that uses nothing
-                else in this file, to read next to the paper or copy elsewhere
+  2. the method sample_t -> velocity_errors -> gdro_loss: one block that needs nothing else here; read it, copy it
   3. models     a record per model family (SD3 / SD3.5 and FLUX.1; families.py has more), the pipelines
   4. phase 1    the offline rollout cache (or your own images and scores: --from-images)
   5. phase 2    training: the plan, groups drawn in epochs, one step, the loop
-  6. plumbing   what a reader of the method need not see: processes, signals, crash-safe files, the lock, input
-                files, cache shards, checkpoints, the run folder
+  6. plumbing   processes, signals, crash-safe files, the lock, input files, cache shards, checkpoints, the run folder
   7. main       every input checked before any model loads; then phase 1, phase 2
 
     python gdro.py --prompts ocr.txt                                  # SD3.5-Medium, the paper's OCR setting
@@ -27,26 +25,8 @@ Exit codes: 2 = a refused input (also a folder in use, a damaged checkpoint), 1 
 the cache build or training (finished work kept), 130 = a Ctrl-C anywhere else (nothing half-written), 0 = done.
 Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method table in the README.
 """
-import argparse
-import contextlib
-import errno
-import fcntl
-import functools
-import gc
-import hashlib
-import importlib.util
-import io
-import json
-import math
-import numbers
-import os
-import runpy
-import shutil
-import signal
-import sys
-import threading
-import time
-import traceback
+import argparse, contextlib, errno, fcntl, functools, gc, hashlib, importlib.util, io, json, math, numbers, os, runpy
+import shutil, signal, sys, threading, time, traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,9 +40,8 @@ from tqdm import tqdm
 
 RESOLUTION_FACTOR = 16  # every family: the VAE downsamples 8x and the transformer takes 2x2 patches
 PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
-# --dry-run's GPU-hour estimate: one prompt's rollout group of 16 images with 10 Euler steps, and one training step
-# of one k = 6 group with checkpointing, bf16 at 512 px, measured on one H200 (torch 2.11) with the code before
-# commit fd8d746 (cuDNN attention disabled by hand, LoRA inputs cast to fp32, no --compile): docs/cost.md
+# --dry-run's GPU-hour estimate: one prompt's rollout group (16 images, 10 Euler steps) and one training step of a
+# k = 6 group with checkpointing, bf16 at 512 px, on one H200 (torch 2.11) with the code before commit fd8d746
 H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
 # --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
 # which drew the cache, so a second-order solver is free speed (docs/cost.md: distance to a 200-step solution)
@@ -128,8 +107,7 @@ def companion(feature):
     """families.py (more families, --tiny's pipelines, image folders) for a feature that needs it."""
     if not importlib.util.find_spec("families"):
         raise BadInput(f"{feature} needs families.py beside gdro.py")
-    import families
-    return families
+    return importlib.import_module("families")
 
 # ============================================================================= 2. the method
 # Notation (diffusers' rectified flow): x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t in (0, 1).
@@ -222,9 +200,8 @@ def unpack_latents(x):
     return x.view(n, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, 2 * side, 2 * side)
 
 class Family:
-    """A model family's record (docs/models.md): pipeline class, hub names, usual guidance, steps and side, schedule,
-    LoRA targets, packed latents or not; prompt encoding, the pipeline's inputs and latents, the velocity call
-    (v = eps - x0), the sampler's shift of t, the VAE. The defaults are shared ways; families.py's records plug in."""
+    """A model family's record (docs/models.md): pipeline, names, defaults, schedule, LoRA targets, packed latents or
+    not; prompt encoding, sampler inputs, the velocity call (v = eps - x0), the shift of t, the VAE; shared defaults."""
     name = pipeline = None
     hub_names = ()
     guidance, steps, resolution, scheduler, packed = None, 10, 1024, {}, False
@@ -416,9 +393,8 @@ def decode(pipe, family, latents):
 
 # ============================================================================= 4. phase 1: the offline rollout cache
 # OUT/cache/manifest.json says how the cache was made; OUT/cache/prompt_NNNNNN.safetensors holds one prompt's group:
-# x0 [n, ...] (clean latents), rewards [n], seeds [n] (or the image files), and its text conditioning. Every file is
-# written under a temporary name and renamed, so a kill leaves whole shards only and a rerun resumes at the first
-# missing one, on any number of processes.
+# x0 [n, ...] (clean latents), rewards [n], seeds [n] (or the image files), and its text conditioning. Each file is
+# written whole and renamed: a kill leaves whole shards, and a rerun resumes them on any number of processes.
 
 def cache_manifest(args, cache_dir):
     """What makes two caches the same (manifest.json), checked: shards made another way are never mixed in."""
@@ -522,9 +498,8 @@ def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
 
 def training_plan(args, sizes):
     """What a run will do with its cache, before any heavy work (--dry-run prints it): one JSON-able dict."""
-    P, groups = len(sizes), args.max_steps * args.groups_per_step
+    P, groups, k = len(sizes), args.max_steps * args.groups_per_step, args.group_size
     visits = [groups // P + (1 if r < groups % P else 0) for r in range(P)]  # epochs: visits differ by at most one
-    k = args.group_size
     seen = sum(1 - (1 - k / n) ** v for n, v in zip(sizes, visits))  # expected share of a prompt's images drawn
     plan = {"family": args.family, "pipeline": family_record(args.family).pipeline, "guidance": args.guidance,
             "steps": args.steps, "resolution": args.resolution, "prompts": P,
@@ -637,9 +612,8 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     params = add_lora(transformer, family_record(family).lora_targets, args)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     start, last_ckpt = start_or_resume(args, transformer, optimizer)
-    model = transformer  # under torchrun: DDP averages the LoRA's gradients across processes
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False)
+    DDP = torch.nn.parallel.DistributedDataParallel  # under torchrun: it averages the LoRA's gradients
+    model = DDP(transformer, broadcast_buffers=False) if world > 1 else transformer
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     window, t0, step = [], time.time(), start
     bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
@@ -686,10 +660,7 @@ class BadInput(SystemExit):
     """A refused input: one line on stderr naming the flag, file or line, exit code 2 (argparse's convention)."""
     def __init__(self, message):
         super().__init__(2)
-        self.message = message
-
-    def __str__(self):
-        return self.message
+        self.args = (message,)  # str(e) is the message; e.code stays 2
 
 def init_distributed():
     """This process's device; torchrun's WORLD_SIZE, RANK, LOCAL_RANK start NCCL (CUDA) or gloo (CPU)."""
@@ -921,8 +892,7 @@ def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, state)
     write_atomic(tmp / "state.pt", state.getvalue())
     record_sha256(tmp)
-    if final.exists():  # a LoRA-only leftover of an earlier run at this step
-        shutil.rmtree(final)
+    shutil.rmtree(final, ignore_errors=True)  # a LoRA-only leftover of an earlier run at this step
     os.replace(tmp, final)
     for old in sorted(Path(ckpt_dir).glob("step_*/state.pt"))[:-2]:
         if old.parent != final:
@@ -1016,7 +986,6 @@ def check_args(args, world):
     rules = [("--images-per-prompt", args.images_per_prompt >= 2, "at least 2"),
              ("--resolution", args.resolution >= RESOLUTION_FACTOR and args.resolution % RESOLUTION_FACTOR == 0,
               f"a positive multiple of {RESOLUTION_FACTOR} (the VAE's 8x and the 2x2 patches)"),
-             ("--steps", args.steps >= 1, "at least 1"),
              ("--guidance", args.guidance is None or (finite(args.guidance) and args.guidance >= 0), "finite and >= 0"),
              ("--rollout-batch", args.rollout_batch is None or args.rollout_batch >= 1, "at least 1"),
              ("--beta", finite(args.beta) and args.beta >= 0, "finite and >= 0"),
@@ -1027,12 +996,10 @@ def check_args(args, world):
              ("--max-steps", args.max_steps >= 0, ">= 0"),
              ("--groups-per-step", args.groups_per_step >= 1 and args.groups_per_step % world == 0,
               f"at least 1 and a multiple of the {world} processes"),
-             ("--micro-batch", args.micro_batch >= 1, "at least 1"),
              ("--lr", finite(args.lr) and args.lr > 0, "finite and > 0"),
              ("--max-grad-norm", finite(args.max_grad_norm) and args.max_grad_norm > 0, "finite and > 0"),
-             ("--lora-rank", args.lora_rank >= 1, "at least 1"),
-             ("--log-every", args.log_every >= 1, "at least 1"),
-             ("--save-every", args.save_every >= 1, "at least 1"),
+             *[(f, getattr(args, f[2:].replace("-", "_")) >= 1, "at least 1")
+               for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
              ("--seed", args.seed >= 0, ">= 0"),
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1")]
     for flag, ok, must in rules:
@@ -1111,8 +1078,7 @@ def main(argv=None):
     transformer, pipeline_class, scheduler_config = pipe.transformer, type(pipe), dict(pipe.scheduler.config)
     del pipe
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op unless CUDA is in use
     lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device)
     if rank == 0:
         print(f"LoRA saved to {lora_dir} (load with pipe.load_lora_weights({str(lora_dir)!r}))")

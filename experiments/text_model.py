@@ -28,17 +28,22 @@ import gdro
 from families import char_text_configs, char_tokenizers, eval_mode
 
 TEXT_PROMPT = 'the text "{}"'  # ocr.txt's convention: the target in double quotes
-TEXT_ALPHABET, TEXT_LENGTH, TEXT_RESOLUTION = "0123456789", 3, 64
+TEXT_ALPHABET, TEXT_RESOLUTION = "0123456789", 64
 TEXT_SPLITS = {"test": 100, "val": 100}  # strings held out; the other 800 of the 1000 are train
 # The whole recipe: changing any value builds a new model (the folder's text_model.json records it).
-TEXT_RECIPE = dict(seed=0, variants=4, jitter=0.0, small_share=0.4, vae_steps=400, vae_batch=32, vae_lr=1e-3,
+TEXT_RECIPE = dict(seed=0, length=3, variants=4, jitter=0.0, small_share=0.4, vae_steps=400, vae_batch=32, vae_lr=1e-3,
                    steps=5000, batch=32, lr=1e-3, warmup=200, ema=0.999, uncond=0.1, layers=6, heads=4, head_dim=32,
                    clip_length=32, t5_length=32, shift=1.0)
+# A second model, whose failure is binding rather than a mode: 4-digit strings (rewards take 5 values, so fewer groups
+# tie), every render large and jittered in size and place, so its images are legible digits, often the wrong ones or
+# in the wrong place; copying a group's best image does not remove that. Fewer steps: it must build in 40 minutes.
+BINDING_RECIPE = {**TEXT_RECIPE, "length": 4, "variants": 2, "jitter": 0.5, "small_share": 0.0, "steps": 3000}
+RECIPES = {"mode": TEXT_RECIPE, "binding": BINDING_RECIPE}
 
 
-def text_strings(seed=0):
-    """{split: [strings]}: every TEXT_LENGTH-string of TEXT_ALPHABET, shuffled once by seed and split."""
-    strings = ["".join(s) for s in itertools.product(TEXT_ALPHABET, repeat=TEXT_LENGTH)]
+def text_strings(seed=0, length=TEXT_RECIPE["length"]):
+    """{split: [strings]}: every string of `length` characters of TEXT_ALPHABET, shuffled once by seed and split."""
+    strings = ["".join(s) for s in itertools.product(TEXT_ALPHABET, repeat=length)]
     random.Random(seed).shuffle(strings)
     splits, start = {}, 0
     for name, n in TEXT_SPLITS.items():
@@ -161,9 +166,9 @@ def serialize(obj):
     return buffer.getvalue()
 
 
-def write_text_prompts(folder):
-    """folder/{train,val,test}.txt: one prompt per string of each split."""
-    for name, strings in text_strings(TEXT_RECIPE["seed"]).items():
+def write_text_prompts(folder, r):
+    """folder/{train,val,test}.txt: one prompt per string of each split of recipe r."""
+    for name, strings in text_strings(r["seed"], r["length"]).items():
         (Path(folder) / f"{name}.txt").write_text("".join(TEXT_PROMPT.format(s) + "\n" for s in strings))
 
 
@@ -174,7 +179,7 @@ def build_text_model(folder, recipe=None):
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
     r, folder = {**TEXT_RECIPE, **(recipe or {})}, Path(folder)
-    record = {"recipe": r, "prompt": TEXT_PROMPT, "alphabet": TEXT_ALPHABET, "length": TEXT_LENGTH,
+    record = {"recipe": r, "prompt": TEXT_PROMPT, "alphabet": TEXT_ALPHABET,
               "resolution": TEXT_RESOLUTION, "splits": TEXT_SPLITS}
     done = folder / "text_model.json"
     if done.is_file():
@@ -185,7 +190,7 @@ def build_text_model(folder, recipe=None):
     t0, work = time.time(), folder / "build"  # work: the stages' results, so an interrupted build resumes
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(r["seed"])
-    train_strings = text_strings(r["seed"])["train"]
+    train_strings = text_strings(r["seed"], r["length"])["train"]
     images = [render(s, rng, jitter=r["jitter"], small=rng.random() < r["small_share"])
               for s in tqdm(train_strings, desc="text model: render", unit="string") for _ in range(r["variants"])]
     pixels = to_pixels(images)
@@ -219,7 +224,7 @@ def build_text_model(folder, recipe=None):
     _, uncond = gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
     train_text_transformer(pipe, x0, cond, uncond, r, work / "transformer_state.pt")
     pipe.save_pretrained(folder)
-    write_text_prompts(folder)
+    write_text_prompts(folder, r)
     done.write_text(json.dumps({"record": record, "build_seconds": round(time.time() - t0)}, indent=2))
     shutil.rmtree(work)  # the stages' checkpoints: the model is whole now
     return folder
@@ -228,10 +233,12 @@ def build_text_model(folder, recipe=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the small text-rendering model on CPU (once; reused afterwards).")
     p.add_argument("--out", default="runs/text_model", help="model folder (default: %(default)s)")
+    p.add_argument("--recipe", choices=RECIPES, default="mode",
+                   help="mode: 3 digits, 40 %% small (unreadable) renders; binding: 4 digits, all large, jittered")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change a TEXT_RECIPE value, e.g. steps=100")
     args = p.parse_args(argv)
-    recipe = {}
+    recipe = dict(RECIPES[args.recipe])
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in TEXT_RECIPE:
