@@ -1,0 +1,215 @@
+"""Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), the ONLINE baseline GDRO is compared with: a minimal, faithful
+version on gdro.py's public functions (loading, prompt encoding, the velocity call, the reward, the LoRA).
+
+Each step the CURRENT policy draws a group of images per prompt with Flow-GRPO's SDE sampler, keeping every
+transition's Gaussian log-probability; the reward scores them; group-normalised advantages weight a PPO-style
+clipped ratio objective over the denoising steps it trains on, plus a KL term to the reference (the same transformer
+with the adapter off, as in GDRO). gdro.py never imports this file.
+
+The SDE step (Flow-GRPO's sde_step_with_logprob), from sigma to the next sigma' (dt = sigma' - sigma < 0):
+    std_t = a * sqrt(sigma / (1 - sigma))         (a: the noise level; at sigma = 1 the next sigma stands in below)
+    mean  = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
+    x'    = mean + std_t sqrt(-dt) noise;  log p(x' | x) averaged over latent elements
+With a = 0 it is the ODE's Euler step, which evaluation uses.
+
+    python -m experiments.flow_grpo --model runs/text_model --prompts PROMPTS --out runs/flow_grpo
+
+Settings from Flow-GRPO's paper and code (FLOW_GRPO), scaled down only where named in the comparison.
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import gdro
+
+FLOW_GRPO = {  # Flow-GRPO's OCR settings as read in its public code (config/grpo.py, flow_grpo/diffusers_patch)
+    "noise_level": 0.7,   # a in std_t = a sqrt(sigma / (1 - sigma))
+    "steps": 10,          # SDE sampling steps per rollout
+    "train_steps": 9,     # of which the first 9 transitions are trained on (timestep_fraction 0.99)
+    "clip_range": 1e-4,   # PPO ratio clip
+    "adv_clip_max": 5.0,  # advantages clipped at +-5
+    "kl": 0.04,           # KL weight (OCR)
+    "group_size": 24,     # images per prompt
+    "prompts_per_step": 2,
+    "minibatches": 2,     # optimizer steps per rollout batch: the later ones are off-policy, the clip matters
+    "guidance": 4.5,      # CFG in sampling and training (SD3)
+    "lr": 3e-4, "lora_rank": 32, "max_grad_norm": 1.0,
+}
+
+
+def sde_step(x, v, sigma, sigma_next, noise_level, noise=None, sigma_max=None):
+    """One transition x (at sigma) -> x' (at sigma_next) of Flow-GRPO's SDE, given the velocity v at x.
+    x, v: [N, ...]; sigma, sigma_next: floats (or 0-d tensors). noise: [N, ...] standard normal, or None to return the
+    mean as x' (noise_level 0 gives the Euler step). sigma_max: the largest sigma below 1, used where sigma = 1.
+    Returns (x_next, mean, std) with std = std_t sqrt(-dt) the transition's standard deviation."""
+    dt = sigma_next - sigma
+    denominator = 1 - (sigma_max if sigma == 1 and sigma_max is not None else sigma)
+    std_t = noise_level * math.sqrt(sigma / denominator)
+    mean = x * (1 + std_t ** 2 / (2 * sigma) * dt) + v * (1 + std_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_t * math.sqrt(-dt)
+    x_next = mean if noise is None or std == 0 else mean + std * noise
+    return x_next, mean, std
+
+
+def log_prob(x_next, mean, std):
+    """[N]: the Gaussian log-density of x_next under N(mean, std^2), averaged over latent elements (as Flow-GRPO)."""
+    lp = -((x_next.detach() - mean) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
+
+
+def sigmas(scheduler_config, steps, mu=None):
+    """The sampler's sigmas (steps + 1, ending at 0) on the model's shifted schedule, as its Euler scheduler sets."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps, mu=mu) if scheduler.config.use_dynamic_shifting else scheduler.set_timesteps(steps)
+    return scheduler.sigmas.tolist()
+
+
+def guided_velocity(velocity, transformer, x, sigma, cond, uncond, guidance):
+    """The velocity with CFG (SD3: cond and uncond in one batch), or the plain call for a model without uncond."""
+    t = torch.full((len(x),), float(sigma))
+    if not uncond:
+        return velocity(transformer, x, t, cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    v_uncond, v_cond = velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def initial_noise(family, transformer, n, resolution, generator):
+    """x at sigma = 1 in the transformer's layout (FLUX's packed tokens, or the VAE's grid)."""
+    record, side = gdro.family_record(family), resolution // 8
+    channels = transformer.config.in_channels // (4 if record.packed else 1)
+    z = torch.randn(n, channels, side, side, generator=generator)
+    return record.pack(z) if record.packed else z
+
+
+@torch.no_grad()
+def rollout(velocity, transformer, cond, uncond, x, sig, s, gen):
+    """The current policy's SDE trajectory from x: states [T+1] and each transition's log-probability [T] of [N]."""
+    states, log_probs = [x], []
+    for j in range(len(sig) - 1):
+        v = guided_velocity(velocity, transformer, states[-1], sig[j], cond, uncond, s["guidance"])
+        noise = torch.randn(x.shape, generator=gen)
+        x_next, mean, std = sde_step(states[-1], v, sig[j], sig[j + 1], s["noise_level"], noise, sig[1])
+        states.append(x_next)
+        log_probs.append(log_prob(x_next, mean, std) if std > 0 else torch.zeros(len(x)))
+    return states, log_probs
+
+
+def advantages(rewards, group_size, clip):
+    """(r - the prompt's mean) / (the batch's std + 1e-4), clipped at +-clip: rewards [P * group_size]."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    mean = r.view(-1, group_size).mean(1).repeat_interleave(group_size)
+    return ((r - mean) / (r.std() + 1e-4)).clamp(-clip, clip)
+
+
+def policy_loss(velocity, transformer, states, old_log_probs, adv, cond, uncond, sig, j, s):
+    """Flow-GRPO's loss at transition j: the clipped ratio objective and the KL to the reference (adapter off).
+    Returns (loss, ratio [N], kl [N])."""
+    v = guided_velocity(velocity, transformer, states[j], sig[j], cond, uncond, s["guidance"])
+    _, mean, std = sde_step(states[j], v, sig[j], sig[j + 1], s["noise_level"], sigma_max=sig[1])
+    with torch.no_grad(), gdro.adapter_disabled(transformer):
+        v_ref = guided_velocity(velocity, transformer, states[j], sig[j], cond, uncond, s["guidance"])
+        _, mean_ref, _ = sde_step(states[j], v_ref, sig[j], sig[j + 1], s["noise_level"], sigma_max=sig[1])
+    ratio = torch.exp(log_prob(states[j + 1], mean, std) - old_log_probs[j])
+    clipped = ratio.clamp(1 - s["clip_range"], 1 + s["clip_range"])
+    pg = torch.maximum(-adv * ratio, -adv * clipped).mean()
+    kl = (mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * std ** 2)
+    return pg + s["kl"] * kl.mean(), ratio.detach(), kl.detach()
+
+
+def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, family=None, resolution=None, seed=0,
+          save_every=10, on_save=None):
+    """Flow-GRPO on `prompts` for max_steps steps; a LoRA checkpoint every save_every steps in OUT/checkpoints, with
+    the compute so far (seconds, images sampled) in OUT/metrics.jsonl. on_save(folder, record) is called at each."""
+    s, out = {**FLOW_GRPO, **settings}, Path(out)
+    pipe, family = gdro.load_pipeline(model, tiny, family or ("sd3" if tiny else gdro.family_name(
+        hub_id=str(model)) or "sd3"))
+    record = gdro.family_record(family)
+    resolution = resolution or gdro.PAPER_RESOLUTION
+    transformer, velocity = pipe.transformer, record.velocity
+    lora = argparse.Namespace(lora_rank=s["lora_rank"], seed=seed, grad_checkpointing=False, compile=False)
+    params = gdro.add_lora(transformer, record.lora_targets, lora)
+    optimizer = torch.optim.AdamW(params, lr=s["lr"])
+    encoded = [gdro.encode_prompt(pipe, family, p) for p in prompts]
+    config = dict(pipe.scheduler.config)
+    side_tokens = (resolution // 16) ** 2
+    sig = sigmas(config, s["steps"], record.shift_mu(config, side_tokens, s["steps"]))
+    out.mkdir(parents=True, exist_ok=True)
+    t0, cpu0, images, G = time.time(), time.process_time(), 0, s["group_size"]
+    for step in gdro.progress(range(max_steps), "Flow-GRPO", "step"):
+        chosen = torch.randperm(len(prompts), generator=gdro.keyed_generator(seed, "prompts", step))
+        chosen = chosen[:s["prompts_per_step"]].tolist()
+        rows = lambda c: {k: v.expand(G, *v.shape[1:]) for k, v in c.items()}
+        batch = []  # per prompt: cond, uncond, states, log_probs, rewards
+        for i in chosen:
+            cond, uncond = (rows(c) for c in encoded[i])
+            gen = gdro.keyed_generator(seed, "rollout", step, i)
+            x = initial_noise(family, transformer, G, resolution, gen)
+            states, log_probs = rollout(velocity, transformer, cond, uncond, x, sig, s, gen)
+            with torch.no_grad():
+                pil = gdro.decode(pipe, family, states[-1])
+            rewards = [float(r) for r in reward_fn(pil, [prompts[i]] * G)]
+            batch.append((cond, uncond, states, log_probs, rewards))
+        images += G * len(chosen)
+        adv = advantages([r for b in batch for r in b[4]], G, s["adv_clip_max"]).view(len(chosen), G)
+        # the rollouts split into minibatches (each image once), an optimizer step after each
+        order = torch.randperm(len(chosen) * G, generator=gdro.keyed_generator(seed, "minibatch", step))
+        stats = []
+        for part in order.chunk(s["minibatches"]):
+            for p_idx in range(len(chosen)):
+                mine = [n % G for n in part.tolist() if n // G == p_idx]
+                if not mine:
+                    continue
+                cond, uncond, states, log_probs, _ = batch[p_idx]
+                pick = lambda d: {k: v[mine] for k, v in d.items()}
+                st, lp = [x[mine] for x in states], [x[mine] for x in log_probs]
+                for j in range(s["train_steps"]):
+                    loss, ratio, kl = policy_loss(velocity, transformer, st, lp, adv[p_idx, mine], pick(cond),
+                                                  pick(uncond), sig, j, s)
+                    (loss * len(mine) / (len(chosen) * G / s["minibatches"]) / s["train_steps"]).backward()
+                    stats.append((loss.item(), ratio.mean().item(), kl.mean().item()))
+            torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        line = {"step": step + 1, "reward": sum(r for b in batch for r in b[4]) / (G * len(chosen)),
+                "loss": sum(x[0] for x in stats) / len(stats), "ratio": sum(x[1] for x in stats) / len(stats),
+                "kl": sum(x[2] for x in stats) / len(stats), "images_sampled": images,
+                "seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2)}
+        gdro.append_line(out / "metrics.jsonl", json.dumps(line))
+        if (step + 1) % save_every == 0 or step + 1 == max_steps:
+            folder = out / "checkpoints" / f"step_{step + 1:06d}"
+            gdro.save_lora(type(pipe), transformer, folder)
+            if on_save:
+                on_save(folder, line)
+    return out / "checkpoints"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Flow-GRPO (online, SDE rollouts): the baseline GDRO is compared with.")
+    p.add_argument("--model", required=True, help="hub id or local folder of a pipeline")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--reward", default="ocr", help="'ocr' or FILE.py:FUNCTION, as gdro.py's")
+    p.add_argument("--out", default="runs/flow_grpo", help="output folder (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=100, help="steps of rollouts + updates (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="image side (default: 512, or the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and draws (default: %(default)s)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a FLOW_GRPO value")
+    args = p.parse_args(argv)
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in FLOW_GRPO:
+            p.error(f"--set {item}: unknown key; one of {', '.join(FLOW_GRPO)}")
+        settings[key] = type(FLOW_GRPO[key])(value)
+    prompts = gdro.read_prompts(args.prompts, args.reward)
+    train(args.model, prompts, gdro.load_reward(args.reward), args.out, settings, args.max_steps,
+          resolution=args.resolution, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
