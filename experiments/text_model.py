@@ -3,6 +3,7 @@ an image of 482). OCR can read it, so GDRO's OCR reward moves on it. It is saved
 eval.py load it through DiffusionPipeline.from_pretrained(folder) like any model:
 
     python -m experiments.text_model --out runs/text_model    # about 35 minutes on 2 CPU cores, once; reused afterwards
+    python -m experiments.text_model --recipe binding --out runs/text_binding   # 4 digits, all large (BINDING_RECIPE)
 
 Training data: 3-digit strings rendered with Pillow's built-in scalable font (as reward_ocr.py), centred and as
 large as fits; like web images, 40 % of them show their text small, somewhere in the frame (too small for OCR to
