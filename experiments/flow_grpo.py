@@ -17,6 +17,7 @@ With a = 0 it is the ODE's Euler step, which evaluation uses.
 Settings from Flow-GRPO's paper and code (FLOW_GRPO), scaled down only where named in the comparison.
 """
 import argparse
+import functools
 import json
 import math
 import time
@@ -123,69 +124,67 @@ def policy_loss(velocity, transformer, states, old_log_probs, adv, cond, uncond,
 
 
 def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, family=None, resolution=None, seed=0,
-          save_every=10, on_save=None):
+          save_every=10):
     """Flow-GRPO on `prompts` for max_steps steps; a LoRA checkpoint every save_every steps in OUT/checkpoints, with
-    the compute so far (seconds, images sampled) in OUT/metrics.jsonl. on_save(folder, record) is called at each."""
+    the compute so far (seconds, images sampled) in OUT/metrics.jsonl."""
     s, out = {**FLOW_GRPO, **settings}, Path(out)
-    pipe, family = gdro.load_pipeline(model, tiny, family or ("sd3" if tiny else gdro.family_name(
-        hub_id=str(model)) or "sd3"))
-    record = gdro.family_record(family)
-    resolution = resolution or gdro.PAPER_RESOLUTION
-    transformer, velocity = pipe.transformer, record.velocity
+    G = s["group_size"]
+    # the family and the model's own resolution as gdro.py settles them
+    model_args = gdro.settle_model(argparse.Namespace(model=str(model), tiny=tiny, family=family, guidance=None,
+                                                      resolution=resolution))
+    pipe, family = gdro.load_pipeline(model, tiny, model_args.family)
+    record, transformer, resolution = gdro.family_record(family), pipe.transformer, model_args.resolution
+    velocity = record.velocity  # a guidance-distilled model (FLUX.1) takes its guidance in the call, no CFG
+    if getattr(transformer.config, "guidance_embeds", False):
+        velocity = functools.partial(record.velocity, guidance=s["guidance"])
     lora = argparse.Namespace(lora_rank=s["lora_rank"], seed=seed, grad_checkpointing=False, compile=False)
     params = gdro.add_lora(transformer, record.lora_targets, lora)
     optimizer = torch.optim.AdamW(params, lr=s["lr"])
-    encoded = [gdro.encode_prompt(pipe, family, p) for p in prompts]
-    config = dict(pipe.scheduler.config)
-    side_tokens = (resolution // 16) ** 2
-    sig = sigmas(config, s["steps"], record.shift_mu(config, side_tokens, s["steps"]))
+    rows = lambda c: {k: v.expand(G, *v.shape[1:]) for k, v in c.items()}  # one row per image of a group
+    encoded = [[rows(c) for c in gdro.encode_prompt(pipe, family, p)] for p in prompts]
+    config, latent_shape = dict(pipe.scheduler.config), initial_noise(family, transformer, 1, resolution, None).shape
+    sig = sigmas(config, s["steps"], gdro.schedule_mu(family, config, latent_shape[1:], s["steps"]))
+    cat = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
     out.mkdir(parents=True, exist_ok=True)
-    t0, cpu0, images, G = time.time(), time.process_time(), 0, s["group_size"]
+    t0, cpu0, images = time.time(), time.process_time(), 0
     for step in gdro.progress(range(max_steps), "Flow-GRPO", "step"):
         chosen = torch.randperm(len(prompts), generator=gdro.keyed_generator(seed, "prompts", step))
         chosen = chosen[:s["prompts_per_step"]].tolist()
-        rows = lambda c: {k: v.expand(G, *v.shape[1:]) for k, v in c.items()}
-        batch = []  # per prompt: cond, uncond, states, log_probs, rewards
+        trajectories, rewards = [], []  # per prompt: (states, log_probs) of its G images, their rewards
         for i in chosen:
-            cond, uncond = (rows(c) for c in encoded[i])
             gen = gdro.keyed_generator(seed, "rollout", step, i)
             x = initial_noise(family, transformer, G, resolution, gen)
-            states, log_probs = rollout(velocity, transformer, cond, uncond, x, sig, s, gen)
+            trajectories.append(rollout(velocity, transformer, *encoded[i], x, sig, s, gen))
             with torch.no_grad():
-                pil = gdro.decode(pipe, family, states[-1])
-            rewards = [float(r) for r in reward_fn(pil, [prompts[i]] * G)]
-            batch.append((cond, uncond, states, log_probs, rewards))
-        images += G * len(chosen)
-        adv = advantages([r for b in batch for r in b[4]], G, s["adv_clip_max"]).view(len(chosen), G)
-        # the rollouts split into minibatches (each image once), an optimizer step after each
-        order = torch.randperm(len(chosen) * G, generator=gdro.keyed_generator(seed, "minibatch", step))
+                pil = gdro.decode(pipe, family, trajectories[-1][0][-1])
+            rewards += [float(r) for r in reward_fn(pil, [prompts[i]] * G)]
+        images += len(rewards)
+        adv = advantages(rewards, G, s["adv_clip_max"])
+        # the step's rollouts as one batch of N = len(rewards) images: states [T+1] and log-probs [T] of [N, ...]
+        states = [torch.cat(x) for x in zip(*(t[0] for t in trajectories))]
+        old_log_probs = [torch.cat(x) for x in zip(*(t[1] for t in trajectories))]
+        cond, uncond = (cat([encoded[i][c] for i in chosen]) if encoded[chosen[0]][c] else {} for c in (0, 1))
+        # split into minibatches (each image once), an optimizer step after each: the later ones are off-policy
+        order = torch.randperm(len(rewards), generator=gdro.keyed_generator(seed, "minibatch", step))
         stats = []
-        for part in order.chunk(s["minibatches"]):
-            for p_idx in range(len(chosen)):
-                mine = [n % G for n in part.tolist() if n // G == p_idx]
-                if not mine:
-                    continue
-                cond, uncond, states, log_probs, _ = batch[p_idx]
-                pick = lambda d: {k: v[mine] for k, v in d.items()}
-                st, lp = [x[mine] for x in states], [x[mine] for x in log_probs]
-                for j in range(s["train_steps"]):
-                    loss, ratio, kl = policy_loss(velocity, transformer, st, lp, adv[p_idx, mine], pick(cond),
-                                                  pick(uncond), sig, j, s)
-                    (loss * len(mine) / (len(chosen) * G / s["minibatches"]) / s["train_steps"]).backward()
-                    stats.append((loss.item(), ratio.mean().item(), kl.mean().item()))
+        for mine in order.chunk(s["minibatches"]):
+            pick = lambda d: {k: v[mine] for k, v in d.items()}
+            st, lp = [x[mine] for x in states], [x[mine] for x in old_log_probs]
+            for j in range(s["train_steps"]):
+                loss, ratio, kl = policy_loss(velocity, transformer, st, lp, adv[mine], pick(cond), pick(uncond),
+                                              sig, j, s)
+                (loss / s["train_steps"]).backward()
+                stats.append((loss.item(), ratio.mean().item(), kl.mean().item()))
             torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        line = {"step": step + 1, "reward": sum(r for b in batch for r in b[4]) / (G * len(chosen)),
-                "loss": sum(x[0] for x in stats) / len(stats), "ratio": sum(x[1] for x in stats) / len(stats),
-                "kl": sum(x[2] for x in stats) / len(stats), "images_sampled": images,
-                "seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2)}
+        loss, ratio, kl = (sum(x) / len(stats) for x in zip(*stats))
+        line = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": loss, "ratio": ratio, "kl": kl,
+                "images_sampled": images, "seconds": round(time.time() - t0, 2),
+                "cpu_seconds": round(time.process_time() - cpu0, 2)}
         gdro.append_line(out / "metrics.jsonl", json.dumps(line))
         if (step + 1) % save_every == 0 or step + 1 == max_steps:
-            folder = out / "checkpoints" / f"step_{step + 1:06d}"
-            gdro.save_lora(type(pipe), transformer, folder)
-            if on_save:
-                on_save(folder, line)
+            gdro.save_lora(type(pipe), transformer, out / "checkpoints" / f"step_{step + 1:06d}")
     return out / "checkpoints"
 
 
@@ -196,7 +195,7 @@ def main(argv=None):
     p.add_argument("--reward", default="ocr", help="'ocr' or FILE.py:FUNCTION, as gdro.py's")
     p.add_argument("--out", default="runs/flow_grpo", help="output folder (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=100, help="steps of rollouts + updates (default: %(default)s)")
-    p.add_argument("--resolution", type=int, help="image side (default: 512, or the model's)")
+    p.add_argument("--resolution", type=int, help="image side (default: 512, or the model's if smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and draws (default: %(default)s)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a FLOW_GRPO value")
     args = p.parse_args(argv)
