@@ -57,11 +57,18 @@ BENCH = {"full": dict(width=256, layers=4, resolution=256, prompts=2, images=8, 
                       repeats=3, ocr_images=2),
          "quick": dict(width=128, layers=2, resolution=64, prompts=1, images=6, sampler_steps=2, train_steps=3,
                        repeats=1, ocr_images=0)}
+# the sampler study: steps per sampler, measured against a REFERENCE_STEPS-step Euler solution
+SAMPLER_STEPS = (2, 4, 6, 8, 10, 16)
+REFERENCE_STEPS = 200
+SAMPLER_PROMPTS = ("a red apple on a wooden table", 'a shop sign that reads "Open Late"', "a blue bird in the snow")
+SAMPLER_SEEDS = (0, 1)
 # the real architectures' run (the default rollout group, groups of k, training steps per measurement, the side of
-# the matmul that measures the peak) and its small CPU version
+# the matmul that measures the peak, the Euler reference that sets each sampler's steps: its steps and prompts) and
+# its small CPU version (a shorter reference: Euler at 2 steps is far from both)
 REAL_RUN = dict(images=DEFAULTS.images_per_prompt, steps=DEFAULTS.steps, resolution=gdro.PAPER_RESOLUTION, k=K,
-                train_steps=6, matmul=8192)
-SMALL_RUN = dict(images=4, steps=2, resolution=64, k=2, train_steps=3, matmul=512)
+                train_steps=6, matmul=8192, reference_steps=REFERENCE_STEPS, reference_prompts=len(SAMPLER_PROMPTS))
+SMALL_RUN = dict(images=4, steps=2, resolution=64, k=2, train_steps=3, matmul=512, reference_steps=50,
+                 reference_prompts=1)
 # the training settings measured at real size: (checkpointing, groups per micro-batch, --compile); the first is
 # gdro.py's default, the compiled one is compared with the same setting eager
 TRAINING_SETTINGS = ((True, 1, False), (False, 1, False), (True, 2, False), (True, 4, False), (True, 2, True))
@@ -149,10 +156,6 @@ SMALL = {  # REAL with few, narrow layers, for a CPU: the text encoders keep the
                                         axes_dims_rope=(8, 12, 12)), vae=SMALL_VAE),
 }
 PROMPT = 'a shop sign that reads "Open Late"'  # the real architectures' rollout prompt
-SAMPLER_STEPS = (2, 4, 6, 8, 10, 16)
-REFERENCE_STEPS = 200
-SAMPLER_PROMPTS = ("a red apple on a wooden table", 'a shop sign that reads "Open Late"', "a blue bird in the snow")
-SAMPLER_SEEDS = (0, 1)
 
 # ----------------------------------------------------------------------------- models
 
@@ -578,14 +581,15 @@ def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS
     return found
 
 
-def equal_accuracy_steps(family, steps):
-    """{sampler: the fewest steps at which it is as close to a REFERENCE_STEPS-step Euler solution as Euler is at
-    `steps`}, on the tiny model of the family (README "Samplers"; a trained model's figures may differ)."""
-    distance = distance_to_reference(family, SAMPLER_PROMPTS, SAMPLER_SEEDS, REFERENCE_STEPS)
+def equal_accuracy_steps(family, steps, reference_steps=REFERENCE_STEPS, prompts=len(SAMPLER_PROMPTS)):
+    """{sampler: the fewest steps at which it is as close to a `reference_steps`-step Euler solution (of the first
+    `prompts` SAMPLER_PROMPTS) as Euler is at `steps`}, on the tiny model of the family (README "Samplers"; a trained
+    model's figures may differ)."""
+    distance = distance_to_reference(family, SAMPLER_PROMPTS[:prompts], SAMPLER_SEEDS, reference_steps)
     target, found = distance("euler", steps), {"euler": steps}
     for sampler in [name for name in gdro.SAMPLERS if name != "euler"]:
         n = 1
-        while n < REFERENCE_STEPS and distance(sampler, n) > target:
+        while n < reference_steps and distance(sampler, n) > target:
             n += 1
         found[sampler] = n
     return found
@@ -726,7 +730,7 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
     training (per setting)."""
     real, run, started = architecture(name, small), SMALL_RUN if small else REAL_RUN, time.perf_counter()
     family = real["family"]
-    steps_for = equal_accuracy_steps(family, run["steps"])
+    steps_for = equal_accuracy_steps(family, run["steps"], run["reference_steps"], run["reference_prompts"])
     print(f"{name}{' (small config)' if small else ''}: random {str(dtype).removeprefix('torch.')} weights on "
           f"{device.type}; steps per sampler for the ODE accuracy of {run['steps']} Euler steps (tiny {family}): "
           f"{steps_for}")

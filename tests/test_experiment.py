@@ -1,7 +1,8 @@
 """GDRO learns: on the toy colour reward the trained LoRA raises the reward of fresh images for held-out prompts.
 
-Runs the main experiment of experiments/run.py (tiny random SD3, CPU, 1.5-4.5 minutes on 2 cores): cache -> gdro_loss ->
-LoRA -> fresh samples from seeds never cached, for prompts never trained on. It fails when training does nothing
+Runs the main experiment of experiments/run.py (tiny random SD3, CPU, about 100 s on 2 cores: 200 training steps
+of 6 groups, half the experiment's 12, at 3.0 steps/s; effect size +1.97 measured): cache -> gdro_loss -> LoRA ->
+fresh samples from 12 seeds never cached, for prompts never trained on. It fails when training does nothing
 (`--set max-steps=0`, or `--set beta=0 gamma=0`: effect size exactly 0, no prompt improved).
 """
 import json
@@ -16,7 +17,8 @@ from experiments import text_model
 
 @pytest.mark.slow
 def test_gdro_raises_reward_on_held_out_prompts_and_seeds(tmp_path):
-    results = experiment.main(["--out", str(tmp_path / "experiment")])
+    results = experiment.main(["--out", str(tmp_path / "experiment"), "--threads", "2", "--eval-seeds", "12",
+                               "--set", "groups-per-step=6", "micro-batch=6"])
     held_out = results["held_out_prompts"]
     assert held_out["effect_size"] >= 1.0, held_out
     assert held_out["improved"] >= 0.75, held_out
