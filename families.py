@@ -10,10 +10,15 @@ and --from-images' image folders.
   plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to.
 - read_image_folder, encode_images: --from-images' metadata.jsonl and images, every line checked; the images
   resized, cropped and encoded with the family's VAE step.
+- quantize, report_to: --quantize's frozen base with int8 or NF4 weights, --report-to's TensorBoard or W&B log;
+  their packages (torchao, bitsandbytes, tensorboard, wandb) imported only here, when asked for.
 """
+import contextlib
 import json
 import math
+import numbers
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -501,3 +506,51 @@ def read_image_folder(folder, group_size):
               f"--group-size {group_size} images")
     return list(kept), list(kept.values())
 
+
+# ============================================================================= extras: quantized base, trackers
+
+def quantize(transformer, kind, model, tiny, device):
+    """--quantize: the frozen transformer loaded again with int8 (torchao, weight-only) or NF4 (bitsandbytes) weights
+    through diffusers' quantization configs, its other layers in its dtype; --tiny's random one (no folder to load
+    from) saved first. The LoRA added afterwards stays fp32 and starts at zero: policy == reference at init still."""
+    import diffusers
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        config = diffusers.TorchAoConfig(Int8WeightOnlyConfig())
+    else:
+        config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        if tiny:
+            transformer.save_pretrained(tmp)
+        cls, dtype = type(transformer), transformer.to("cpu").dtype  # its GPU memory freed before the copy loads
+        quantized = cls.from_pretrained(tmp if tiny else model, subfolder=None if tiny else "transformer",
+                                        quantization_config=config, torch_dtype=dtype)
+    return quantized.to(device) if kind == "int8" else quantized  # bitsandbytes puts it on the GPU itself
+
+
+@contextlib.contextmanager
+def report_to(kind, out):
+    """--report-to: yields report(line), which writes the numbers of a metrics.jsonl line at its step to TensorBoard
+    (OUT/tensorboard) or W&B (OUT/wandb; WANDB_MODE=offline works with no network), the settings (OUT/config.json)
+    once at the start; the run closed at the end."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    figures = lambda line: {k: v for k, v in line.items() if k != "step" and isinstance(v, numbers.Real)}
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(out / "tensorboard") as writer:
+            writer.add_text("config", json.dumps(config, indent=2))
+
+            def report(line):
+                for name, value in figures(line).items():
+                    writer.add_scalar(name, value, line["step"])
+                writer.flush()  # readable while the run goes on
+            yield report
+    else:
+        import wandb
+        run = wandb.init(project="gdro", name=out.name, dir=out, config=config)
+        try:
+            yield lambda line: run.log(figures(line), step=line["step"])
+        finally:
+            run.finish()

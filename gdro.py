@@ -49,6 +49,12 @@ SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
             "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
             "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
 
+# --quantize (families.py): the package each needs; --dry-run's GiB of a k = 6 group's training step at 512 px with
+# checkpointing per --quantize, estimated by bench.py --architectures (bf16: an H200 measured 6.7 and 27.4)
+QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}
+TRAIN_GIB = {"stabilityai/stable-diffusion-3.5-medium": {"none": 7.1, "int8": 5.0, "nf4": 4.1},
+             "black-forest-labs/FLUX.1-dev": {"none": 28.4, "int8": 17.3, "nf4": 12.6}}
+
 def image_seed(seed, i, j, n):
     """Image j of prompt i's seed: rollouts (and eval) reproduce image by image, however batched or split."""
     return seed + i * n + j
@@ -93,6 +99,10 @@ def parse_args(argv=None):
     arg("--lora-rank", type=int, default=32, help="LoRA rank on the transformer's attention projections" + d)
     arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="(default: on with CUDA)")
     arg("--compile", action="store_true", help="torch.compile the transformer's blocks (CUDA only)")
+    arg("--quantize", default="none", choices=QUANTIZE, help="frozen base's weights in training: torchao int8, NF4" + d)
+    arg("--quantize-rollouts", action="store_true", help="the cache drawn by the quantized base too (not the default)")
+    arg("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to OUT/tensorboard or"
+        " OUT/wandb (WANDB_MODE=offline with no network)" + d)
     arg("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl" + d)
     arg("--save-every", type=int, default=50, help="steps between checkpoints" + d)
     arg("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
@@ -407,7 +417,8 @@ def cache_manifest(args, cache_dir):
         source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
                   "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
                   "reward_sha256": file_sha256(reward_file), "seed": args.seed}
-    manifest = {"model": f"tiny-{args.family}" if args.tiny else args.model, "resolution": args.resolution, **source}
+    manifest = {"model": f"tiny-{args.family}" if args.tiny else args.model, "resolution": args.resolution, **source,
+                **({"quantized": args.quantize} if args.quantize_rollouts else {})}
     path = Path(cache_dir) / "manifest.json"
     if path.exists() and any(Path(cache_dir).glob("prompt_*.safetensors")):  # without shards: a new manifest
         try:
@@ -514,6 +525,8 @@ def training_plan(args, sizes):
         rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
         train_h = groups * h["group_step"] * k / 6 / 3600
         plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
+    if measured and args.model in TRAIN_GIB and args.group_size == 6:
+        plan["est_train_gib"] = TRAIN_GIB[args.model][args.quantize]
     return plan
 
 def keyed_generator(*key):
@@ -617,7 +630,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     window, t0, step = [], time.time(), start
     bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
-    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop:
+    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker(args) as report:
         try:
             for step in bar:
                 stats = train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device)
@@ -637,8 +650,10 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                     line, window = log_line(window, done, args, t0), []
                     if rank == 0:
                         bar.set_postfix(loss=f"{line['loss']:.4f}", tied=f"{line['tied_groups']:.0%}",
-                                        rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}")
+                                        rank_acc="n/a" if line["rank_acc"] is None else f"{line['rank_acc']:.2f}",
+                                        refresh=False)  # shown at the next redraw: a log file gets no extra line
                         append_line(out / "metrics.jsonl", json.dumps(line))
+                        report(line)
                 stop_now = stop_now if world > 1 else bool(stop)  # alone, a Ctrl-C up to here counts
                 if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
                     last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
@@ -682,8 +697,23 @@ def barrier():
     if dist.is_initialized():
         dist.barrier()
 
+class LogBar(tqdm):
+    """progress's bar in a log file (stderr not a terminal): each redraw a line, not a carriage-return overwrite."""
+    def display(self, msg=None, pos=None):
+        print(msg or self, file=sys.stderr, flush=True)
+
 def progress(iterable, desc, unit, **kwargs):
-    return tqdm(iterable, desc=desc, unit=unit, **{"disable": not is_main_process(), **kwargs})
+    """tqdm on the main process; in a log file, a line every 5 %."""
+    bar, total = tqdm, kwargs.get("total") or (len(iterable) if hasattr(iterable, "__len__") else 20)
+    if not sys.stderr.isatty():  # no redraws driven by time either (maxinterval)
+        bar, kwargs = LogBar, {"miniters": max(1, total // 20), "maxinterval": math.inf, **kwargs}
+    return bar(iterable, desc=desc, unit=unit, **{"disable": not is_main_process(), **kwargs})
+
+def tracker(args):
+    """--report-to's TensorBoard or W&B log (families.py) on the main process: report(line) in a context."""
+    if args.report_to == "none" or not is_main_process():
+        return contextlib.nullcontext(lambda line: None)
+    return companion("--report-to").report_to(args.report_to, args.out)
 
 @contextlib.contextmanager
 def stop_when_done(doing):
@@ -955,7 +985,7 @@ def check_out(out, args):
 # config.json records every setting; these do not shape what is learned (how long, how often to log and save, how
 # fast), and these cannot change on --resume (the checkpoint is of that model's layers)
 NOT_SHAPING = {"out", "resume", "max_steps", "log_every", "save_every", "dry_run", "compile", "rollout_batch",
-               "grad_checkpointing"}
+               "grad_checkpointing", "report_to"}
 CANNOT_CHANGE = {"model", "tiny", "family", "resolution", "lora_rank"}
 
 def run_config(args, out, world):
@@ -1001,10 +1031,16 @@ def check_args(args, world):
              *[(f, getattr(args, f[2:].replace("-", "_")) >= 1, "at least 1")
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
              ("--seed", args.seed >= 0, ">= 0"),
-             ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1")]
+             ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
+             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without a CUDA GPU (NF4 needs"
+              " one: bitsandbytes' through diffusers)"),
+             ("--quantize-rollouts", not args.quantize_rollouts or args.quantize != "none", "with --quantize int8/nf4")]
     for flag, ok, must in rules:
         if not ok:
             raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {must}")
+    for flag, package in [("--quantize", QUANTIZE[args.quantize]), ("--report-to", args.report_to)]:
+        if package not in (None, "none") and companion(flag) and not importlib.util.find_spec(package):
+            raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} needs {package}: pip install {package}")
     if (args.prompts is None) == (args.from_images is None):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
     if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
@@ -1060,6 +1096,9 @@ def main(argv=None):
 
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device,
                                  torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.quantize_rollouts:
+        pipe.transformer = companion("--quantize").quantize(pipe.transformer, args.quantize, args.model, args.tiny,
+                                                            device)
     if not cache_complete:
         if args.compile:
             compile_transformer(pipe.transformer)
@@ -1077,6 +1116,8 @@ def main(argv=None):
     # training needs only the transformer: release the text encoders and the VAE
     transformer, pipeline_class, scheduler_config = pipe.transformer, type(pipe), dict(pipe.scheduler.config)
     del pipe
+    if args.quantize != "none" and not args.quantize_rollouts:  # the cache is the base's own; training's base is not
+        transformer = companion("--quantize").quantize(transformer, args.quantize, args.model, args.tiny, device)
     gc.collect()
     torch.cuda.empty_cache()  # a no-op unless CUDA is in use
     lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device)
