@@ -18,7 +18,6 @@ This file reads top to bottom:
     python gdro.py --prompts ocr.txt                                  # SD3.5-Medium, the paper's OCR setting
     python gdro.py --prompts ocr.txt --model black-forest-labs/FLUX.1-dev
     python gdro.py --prompts ocr.txt --dry-run                        # the plan and its cost, nothing loaded
-    python gdro.py --prompts ocr.txt --tiny                           # tiny random model on CPU (families.py)
     torchrun --nproc_per_node=8 gdro.py --prompts ocr.txt             # 8 GPUs, same result as one
 
 Exit codes: 2 = a refused input (also a folder in use, a damaged checkpoint), 1 = a failure, or a stop signal in
@@ -49,9 +48,9 @@ SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
             "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
             "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
 
-# --quantize (families.py): the package each needs; --dry-run's GiB of a k = 6 group's training step at 512 px with
-# checkpointing per --quantize, estimated by bench.py --architectures (bf16: an H200 measured 6.7 and 27.4)
-QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}
+QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantize (families.py): the package it needs
+# --dry-run's GiB for a k = 6 group's step at 512 px, checkpointing on, by bench.py --architectures (bf16 on an H200:
+# 6.7 and 27.4 measured)
 TRAIN_GIB = {"stabilityai/stable-diffusion-3.5-medium": {"none": 7.1, "int8": 5.0, "nf4": 4.1},
              "black-forest-labs/FLUX.1-dev": {"none": 28.4, "int8": 17.3, "nf4": 12.6}}
 
@@ -101,8 +100,8 @@ def parse_args(argv=None):
     arg("--compile", action="store_true", help="torch.compile the transformer's blocks (CUDA only)")
     arg("--quantize", default="none", choices=QUANTIZE, help="frozen base's weights in training: torchao int8, NF4" + d)
     arg("--quantize-rollouts", action="store_true", help="the cache drawn by the quantized base too (not the default)")
-    arg("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to OUT/tensorboard or"
-        " OUT/wandb (WANDB_MODE=offline with no network)" + d)
+    arg("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to OUT/tensorboard"
+        " or OUT/wandb (WANDB_MODE=offline with no network)" + d)
     arg("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl" + d)
     arg("--save-every", type=int, default=50, help="steps between checkpoints" + d)
     arg("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
@@ -1032,8 +1031,7 @@ def check_args(args, world):
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
              ("--seed", args.seed >= 0, ">= 0"),
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
-             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without a CUDA GPU (NF4 needs"
-              " one: bitsandbytes' through diffusers)"),
+             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without CUDA (NF4 needs it)"),
              ("--quantize-rollouts", not args.quantize_rollouts or args.quantize != "none", "with --quantize int8/nf4")]
     for flag, ok, must in rules:
         if not ok:
