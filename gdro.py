@@ -52,7 +52,7 @@ QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantiz
 # --dry-run's GiB for a k = 6 group's step at 512 px, checkpointing on, by bench.py --architectures (bf16 on an H200:
 # 6.7 and 27.4 measured)
 TRAIN_GIB = {"stabilityai/stable-diffusion-3.5-medium": {"none": 7.1, "int8": 5.0, "nf4": 4.1},
-             "black-forest-labs/FLUX.1-dev": {"none": 28.4, "int8": 17.3, "nf4": 12.6}}
+             "black-forest-labs/FLUX.1-dev": {"none": 28.4, "int8": 17.3, "nf4": 12.4}}
 
 def image_seed(seed, i, j, n):
     """Image j of prompt i's seed: rollouts (and eval) reproduce image by image, however batched or split."""
@@ -1031,13 +1031,14 @@ def check_args(args, world):
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
              ("--seed", args.seed >= 0, ">= 0"),
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
-             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without CUDA (NF4 needs it)"),
+             ("--quantize", args.quantize != "nf4" or args.dry_run or torch.cuda.is_available(), "int8 without CUDA"),
              ("--quantize-rollouts", not args.quantize_rollouts or args.quantize != "none", "with --quantize int8/nf4")]
     for flag, ok, must in rules:
         if not ok:
             raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {must}")
     for flag, package in [("--quantize", QUANTIZE[args.quantize]), ("--report-to", args.report_to)]:
-        if package not in (None, "none") and companion(flag) and not importlib.util.find_spec(package):
+        needed = package not in (None, "none") and companion(flag) and not args.dry_run  # a plan needs no package
+        if needed and not importlib.util.find_spec(package):
             raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} needs {package}: pip install {package}")
     if (args.prompts is None) == (args.from_images is None):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")

@@ -14,6 +14,8 @@ A progress line per measurement; the last line printed is one JSON object holdin
   offline_amortization  transformer forward-equivalents per training image, online / GDRO (> 1: GDRO is cheaper)
   real                  every supported architecture (ARCHITECTURES) from its config on the meta device: parameters,
                         bf16 GiB, the rank-32 LoRA, FLOPs of a k = 6 step at 512 px and its estimated peak memory
+                        per --quantize (bf16, int8, NF4 frozen weights) with the smallest 24 / 48 / 80 GB card each
+                        fits
   measured_training     on CUDA, the other architectures (COMPUTED) at real size: gdro.train's default setting on a
                         random cache of their shapes, measured as measured's training settings are (step time, peak
                         memory, model TFLOP/s and its share of the matmul peak)
@@ -76,6 +78,17 @@ TRAINING_SETTINGS = ((True, 1, False), (False, 1, False), (True, 2, False), (Tru
 # model, trains at a matmul_fraction of the measured matmul peak or more within its PEAK_GIB, and its rollout group
 # is rollout_speedup times faster than Euler at gdro's default steps, at the same ODE accuracy
 PEAK_GIB = {"sd3.5-medium": 16, "flux.1-dev": 40}
+# bytes a frozen transformer parameter takes in training, per gdro.py --quantize: bf16 (2); torchao's int8
+# weight-only, approximated as 1 (its bf16 scale per output row, 2 bytes a row of thousands of weights, left out);
+# bitsandbytes' NF4, 4 bits and an fp32 absmax per 64-weight block, without double quantisation
+WEIGHT_BYTES = {"none": 2, "int8": 1, "nf4": 0.5 + 4 / 64}
+if list(WEIGHT_BYTES) != list(gdro.QUANTIZE):
+    raise AssertionError(f"WEIGHT_BYTES {list(WEIGHT_BYTES)} != gdro.QUANTIZE {list(gdro.QUANTIZE)}")
+QUANTIZE_LABEL = {"none": "bf16"}  # a --quantize's name in the tables (the others go by their own)
+# the cards the architectures table fits each estimate to, in GB as sold (24, 48 and 80 GB cards hold about that many
+# GiB); usable: 10 % less (the CUDA context, the allocator's fragmentation, the estimate's own error of up to 10 %)
+CARD_GB = (24, 48, 80)
+CARD_MARGIN = 0.10
 TARGETS = {"flux.1-dev": dict(matmul_fraction=0.45, rollout_speedup=1.5)}
 VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=16,
@@ -380,13 +393,21 @@ def meta_step(spec, shapes, k=K, activations=False):
     return found
 
 
-def training_memory_gib(params, found):
-    """An estimate of a k-image training step's peak with checkpointing, from meta_step's counts: the bf16 weights,
-    the LoRA in fp32 with its gradient and AdamW's two moments (16 bytes a parameter), the checkpointed block inputs
-    and one block's recomputation, in bf16 (autocast: half of the fp32 counted). Against the H200's measured peaks
-    (README) it is within 10 %: 7.1 vs 6.7 GiB for SD3.5-Medium, 28.4 vs 27.4 for FLUX.1-dev."""
+def training_memory_gib(params, found, quantize="none"):
+    """An estimate of a k-image training step's peak with checkpointing, from meta_step's counts: the frozen weights
+    at WEIGHT_BYTES[quantize] a parameter (gdro.py --quantize: bf16, int8 or NF4), the LoRA in fp32 with its
+    gradient and AdamW's two moments (16 bytes a parameter, never quantized), the checkpointed block inputs and one
+    block's recomputation, in bf16 (autocast: half of the fp32 counted). Quantized, it counts every parameter at the
+    quantized size, though only the linear layers are quantized (norms, embeddings and biases stay bf16): a small
+    underestimate. Unquantized, against the H200's measured peaks (README) it is within 10 %: 7.1 vs 6.7 GiB for
+    SD3.5-Medium, 28.4 vs 27.4 for FLUX.1-dev; the quantized ones are not measured."""
     activations = (found["saved_checkpointed"] + found["saved_per_block"]) / 2
-    return (params * 2 + found["lora_params"] * 16 + activations) / 2**30
+    return (params * WEIGHT_BYTES[quantize] + found["lora_params"] * 16 + activations) / 2**30
+
+
+def smallest_card(gib):
+    """The smallest card of CARD_GB whose usable memory (CARD_MARGIN less) holds gib, or None if none does."""
+    return next((gb for gb in CARD_GB if gib <= gb * (1 - CARD_MARGIN)), None)
 
 
 def cached_shapes(cache_dir):
@@ -612,10 +633,24 @@ def samplers_report():
 # ----------------------------------------------------------------------------- the real architectures
 
 
+def quantized(values, sep=" / "):
+    """One cell for a figure per --quantize, in WEIGHT_BYTES' order: "7.1 / 5.0 / 4.1"; None for a card (none
+    fits) is ">" the largest card; values None (not computed) is an empty cell."""
+    if values is None:
+        return ""
+    return sep.join(f">{CARD_GB[-1]}" if values[q] is None else str(values[q]) for q in WEIGHT_BYTES)
+
+
+def quantize_labels(sep=" / "):
+    """The --quantize names as the tables head their figures: "bf16 / int8 / nf4"."""
+    return sep.join(QUANTIZE_LABEL.get(q, q) for q in WEIGHT_BYTES)
+
+
 def real_architectures(with_flops, names=None):
     """Per architecture of ARCHITECTURES (meta device: computed, not run): parameters, bf16 weight memory, the
-    rank-32 LoRA's parameters and fp32 size; with_flops also the FLOPs of one k = 6 step at 512 px and its estimated
-    peak memory with checkpointing (training_memory_gib)."""
+    rank-32 LoRA's parameters and fp32 size; with_flops also the FLOPs of one k = 6 step at 512 px, its estimated
+    peak memory with checkpointing per --quantize (training_memory_gib; est_train_gib: bf16's) and the smallest
+    card of CARD_GB each fits (smallest_card; None: none)."""
     found = {}
     for name in names or ARCHITECTURES:
         spec = ARCHITECTURES[name]
@@ -628,10 +663,14 @@ def real_architectures(with_flops, names=None):
             row.update(lora_params=step["lora_params"], lora_mib=round(step["lora_params"] * 4 / 2**20, 1),
                        step_tflop=round((step["forward"] + step["backward"]) / 1e12, 1),
                        forward_tflop_per_image=round(step["forward"] / 2 / K / 1e12, 3),
-                       est_train_gib=round(training_memory_gib(params, step), 1))
+                       est_train_gib_by_quantize={q: round(training_memory_gib(params, step, q), 1)
+                                                  for q in WEIGHT_BYTES})
+            row["est_train_gib"] = row["est_train_gib_by_quantize"]["none"]  # bf16, as before --quantize
+            row["fits_card_gb"] = {q: smallest_card(gib) for q, gib in row["est_train_gib_by_quantize"].items()}
         print(f"{name}: {params / 1e9:.3f} B parameters, {row['bf16_weight_gib']} GiB of bf16 weights (computed)"
               + (f"; LoRA r{DEFAULTS.lora_rank} {row['lora_mib']} MiB; one k={K} 512-px step = {row['step_tflop']} "
-                 f"TFLOP, est. {row['est_train_gib']} GiB with checkpointing" if with_flops else ""))
+                 f"TFLOP, est. {quantized(row['est_train_gib_by_quantize'])} GiB with checkpointing "
+                 f"({quantize_labels()})" if with_flops else ""))
     return found
 
 
@@ -788,11 +827,12 @@ def print_tables(result):
     """The result's tables in markdown (README "Supported models" and "Memory and cost", docs/models.md): every
     architecture computed on the meta device; where measured, each training setting and each sampler's rollout."""
     tables = [markdown_table(
-        ["model", "family", "parameters", "bf16 GiB", f"LoRA r{DEFAULTS.lora_rank} MiB", f"k={K} step TFLOP (512 px)",
-         "est. training GiB"],
+        ["model", "family", "params", "bf16 GiB", f"LoRA r{DEFAULTS.lora_rank} MiB", f"k={K} step TFLOP (512 px)",
+         f"est. train GiB {quantize_labels('/')}", "fits GB"],  # fits: the smallest card, in the same order
         [[name, row["family"], f"{row['params'] / 1e9:.2f} B", row["bf16_weight_gib"], row.get("lora_mib", ""),
-          row.get("step_tflop", ""), row.get("est_train_gib", "")] for name, row in result["real"].items()],
-        "llrrrrr")]
+          row.get("step_tflop", ""), quantized(row.get("est_train_gib_by_quantize")),
+          quantized(row.get("fits_card_gb"), "/")] for name, row in result["real"].items()],
+        "llrrrrrr")]
     measured = result.get("measured", {})
     training = [(name, row) for name, m in measured.items() for row in m["training"].values()]
     training += list(result.get("measured_training", {}).items())

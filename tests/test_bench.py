@@ -80,6 +80,34 @@ def test_gpu_targets_are_judged_where_an_architecture_has_them_and_only_within_i
     assert "no setting fits in 16 GiB" in sd3_training and "target" not in sd3_training + sd3_rollout
 
 
+def test_quantized_weights_shrink_each_architectures_estimate_by_their_bytes_and_nothing_else():
+    assert list(bench.WEIGHT_BYTES) == list(gdro.QUANTIZE)  # one figure per --quantize, in its order
+    assert bench.WEIGHT_BYTES == {"none": 2, "int8": 1, "nf4": pytest.approx(0.5625)}  # NF4: 4 bits + fp32 per 64
+    # a step's LoRA and activations as meta_step counts them (SD3.5-Medium's order of size): never quantized
+    found = {"lora_params": 24_000_000, "saved_checkpointed": 2 << 30, "saved_per_block": 1 << 30}
+    for name, row in bench.real_architectures(with_flops=False).items():
+        gib = {q: bench.training_memory_gib(row["params"], found, q) for q in bench.WEIGHT_BYTES}
+        assert gib["none"] > gib["int8"] > gib["nf4"] > 0, (name, gib)
+        assert bench.training_memory_gib(row["params"], found) == gib["none"]  # the default: bf16
+        rest = bench.training_memory_gib(0, found)  # everything but the frozen weights
+        assert all(bench.training_memory_gib(0, found, q) == rest for q in bench.WEIGHT_BYTES)
+        weights = {q: g - rest for q, g in gib.items()}
+        assert weights["none"] == pytest.approx(row["bf16_weight_gib"], abs=0.01)  # 2 bytes a parameter
+        for q, w in weights.items():
+            assert w / weights["none"] == pytest.approx(bench.WEIGHT_BYTES[q] / bench.WEIGHT_BYTES["none"]), (name, q)
+
+
+def test_an_estimate_fits_the_smallest_card_with_a_tenth_to_spare_and_the_table_cells_follow_quantize():
+    assert bench.CARD_GB == (24, 48, 80) and bench.CARD_MARGIN == pytest.approx(0.10)
+    assert bench.smallest_card(7.1) == 24 and bench.smallest_card(21.6) == 24  # 24 GB less 10 %: 21.6
+    assert bench.smallest_card(21.7) == 48 and bench.smallest_card(43.3) == 80 and bench.smallest_card(72.0) == 80
+    assert bench.smallest_card(72.1) is None
+    assert bench.quantize_labels() == "bf16 / int8 / nf4" and bench.quantize_labels("/") == "bf16/int8/nf4"
+    assert bench.quantized({"nf4": 4.1, "none": 7.1, "int8": 5.0}) == "7.1 / 5.0 / 4.1"
+    assert bench.quantized({"none": None, "int8": 48, "nf4": 24}, "/") == ">80/48/24"
+    assert bench.quantized(None) == ""
+
+
 def test_peak_memory_counts_live_bytes_on_cpu():
     def run():
         a = torch.empty(4 << 20, dtype=torch.uint8)
