@@ -530,16 +530,17 @@ def quantize(transformer, kind, model, tiny, device):
 
 
 @contextlib.contextmanager
-def report_to(kind, out):
+def report_to(kind, out, start=0):
     """--report-to: yields report(line), which writes the numbers of a metrics.jsonl line at its step to TensorBoard
     (OUT/tensorboard) or W&B (OUT/wandb; WANDB_MODE=offline works with no network), the settings (OUT/config.json)
-    once at the start; the run closed at the end."""
+    once at the start; the run closed at the end. On --resume from step `start`, TensorBoard's later points (of the
+    steps the checkpoint did not keep, as metrics.jsonl) are dropped; W&B starts a run of its own."""
     out = Path(out)
     config = json.loads((out / "config.json").read_text())
     figures = lambda line: {k: v for k, v in line.items() if k != "step" and isinstance(v, numbers.Real)}
     if kind == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(out / "tensorboard") as writer:
+        with SummaryWriter(out / "tensorboard", purge_step=start + 1 if start else None) as writer:
             writer.add_text("config", json.dumps(config, indent=2))
 
             def report(line):

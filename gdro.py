@@ -629,7 +629,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
     window, t0, step = [], time.time(), start
     bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
-    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker(args) as report:
+    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker(args, start) as report:
         try:
             for step in bar:
                 stats = train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device)
@@ -708,11 +708,11 @@ def progress(iterable, desc, unit, **kwargs):
         bar, kwargs = LogBar, {"miniters": max(1, total // 20), "maxinterval": math.inf, **kwargs}
     return bar(iterable, desc=desc, unit=unit, **{"disable": not is_main_process(), **kwargs})
 
-def tracker(args):
+def tracker(args, start):
     """--report-to's TensorBoard or W&B log (families.py) on the main process: report(line) in a context."""
     if args.report_to == "none" or not is_main_process():
         return contextlib.nullcontext(lambda line: None)
-    return companion("--report-to").report_to(args.report_to, args.out)
+    return companion("--report-to").report_to(args.report_to, args.out, start)
 
 @contextlib.contextmanager
 def stop_when_done(doing):
