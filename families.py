@@ -509,10 +509,11 @@ def read_image_folder(folder, group_size):
 
 # ============================================================================= extras: quantized base, trackers
 
-def quantize(transformer, kind, model, tiny, device):
+def quantize(transformer, kind, model, device):
     """--quantize: the frozen transformer loaded again with int8 (torchao, weight-only) or NF4 (bitsandbytes) weights
-    through diffusers' quantization configs, its other layers in its dtype; --tiny's random one (no folder to load
-    from) saved first. The LoRA added afterwards stays fp32 and starts at zero: policy == reference at init still."""
+    through diffusers' quantization configs, its other layers in its dtype; from `model` (a hub id or folder of the
+    pipeline), or with model None from this transformer saved first (--tiny's random one, a benchmark's). The LoRA
+    added afterwards stays fp32 and starts at zero: policy == reference at init still."""
     import diffusers
     if kind == "int8":
         from torchao.quantization import Int8WeightOnlyConfig
@@ -521,10 +522,10 @@ def quantize(transformer, kind, model, tiny, device):
         config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_compute_dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
-        if tiny:
+        if model is None:
             transformer.save_pretrained(tmp)
         cls, dtype = type(transformer), transformer.to("cpu").dtype  # its GPU memory freed before the copy loads
-        quantized = cls.from_pretrained(tmp if tiny else model, subfolder=None if tiny else "transformer",
+        quantized = cls.from_pretrained(model or tmp, subfolder=model and "transformer",
                                         quantization_config=config, torch_dtype=dtype)
     return quantized.to(device) if kind == "int8" else quantized  # bitsandbytes puts it on the GPU itself
 

@@ -1093,11 +1093,11 @@ def main(argv=None):
         write_atomic(out / "config.json", json.dumps(config, indent=2).encode())
     barrier()
 
+    model = None if args.tiny else args.model  # --quantize loads the transformer again from it
     pipe, family = load_pipeline(args.model, args.tiny, args.family, device,
                                  torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.quantize_rollouts:
-        pipe.transformer = companion("--quantize").quantize(pipe.transformer, args.quantize, args.model, args.tiny,
-                                                            device)
+        pipe.transformer = companion("--quantize").quantize(pipe.transformer, args.quantize, model, device)
     if not cache_complete:
         if args.compile:
             compile_transformer(pipe.transformer)
@@ -1116,7 +1116,7 @@ def main(argv=None):
     transformer, pipeline_class, scheduler_config = pipe.transformer, type(pipe), dict(pipe.scheduler.config)
     del pipe
     if args.quantize != "none" and not args.quantize_rollouts:  # the cache is the base's own; training's base is not
-        transformer = companion("--quantize").quantize(transformer, args.quantize, args.model, args.tiny, device)
+        transformer = companion("--quantize").quantize(transformer, args.quantize, model, device)
     gc.collect()
     torch.cuda.empty_cache()  # a no-op unless CUDA is in use
     lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device)

@@ -193,3 +193,38 @@ def test_every_other_family_at_real_size_trains_finite_steps_that_change_the_lor
     assert [l["step"] for l in lines] == [1, 2] and all(math.isfinite(l["loss"]) for l in lines), lines
     assert all(v.isfinite().all() for v in lora.values()) and moved > 0, f"{name}: LoRA {moved}"
     assert peak <= GPU_GIB, f"{name}: peak {peak:.1f} GiB > {GPU_GIB} GiB"
+
+
+CARD_24_GIB = 24 * 1e9 / 2**30 * 0.9  # a 24 GB card less the 10 % margin bench.py's "fits" column keeps
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_flux1_dev_at_real_size_on_a_quantized_base_trains_from_policy_equal_reference_within_a_24_gb_card(
+        real_cache, workdir, kind):
+    """--quantize's QLoRA recipe where it matters: FLUX.1-dev (28.4 GiB estimated in bf16) on a 24 GB card."""
+    name, cache_dir, _, _ = real_cache
+    if name != "flux.1-dev":
+        pytest.skip("the 24 GB case is FLUX.1-dev's")
+    pytest.importorskip(gdro.QUANTIZE[kind])  # bitsandbytes is optional (README), torchao in requirements.txt
+    real = bench.architecture(name)
+    sizes, _ = gdro.check_cache(cache_dir, [bench.PROMPT])
+    transformer = families.quantize(bench.build_transformer(real, DEVICE, torch.bfloat16), kind, None, DEVICE)
+    bench.free_memory(DEVICE)
+    torch.cuda.reset_peak_memory_stats()
+    out = workdir / f"train_{name}_{kind}"
+    args = bench.train_args(out, real["family"], 2, groups=1, micro_batch=1, ckpt=True, log_every=1)  # k = 6
+    t0 = time.perf_counter()
+    lora_dir = bench.train(transformer, real["family"], cache_dir, sizes, args, DEVICE)
+    seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    del transformer
+    bench.free_memory(DEVICE)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lora = load_file(lora_dir / gdro.LORA_FILE)
+    moved = max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k)
+    print(f"\n{name} on a {kind} base: 2 steps of one group of {bench.K} in {seconds:.1f} s, peak {peak:.1f} GiB "
+          f"(bound {CARD_24_GIB:.1f}); losses {[l['loss'] for l in lines]}; err policy/ref at step 1 "
+          f"{lines[0]['err_policy']:.6f}/{lines[0]['err_ref']:.6f}; LoRA B moved up to {moved:.2e}")
+    assert all(math.isfinite(l["loss"]) for l in lines) and moved > 0, lines
+    assert lines[0]["err_policy"] == pytest.approx(lines[0]["err_ref"], rel=1e-2), lines[0]  # B = 0 at step 1's draw
+    assert peak <= CARD_24_GIB, f"{name} on {kind}: peak {peak:.1f} GiB > {CARD_24_GIB:.1f} GiB"

@@ -48,7 +48,7 @@ def int8_transformer_with_lora(args):
     """(the fp32 tiny SD3 transformer of --tiny, the same one loaded again with int8 weights as gdro.main does for
     training, with the LoRA gdro.train adds)."""
     fp32 = families.build_tiny_pipeline(gdro.SD3()).transformer
-    int8 = families.quantize(fp32, "int8", "", True, torch.device("cpu"))
+    int8 = families.quantize(fp32, "int8", None, torch.device("cpu"))
     gdro.add_lora(int8, gdro.SD3.lora_targets, args)
     return fp32, int8
 
