@@ -171,23 +171,29 @@ def computed_cache(request, workdir):
     return name, bench.random_cache(bench.COMPUTED[name], workdir / f"cache_{name}")
 
 
+def two_steps(transformer, family, cache_dir, sizes, out):
+    """2 training steps of one k = 6 group with checkpointing through gdro.train, the transformer released after:
+    (metrics.jsonl's lines, the LoRA's tensors, how far its B moved from zero, seconds, peak GiB)."""
+    args = bench.train_args(out, family, 2, groups=1, micro_batch=1, ckpt=True, log_every=1)
+    bench.free_memory(DEVICE)  # and its peak statistics
+    t0 = time.perf_counter()
+    lora_dir = bench.train(transformer, family, cache_dir, sizes, args, DEVICE)
+    seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    del transformer
+    bench.free_memory(DEVICE)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lora = load_file(lora_dir / gdro.LORA_FILE)
+    return lines, lora, max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k), seconds, peak
+
+
 @pytest.mark.cuda
 def test_every_other_family_at_real_size_trains_finite_steps_that_change_the_lora_within_80_gb(computed_cache, workdir):
     name, cache_dir = computed_cache
     spec = bench.COMPUTED[name]
     sizes, _ = gdro.check_cache(cache_dir, [bench.PROMPT])
     transformer = bench.build_transformer(spec, DEVICE, torch.bfloat16)
-    out = workdir / f"train_{name}"
-    args = bench.train_args(out, spec["family"], 2, groups=1, micro_batch=1, ckpt=True, log_every=1)  # k = 6
-    bench.free_memory(DEVICE)
-    t0 = time.perf_counter()
-    lora_dir = bench.train(transformer, spec["family"], cache_dir, sizes, args, DEVICE)
-    seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
-    del transformer
-    bench.free_memory(DEVICE)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    lora = load_file(lora_dir / gdro.LORA_FILE)
-    moved = max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k)
+    lines, lora, moved, seconds, peak = two_steps(transformer, spec["family"], cache_dir, sizes,
+                                                  workdir / f"train_{name}")
     print(f"\n{name}: 2 steps of one group of {bench.K} in {seconds:.1f} s, peak {peak:.1f} GiB; losses "
           f"{[l['loss'] for l in lines]}; LoRA B moved up to {moved:.2e}")
     assert [l["step"] for l in lines] == [1, 2] and all(math.isfinite(l["loss"]) for l in lines), lines
@@ -195,7 +201,7 @@ def test_every_other_family_at_real_size_trains_finite_steps_that_change_the_lor
     assert peak <= GPU_GIB, f"{name}: peak {peak:.1f} GiB > {GPU_GIB} GiB"
 
 
-CARD_24_GIB = 24 * 1e9 / 2**30 * 0.9  # a 24 GB card less the 10 % margin bench.py's "fits" column keeps
+CARD_24_GIB = 24 * (1 - bench.CARD_MARGIN)  # a 24 GB card as bench.smallest_card counts it
 
 
 @pytest.mark.cuda
@@ -210,18 +216,8 @@ def test_flux1_dev_at_real_size_on_a_quantized_base_trains_from_policy_equal_ref
     real = bench.architecture(name)
     sizes, _ = gdro.check_cache(cache_dir, [bench.PROMPT])
     transformer = families.quantize(bench.build_transformer(real, DEVICE, torch.bfloat16), kind, None, DEVICE)
-    bench.free_memory(DEVICE)
-    torch.cuda.reset_peak_memory_stats()
-    out = workdir / f"train_{name}_{kind}"
-    args = bench.train_args(out, real["family"], 2, groups=1, micro_batch=1, ckpt=True, log_every=1)  # k = 6
-    t0 = time.perf_counter()
-    lora_dir = bench.train(transformer, real["family"], cache_dir, sizes, args, DEVICE)
-    seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
-    del transformer
-    bench.free_memory(DEVICE)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    lora = load_file(lora_dir / gdro.LORA_FILE)
-    moved = max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k)
+    lines, _, moved, seconds, peak = two_steps(transformer, real["family"], cache_dir, sizes,
+                                               workdir / f"train_{name}_{kind}")
     print(f"\n{name} on a {kind} base: 2 steps of one group of {bench.K} in {seconds:.1f} s, peak {peak:.1f} GiB "
           f"(bound {CARD_24_GIB:.1f}); losses {[l['loss'] for l in lines]}; err policy/ref at step 1 "
           f"{lines[0]['err_policy']:.6f}/{lines[0]['err_ref']:.6f}; LoRA B moved up to {moved:.2e}")
