@@ -343,8 +343,6 @@ def main(argv=None):
     """The whole evaluation: python eval.py ARGS, or eval.main([ARGS...]); returns the report dict."""
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.tiny:
-        print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)  # bad input fails before heavy work
     for lora in args.lora or []:
         if not (Path(lora) / gdro.LORA_FILE).is_file():

@@ -1,5 +1,5 @@
 """What gdro.py loads only when asked, never importing gdro back: more model families, --tiny's random pipelines,
-and --from-images' image folders.
+--from-images' image folders, and the extras (samplers, compiled blocks, a quantized base, trackers).
 
 - The families beyond the paper's two (SD3 / SD3.5 and FLUX.1, which live in gdro.py): Qwen-Image, FLUX.2 [dev]
   and [klein], Z-Image. Each record here says only what its family does differently; gdro.py completes it with its
@@ -10,8 +10,9 @@ and --from-images' image folders.
   plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to.
 - read_image_folder, encode_images: --from-images' metadata.jsonl and images, every line checked; the images
   resized, cropped and encoded with the family's VAE step.
-- quantize, report_to: --quantize's frozen base with int8 or NF4 weights, --report-to's TensorBoard or W&B log;
-  their packages (torchao, bitsandbytes, tensorboard, wandb) imported only here, when asked for.
+- make_scheduler, compile_transformer, quantize, report_to: --sampler's multistep solvers, --compile's blocks,
+  --quantize's frozen base with int8 or NF4 weights, --report-to's TensorBoard or W&B log; their packages (torchao,
+  bitsandbytes, tensorboard, wandb) imported only here, when asked for.
 """
 import contextlib
 import json
@@ -507,7 +508,29 @@ def read_image_folder(folder, group_size):
     return list(kept), list(kept.values())
 
 
-# ============================================================================= extras: quantized base, trackers
+# ============================================================================= extras
+# --sampler's multistep solvers, --compile's blocks, --quantize's base, --report-to's log
+
+def make_scheduler(sampler, config):
+    """--sampler's solver, sampler = gdro.SAMPLERS[name] (a diffusers scheduler class name, its settings), for a model
+    whose Euler scheduler has `config`: multistep solvers in diffusers' flow mode on the same shifted schedule, keeping
+    keys they do not know (FLUX's, read by its pipeline) in their config."""
+    import diffusers
+    cls, settings = sampler
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        return getattr(diffusers, cls).from_config(config)
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0),
+                use_dynamic_shifting=bool(config.get("use_dynamic_shifting")))
+    scheduler = getattr(diffusers, cls)(num_train_timesteps=config.get("num_train_timesteps", 1000), **flow, **settings)
+    scheduler.register_to_config(**{k: v for k, v in config.items() if k not in scheduler.config and k[0] != "_"})
+    return scheduler
+
+def compile_transformer(transformer, **options):
+    """--compile: block by block, as diffusers' compile_repeated_blocks (blocks of a kind share their compiled code)."""
+    for child in transformer.children():
+        if isinstance(child, torch.nn.ModuleList):  # transformer_blocks, FLUX's single_transformer_blocks
+            for block in child:
+                block.compile(**options)
 
 def quantize(transformer, kind, model, device):
     """--quantize: the frozen transformer loaded again with int8 (torchao, weight-only) or NF4 (bitsandbytes) weights

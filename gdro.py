@@ -39,20 +39,18 @@ from tqdm import tqdm
 
 RESOLUTION_FACTOR = 16  # every family: the VAE downsamples 8x and the transformer takes 2x2 patches
 PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
-# --dry-run's GPU-hour estimate: one prompt's rollout group (16 images, 10 Euler steps) and one training step of a
-# k = 6 group with checkpointing, bf16 at 512 px, on one H200 (torch 2.11) with the code before commit fd8d746
-H200_SECONDS = {"sd3": {"rollout_16x10": 3.39, "group_step": 0.46}, "flux": {"rollout_16x10": 9.00, "group_step": 1.70}}
-# --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
-# which drew the cache, so a second-order solver is free speed (docs/cost.md: distance to a 200-step solution)
+# --dry-run's estimates, 512 px, bf16, one H200 (torch 2.11, code before commit fd8d746): seconds of a prompt's rollout
+# group (16 images, 10 Euler steps), of a k = 6 group's step with checkpointing; its GiB (bench.py --architectures)
+MEASURED = {"stabilityai/stable-diffusion-3.5-medium": dict(rollout_16x10=3.39, group_step=0.46,
+                                                            gib={"none": 7.1, "int8": 5.0, "nf4": 4.1}),
+            "black-forest-labs/FLUX.1-dev": dict(rollout_16x10=9.00, group_step=1.70,
+                                                 gib={"none": 28.4, "int8": 17.3, "nf4": 12.4})}
+# --sampler: name -> (diffusers scheduler, its settings; families.make_scheduler), solvers of the same flow-matching
+# ODE. GDRO does not care which drew the cache: a second-order one is free speed (docs/cost.md: distance to 200 steps)
 SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
             "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
             "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
-
 QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantize (families.py): the package it needs
-# --dry-run's GiB for a k = 6 group's step at 512 px, checkpointing on, by bench.py --architectures (bf16 on an H200:
-# 6.7 and 27.4 measured)
-TRAIN_GIB = {"stabilityai/stable-diffusion-3.5-medium": {"none": 7.1, "int8": 5.0, "nf4": 4.1},
-             "black-forest-labs/FLUX.1-dev": {"none": 28.4, "int8": 17.3, "nf4": 12.4}}
 
 def image_seed(seed, i, j, n):
     """Image j of prompt i's seed: rollouts (and eval) reproduce image by image, however batched or split."""
@@ -100,8 +98,7 @@ def parse_args(argv=None):
     arg("--compile", action="store_true", help="torch.compile the transformer's blocks (CUDA only)")
     arg("--quantize", default="none", choices=QUANTIZE, help="frozen base's weights in training: torchao int8, NF4" + d)
     arg("--quantize-rollouts", action="store_true", help="the cache drawn by the quantized base too (not the default)")
-    arg("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to OUT/tensorboard"
-        " or OUT/wandb (WANDB_MODE=offline with no network)" + d)
+    arg("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to it, in OUT/" + d)
     arg("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl" + d)
     arg("--save-every", type=int, default=50, help="steps between checkpoints" + d)
     arg("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
@@ -112,11 +109,11 @@ def parse_args(argv=None):
         companion("--tiny").shrink_if_tiny(args, argv, skip=("images_per_prompt", "steps") if args.from_images else ())
     return args
 
-def companion(feature):
-    """families.py (more families, --tiny's pipelines, image folders) for a feature that needs it."""
-    if not importlib.util.find_spec("families"):
-        raise BadInput(f"{feature} needs families.py beside gdro.py")
-    return importlib.import_module("families")
+def companion(feature, module="families"):
+    """families.py (more families, --tiny's pipelines, image folders, extras) or reward_ocr.py, for a feature."""
+    if not importlib.util.find_spec(module):
+        raise BadInput(f"{feature} needs {module}.py beside gdro.py")
+    return importlib.import_module(module)
 
 # ============================================================================= 2. the method
 # Notation (diffusers' rectified flow): x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, t in (0, 1).
@@ -211,8 +208,7 @@ def unpack_latents(x):
 class Family:
     """A model family's record (docs/models.md): pipeline, names, defaults, schedule, LoRA targets, packed latents or
     not; prompt encoding, sampler inputs, the velocity call (v = eps - x0), the shift of t, the VAE; shared defaults."""
-    name = pipeline = None
-    hub_names = ()
+    name, pipeline, hub_names = None, None, ()
     guidance, steps, resolution, scheduler, packed = None, 10, 1024, {}, False
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     pack, unpack = staticmethod(pack_latents), staticmethod(unpack_latents)
@@ -274,12 +270,11 @@ class Flux(Family):
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, {}  # guidance-distilled: no uncond
 
     def velocity(self, transformer, x_t, t, cond, guidance=None):
-        n, seq_len = x_t.shape[:2]
-        side = math.isqrt(seq_len)  # square images: the packed latent is a side x side grid of 2x2 patches
+        side = math.isqrt(x_t.shape[1])  # square images: the packed latent is a side x side grid of 2x2 patches
         grid = torch.arange(side, device=x_t.device, dtype=torch.float32)
         img_ids = torch.cartesian_prod(torch.zeros(1, device=x_t.device), grid, grid)  # RoPE ids (0, row, col)
         txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x_t.device)
-        g = None if guidance is None else torch.full((n,), guidance, device=x_t.device)
+        g = None if guidance is None else torch.full((len(x_t),), guidance, device=x_t.device)
         return transformer(hidden_states=x_t, timestep=t, guidance=g, encoder_hidden_states=cond["prompt_embeds"],
                            pooled_projections=cond["pooled_prompt_embeds"], txt_ids=txt_ids,
                            img_ids=img_ids, return_dict=False)[0]
@@ -287,16 +282,15 @@ class Flux(Family):
 FAMILIES = {f.name: f for f in (SD3(), Flux())}  # the paper's models; families.py's join for a model of theirs
 
 def load_more_families():
-    """families.py's records (Qwen-Image, FLUX.2, Z-Image) join FAMILIES, completed with Family's defaults."""
+    """FAMILIES, with families.py's records (Qwen-Image, FLUX.2, Z-Image) joined, completed with Family's defaults."""
     if importlib.util.find_spec("families"):
         import families
         FAMILIES.update({r.name: type(r.__name__, (r, Family), {})() for r in families.RECORDS
                          if r.name not in FAMILIES})
+    return FAMILIES
 
 def family_record(name):
-    if name not in FAMILIES:
-        load_more_families()
-    if name not in FAMILIES:
+    if name not in FAMILIES and name not in load_more_families():
         more = "" if importlib.util.find_spec("families") else " (families.py beside gdro.py adds four more)"
         raise BadInput(f"--family {name}: not a supported family; supported: {supported()}{more}")
     return FAMILIES[name]
@@ -308,11 +302,10 @@ def family_name(pipeline=None, hub_id=None):
             return next((f.name for f in FAMILIES.values() if f.pipeline == pipeline), None)
         found = [(len(n), f.name) for f in FAMILIES.values() for n in f.hub_names if n in hub_id.lower()]
         return max(found)[1] if found else None
-    return find() or load_more_families() or find()  # families.py only when the paper's two do not match
+    return find() or (load_more_families() and find())  # families.py only when the paper's two do not match
 
 def supported():
-    load_more_families()
-    return ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
+    return ", ".join(f"{f.pipeline} ({f.name})" for f in load_more_families().values())
 
 def settle_model(args):
     """Before the model loads (gdro.py and eval.py): args.family (model_index.json, --family, the hub id or sd3), the
@@ -351,28 +344,10 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
         raise BadInput(f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
     if found != family:  # settle_model went by the name: the guidance, steps and plan were another family's
         raise BadInput(f"--model {model} is a {found} model, not {family}; pass --family {found}")
+    if torch.device(device).type == "cpu" and not tiny and is_main_process():
+        print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), found  # from_pretrained already cast to dtype; the tiny model stays fp32
-
-def make_scheduler(name, config):
-    """The rollout solver `name` for a model whose Euler scheduler has `config`: multistep solvers in diffusers' flow
-    mode on the same shifted schedule, keeping keys they do not know (FLUX's, read by its pipeline) in their config."""
-    import diffusers
-    cls, settings = SAMPLERS[name]
-    if name == "euler":
-        return getattr(diffusers, cls).from_config(config)
-    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0),
-                use_dynamic_shifting=bool(config.get("use_dynamic_shifting")))
-    scheduler = getattr(diffusers, cls)(num_train_timesteps=config.get("num_train_timesteps", 1000), **flow, **settings)
-    scheduler.register_to_config(**{k: v for k, v in config.items() if k not in scheduler.config and k[0] != "_"})
-    return scheduler
-
-def compile_transformer(transformer, **options):
-    """--compile: block by block, as diffusers' compile_repeated_blocks (blocks of a kind share their compiled code)."""
-    for child in transformer.children():
-        if isinstance(child, torch.nn.ModuleList):  # transformer_blocks, FLUX's single_transformer_blocks
-            for block in child:
-                block.compile(**options)
 
 def schedule_mu(family, scheduler_config, latent_shape, steps):
     """mu of the shift of t (sample_t) for a cached latent of latent_shape drawn in `steps` steps (FLUX.2's)."""
@@ -411,8 +386,7 @@ def cache_manifest(args, cache_dir):
         source = {"source": "images", "images": str(Path(args.from_images).resolve()), "group_size": args.group_size,
                   "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
     else:
-        ocr = args.reward == "ocr"
-        reward_file = Path(__file__).with_name("reward_ocr.py") if ocr else args.reward.rpartition(":")[0]
+        reward_file = args.reward.rpartition(":")[0] or Path(__file__).with_name("reward_ocr.py")  # "ocr": that file
         source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
                   "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
                   "reward_sha256": file_sha256(reward_file), "seed": args.seed}
@@ -433,8 +407,7 @@ def cache_manifest(args, cache_dir):
 def load_reward(spec):
     """'ocr' -> reward_ocr.OcrReward(); 'FILE.py:FUNCTION' -> that function. Either is fn(images, prompts)."""
     if spec == "ocr":
-        from reward_ocr import OcrReward
-        return OcrReward()
+        return companion("--reward ocr", "reward_ocr").OcrReward()
     path, _, name = spec.rpartition(":")
     try:
         fn = runpy.run_path(path).get(name)
@@ -466,13 +439,15 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     scored and written in a thread while i+1 generates (OCR would idle the GPU about as long). Under torchrun each
     process takes its share of the missing prompts."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
-
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
         write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor(rewards),
                                                "seeds": torch.tensor(seeds), **{k: v[0] for k, v in cond.items()}})
-
-    base_scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(args.sampler, pipe.scheduler.config)
+    base_scheduler = pipe.scheduler  # the model's own: Euler, on the schedule training's t follows
+    if args.sampler != "euler":
+        pipe.scheduler = companion("--sampler").make_scheduler(SAMPLERS[args.sampler], base_scheduler.config)
+    if args.compile:
+        companion("--compile").compile_transformer(pipe.transformer)
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = None
         for i in progress(my_missing_shards(cache_dir, len(prompts)), "rollout cache", "prompt"):
@@ -490,7 +465,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
             scoring.result()
     if stop:
         raise cache_interrupted(cache_dir, prompts)
-    pipe.scheduler = base_scheduler  # the model's own schedule again (training's t follows it)
+    pipe.scheduler = base_scheduler
     barrier()
 
 def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
@@ -518,14 +493,13 @@ def training_plan(args, sizes):
             "micro_batch": args.micro_batch, "max_steps": args.max_steps, "groups_trained": groups,
             "epochs": round(groups / P, 3), "prompt_coverage": round(min(groups, P) / P, 4),
             "image_coverage": round(seen / P, 4)}
-    measured = args.resolution == PAPER_RESOLUTION and not args.tiny  # the H200 figures: real models at 512 px
-    if measured and args.family in H200_SECONDS and not args.from_images:
-        h = H200_SECONDS[args.family]
-        rollout_h = P * h["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
-        train_h = groups * h["group_step"] * k / 6 / 3600
+    m = MEASURED.get(args.model) if args.resolution == PAPER_RESOLUTION and not args.tiny else None
+    if m and not args.from_images:
+        rollout_h = P * m["rollout_16x10"] * args.images_per_prompt / 16 * args.steps / 10 / 3600
+        train_h = groups * m["group_step"] * k / 6 / 3600
         plan.update(est_rollout_gpu_hours_h200=round(rollout_h, 2), est_train_gpu_hours_h200=round(train_h, 2))
-    if measured and args.model in TRAIN_GIB and args.group_size == 6:
-        plan["est_train_gib"] = TRAIN_GIB[args.model][args.quantize]
+    if m and args.group_size == 6:
+        plan["est_train_gib"] = m["gib"][args.quantize]
     return plan
 
 def keyed_generator(*key):
@@ -549,8 +523,7 @@ def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, dev
         mu = schedule_mu(family, scheduler_config, x0.shape[1:], args.steps)  # the shift the rollouts' sampler used
         rows.append({"x0": x0, "rewards": shard.pop("rewards")[images].float(),
                      "eps": torch.randn(x0.shape[1:], generator=gen), "t": sample_t(1, mu, gen, args.uniform_t)[0]})
-        shard.pop("seeds", None)
-        conds.append(shard)  # what is left is the prompt's conditioning
+        conds.append({k: v for k, v in shard.items() if k != "seeds"})  # what is left: the prompt's conditioning
     stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]).to(device) for k in dicts[0]}
     return {**stack(rows), "cond": stack(conds)}
 
@@ -566,9 +539,8 @@ def group_stats(loss, err_policy, err_ref, rewards):
 
 @contextlib.contextmanager
 def training_context(transformer):
-    """The training step's forward and backward (checkpointing re-runs forwards in the backward): any attention but
-    cuDNN's, whose backward gave NaN (tiny FLUX) or failed (FLUX.1-dev size) on an H200 (torch 2.11); LoRA inputs kept
-    in bf16, not cast to fp32 and back (two full-size copies a layer, 16 % of a FLUX.1 block's memory, docs/cost.md)."""
+    """The step's forward and backward: any attention but cuDNN's (its backward gave NaN or failed on an H200, torch
+    2.11); LoRA inputs kept in bf16, not cast to fp32 and back (16 % of a FLUX.1 block's memory, docs/cost.md)."""
     from peft.helpers import disable_input_dtype_casting
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), \
@@ -588,7 +560,7 @@ def add_lora(transformer, targets, args):
     if args.grad_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.compile:
-        compile_transformer(transformer)
+        companion("--compile").compile_transformer(transformer)
     return params
 
 def train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device):
@@ -638,8 +610,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                     dist.all_reduce(stats)  # the log's sums, and whether any process was asked to stop
                 *sums, stop_now = stats.tolist()  # the one host-device sync per step
                 if not math.isfinite(sums[0]):
-                    raise SystemExit(f"error: non-finite loss at step {step}; stopped. Last good checkpoint: "
-                                     f"{last_ckpt}")
+                    raise SystemExit(f"error: non-finite loss at step {step}; last good checkpoint: {last_ckpt}")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -718,7 +689,6 @@ def tracker(args, start):
 def stop_when_done(doing):
     """A first Ctrl-C, SIGTERM or SIGUSR1 marks the yielded list (finish, save, stop); a second interrupts at once."""
     stop = []
-
     def handler(signum, _):
         if stop:
             raise KeyboardInterrupt
@@ -726,7 +696,6 @@ def stop_when_done(doing):
         if is_main_process():
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{name}: {doing}, then stopping (Ctrl-C again to stop at once)", file=sys.stderr)
-
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, handler) for s in signals} if main_thread else {}
@@ -754,8 +723,7 @@ def write_atomic(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise write_failed(path, e)
 
 def append_line(path, line):
@@ -776,8 +744,7 @@ def lock_out(out, create=True):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+            print(os.getpid(), file=f, flush=True)
             HELD_LOCKS[key] = f
         except BlockingIOError:
             f.seek(0)
@@ -837,9 +804,7 @@ def read_prompts(path, reward, max_prompts=None):
     if not lines:
         raise BadInput(f"--prompts {path} has no prompts")
     if reward == "ocr":
-        if not importlib.util.find_spec("reward_ocr"):
-            raise BadInput("--reward ocr needs reward_ocr.py beside gdro.py; or pass --reward FILE.py:FUNCTION")
-        from reward_ocr import has_ocr_target
+        has_ocr_target = companion("--reward ocr (or --reward FILE.py:FUNCTION)", "reward_ocr").has_ocr_target
         bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
         if bad:
             raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
@@ -1022,14 +987,13 @@ def check_args(args, world):
              ("--gamma", finite(args.gamma) and args.gamma >= 0, "finite and >= 0"),
              ("--group-size", 2 <= args.group_size and (args.from_images or args.group_size <= args.images_per_prompt),
               "at least 2 and at most --images-per-prompt"),
-             ("--max-steps", args.max_steps >= 0, ">= 0"),
              ("--groups-per-step", args.groups_per_step >= 1 and args.groups_per_step % world == 0,
               f"at least 1 and a multiple of the {world} processes"),
              ("--lr", finite(args.lr) and args.lr > 0, "finite and > 0"),
              ("--max-grad-norm", finite(args.max_grad_norm) and args.max_grad_norm > 0, "finite and > 0"),
              *[(f, getattr(args, f[2:].replace("-", "_")) >= 1, "at least 1")
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
-             ("--seed", args.seed >= 0, ">= 0"),
+             *[(f, getattr(args, f[2:].replace("-", "_")) >= 0, ">= 0") for f in ("--max-steps", "--seed")],
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
              ("--quantize", args.quantize != "nf4" or args.dry_run or torch.cuda.is_available(), "int8 without CUDA"),
              ("--quantize-rollouts", not args.quantize_rollouts or args.quantize != "none", "with --quantize int8/nf4")]
@@ -1077,8 +1041,6 @@ def main(argv=None):
             print(json.dumps(plan))
     if args.dry_run:
         return None
-    if device.type == "cpu" and not args.tiny and rank == 0:
-        print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     out, cache_dir = Path(args.out), Path(args.out) / "cache"
     check_out(out, args)
     manifest = cache_manifest(args, cache_dir)
@@ -1099,8 +1061,6 @@ def main(argv=None):
     if args.quantize_rollouts:
         pipe.transformer = companion("--quantize").quantize(pipe.transformer, args.quantize, model, device)
     if not cache_complete:
-        if args.compile:
-            compile_transformer(pipe.transformer)
         try:
             if args.from_images:
                 build_cache_from_images(pipe, family, prompts, image_groups, cache_dir, args)

@@ -347,7 +347,7 @@ def test_compiled_blocks_give_the_eager_training_step_bit_for_bit(family):
             return err_policy.detach(), err_ref, torch.autograd.grad(loss, lora)
 
     eager, graphs = step(), []
-    gdro.compile_transformer(transformer, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+    families.compile_transformer(transformer, backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
     compiled = step()
     assert graphs, "nothing was compiled"
     assert not torch.equal(eager[0], eager[1])  # a trained LoRA: the policy differs from the reference

@@ -581,7 +581,7 @@ def distance_to_reference(family, prompts, seeds, reference_steps):
     encoded = [gdro.encode_prompt(pipe, family, prompt) for prompt in prompts]
 
     def solve(sampler, n):
-        pipe.scheduler = gdro.make_scheduler(sampler, config)
+        pipe.scheduler = families.make_scheduler(gdro.SAMPLERS[sampler], config)
         return torch.cat([gdro.generate(pipe, cond, uncond, seeds, n, guidance, families.TINY_RUN["resolution"])
                           for cond, uncond in encoded])
 
@@ -676,7 +676,7 @@ def real_architectures(with_flops, names=None):
 
 def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
     """Seconds per prompt group through gdro.build_cache for each sampler at its step count in steps_for (the same
-    ODE accuracy); on CUDA again with the transformer compiled (gdro.compile_transformer, as --compile). Returns
+    ODE accuracy); on CUDA again with the transformer compiled (families.compile_transformer, as --compile). Returns
     ({"steps": steps_for, "eager": {sampler: s}, "compiled": ... or None}, Euler's cache folder)."""
     def rollout(tag, sampler, steps):
         args = rollout_args(family, run["images"], steps, run["resolution"], sampler)
@@ -689,7 +689,7 @@ def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
             if device.type != "cuda":
                 print("  rollout compiled: skipped (torch.compile's GPU backend needs CUDA)")
                 break
-            gdro.compile_transformer(pipe.transformer)
+            families.compile_transformer(pipe.transformer)
         found[tag] = {}
         for sampler, steps in steps_for.items():
             rollout(f"warmup_{tag}", sampler, 2)  # untimed: kernels, autotuning, compiling
@@ -787,7 +787,8 @@ def measure_real(name, small, peak_tflops, work, device, dtype):
     print(f"  one prompt's rollout ({run['images']} images, {run['steps']} Euler steps) = "
           f"{steps_per_rollout and round(steps_per_rollout, 2)} training steps of one k={run['k']} group "
           "(checkpointing on)")
-    baseline = None if small else gdro.H200_SECONDS[family]["rollout_16x10"]  # before this bench's changes, on an H200
+    measured = gdro.MEASURED.get(real["hub_id"], {})  # before this bench's changes, on an H200
+    baseline = None if small else measured.get("rollout_16x10")
     wall_s = round(time.perf_counter() - started, 1)
     print(f"  {name}: measured in {wall_s} s")
     return {"small_config": small, "wall_s": wall_s, "rollout_s": rollout_s,
