@@ -598,8 +598,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     start, last_ckpt = start_or_resume(args, transformer, optimizer)
     DDP = torch.nn.parallel.DistributedDataParallel  # under torchrun: it averages the LoRA's gradients
     model = DDP(transformer, broadcast_buffers=False) if world > 1 else transformer
-    out, ckpt_dir = Path(args.out), Path(args.out) / "checkpoints"
-    window, t0, step = [], time.time(), start
+    out, ckpt_dir, window, t0, step = Path(args.out), Path(args.out) / "checkpoints", [], time.time(), start
     bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
     with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker(args, start) as report:
         try:
@@ -804,7 +803,7 @@ def read_prompts(path, reward, max_prompts=None):
     if not lines:
         raise BadInput(f"--prompts {path} has no prompts")
     if reward == "ocr":
-        has_ocr_target = companion("--reward ocr (or --reward FILE.py:FUNCTION)", "reward_ocr").has_ocr_target
+        has_ocr_target = companion("--reward ocr", "reward_ocr").has_ocr_target
         bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
         if bad:
             raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
@@ -1000,8 +999,9 @@ def check_args(args, world):
     for flag, ok, must in rules:
         if not ok:
             raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {must}")
-    for flag, package in [("--quantize", QUANTIZE[args.quantize]), ("--report-to", args.report_to)]:
-        needed = package not in (None, "none") and companion(flag) and not args.dry_run  # a plan needs no package
+    for flag, package in [("--quantize", QUANTIZE[args.quantize]), ("--report-to", args.report_to),
+                          ("--sampler", args.sampler != "euler" and "diffusers")]:  # families.py's extras
+        needed = package not in (None, "none", False) and companion(flag) and not args.dry_run  # a plan: no package
         if needed and not importlib.util.find_spec(package):
             raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} needs {package}: pip install {package}")
     if (args.prompts is None) == (args.from_images is None):

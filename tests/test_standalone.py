@@ -92,6 +92,7 @@ def test_copied_alone_gdro_says_in_one_line_what_needs_a_companion(tmp_path):
                         (["--prompts", "prompts.txt", "--dry-run"], "--reward ocr needs reward_ocr.py"),
                         (custom + ["--quantize", "int8"], "--quantize needs families.py"),
                         (custom + ["--report-to", "tensorboard"], "--report-to needs families.py"),
+                        (custom + ["--sampler", "unipc"], "--sampler needs families.py"),
                         (custom + ["--family", "qwen-image"], "--family qwen-image: not a supported family")):
         done = python(folder, "gdro.py", *args)
         assert done.returncode == 2 and needs in done.stderr and "Traceback" not in done.stderr, done.stderr
