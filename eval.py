@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 import gdro
 from reward_ocr import ocr_target
@@ -130,7 +129,7 @@ def generate_set(pipe, family, prompts, args, folder, ocr, desc):
     n = args.images_per_prompt
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
-    rewards, bar = [], tqdm(total=len(jobs), desc=desc, unit="image")
+    rewards, bar = [], gdro.progress(None, desc, "image", total=len(jobs))
     for b in range(0, len(jobs), args.batch):
         batch = jobs[b:b + args.batch]
         enc = {i: gdro.encode_prompt(pipe, family, prompts[i]) for i, _ in batch}
@@ -205,7 +204,7 @@ def judge_set(model, processor, folder, prompts, args, desc):
     """The judge's answers for every image of one set, read back from folder in generate_set's order."""
     n, answers = args.images_per_prompt, []
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    for b in tqdm(range(0, len(jobs), args.judge_batch), desc=desc, unit="batch"):
+    for b in gdro.progress(range(0, len(jobs), args.judge_batch), desc, "batch"):
         batch = jobs[b:b + args.judge_batch]
         images = [Image.open(folder / image_name(i, j)).convert("RGB") for i, j in batch]
         answers += judge_answers(model, processor, images, [prompts[i] for i, _ in batch], args.judge_max_new_tokens)

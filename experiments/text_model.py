@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import gdro
 from families import char_text_configs, char_tokenizers, eval_mode
@@ -105,7 +104,7 @@ def train_vae(pixels, r):
                         sample_size=TEXT_RESOLUTION)
     opt = torch.optim.AdamW(vae.parameters(), lr=r["vae_lr"])
     gen = torch.Generator().manual_seed(r["seed"])
-    for _ in (bar := tqdm(range(r["vae_steps"]), desc="text model: VAE", unit="step")):
+    for _ in (bar := gdro.progress(range(r["vae_steps"]), "text model: VAE", "step")):
         x = pixels[torch.randint(len(pixels), (r["vae_batch"],), generator=gen)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
@@ -113,7 +112,7 @@ def train_vae(pixels, r):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return vae.eval().requires_grad_(False)
 
 
@@ -132,8 +131,8 @@ def train_text_transformer(pipe, x0, cond, uncond, r, state_file):
         transformer.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
         ema, start = state["ema"], state["step"]
     n, v = x0.shape[:2]
-    for step in (bar := tqdm(range(start, r["steps"]), desc="text model: transformer", unit="step", initial=start,
-                             total=r["steps"])):
+    for step in (bar := gdro.progress(range(start, r["steps"]), "text model: transformer", "step", initial=start,
+                                     total=r["steps"])):
         gen = gdro.keyed_generator(r["seed"], "pretrain", step)
         i, j = torch.randint(n, (r["batch"],), generator=gen), torch.randint(v, (r["batch"],), generator=gen)
         drop = torch.rand(r["batch"], generator=gen) < r["uncond"]  # empty prompts teach the unconditional velocity
@@ -152,7 +151,7 @@ def train_text_transformer(pipe, x0, cond, uncond, r, state_file):
         with torch.no_grad():
             for k, p in transformer.state_dict().items():
                 ema[k].lerp_(p, 1 - r["ema"]) if p.is_floating_point() else ema[k].copy_(p)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % 500 == 0 and step + 1 < r["steps"]:
             gdro.write_atomic(state_file, serialize({"model": transformer.state_dict(), "ema": ema,
                                                      "optimizer": opt.state_dict(), "step": step + 1}))
@@ -193,7 +192,7 @@ def build_text_model(folder, recipe=None):
     rng = random.Random(r["seed"])
     train_strings = text_strings(r["seed"], r["length"])["train"]
     images = [render(s, rng, jitter=r["jitter"], small=rng.random() < r["small_share"])
-              for s in tqdm(train_strings, desc="text model: render", unit="string") for _ in range(r["variants"])]
+              for s in gdro.progress(train_strings, "text model: render", "string") for _ in range(r["variants"])]
     pixels = to_pixels(images)
     if (work / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
