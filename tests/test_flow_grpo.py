@@ -1,5 +1,6 @@
 """The Flow-GRPO baseline (experiments/flow_grpo.py): its SDE step, its log-probability, its objective at init."""
 import argparse
+import json
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import families
 import gdro
-from experiments import flow_grpo
+from experiments import flow_grpo, toy_reward
 
 
 def test_the_sde_steps_log_probability_is_the_gaussian_density_of_the_transition():
@@ -58,3 +59,30 @@ def test_at_lora_init_the_ratio_is_exactly_one_and_the_kl_exactly_zero():
         assert torch.equal(ratio, torch.ones(2)), ratio
         assert torch.equal(kl, torch.zeros(2)), kl
         assert loss.requires_grad
+
+
+def colour_rewards(pipe, prompts, seeds, resolution, steps):
+    """[len(prompts) * len(seeds)] colour rewards of the pipeline's ODE (Euler) samples: Flow-GRPO evaluates with
+    noise 0."""
+    rewards = []
+    for p in prompts:
+        cond, uncond = gdro.encode_prompt(pipe, "sd3", p)
+        x0 = gdro.generate(pipe, cond, uncond, seeds, steps, gdro.SD3.guidance, resolution)
+        rewards += toy_reward.colour_reward(gdro.decode(pipe, "sd3", x0), [p] * len(seeds))
+    return torch.tensor(rewards)
+
+
+def test_a_few_flow_grpo_steps_raise_a_toy_reward(tmp_path):
+    """12 online steps (16 SDE rollouts each) at a toy's learning rate raise the held-out seeds' reward, paired, by
+    more than 3 standard errors (measured: +0.089 +- 0.011, the base's seed-to-seed sd 0.082)."""
+    prompts, seeds, res, n = ["red sky", "red wall"], list(range(1000, 1016)), 32, 12
+    settings = {"steps": 4, "train_steps": 3, "group_size": 8, "lr": 0.1, "lora_rank": 4}
+    checkpoints = flow_grpo.train(None, prompts, toy_reward.colour_reward, tmp_path, settings, max_steps=n,
+                                  tiny=True, family="sd3", resolution=res, save_every=n)
+    pipe = families.build_tiny_pipeline(gdro.family_record("sd3"))
+    before = colour_rewards(pipe, prompts, seeds, res, settings["steps"])
+    pipe.load_lora_weights(str(checkpoints / f"step_{n:06d}"))
+    gain = colour_rewards(pipe, prompts, seeds, res, settings["steps"]) - before
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["images_sampled"] for m in log] == [16 * (s + 1) for s in range(n)]
+    assert gain.mean() > 3 * gain.std() / len(gain) ** 0.5, (gain.mean(), gain.std(), [m["reward"] for m in log])
