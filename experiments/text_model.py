@@ -30,7 +30,8 @@ from families import char_text_configs, char_tokenizers, eval_mode
 TEXT_PROMPT = 'the text "{}"'  # ocr.txt's convention: the target in double quotes
 TEXT_ALPHABET, TEXT_RESOLUTION = "0123456789", 64
 TEXT_SPLITS = {"test": 100, "val": 100}  # strings held out; the other 800 of the 1000 are train
-# The whole recipe: changing any value builds a new model (the folder's text_model.json records it).
+# The whole recipe: changing any value builds a new model (the folder's text_model.json records it). One key may be
+# added, train_strings: pretrain on the first N training strings only (the tests' toy model); without it, on all.
 TEXT_RECIPE = dict(seed=0, length=3, variants=4, jitter=0.0, small_share=0.4, vae_steps=400, vae_batch=32, vae_lr=1e-3,
                    steps=5000, batch=32, lr=1e-3, warmup=200, ema=0.999, uncond=0.1, layers=6, heads=4, head_dim=32,
                    clip_length=32, t5_length=32, shift=1.0)
@@ -190,7 +191,7 @@ def build_text_model(folder, recipe=None):
     t0, work = time.time(), folder / "build"  # work: the stages' results, so an interrupted build resumes
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(r["seed"])
-    train_strings = text_strings(r["seed"], r["length"])["train"]
+    train_strings = text_strings(r["seed"], r["length"])["train"][:r.get("train_strings")]  # a test's few, or all
     images = [render(s, rng, jitter=r["jitter"], small=rng.random() < r["small_share"])
               for s in gdro.progress(train_strings, "text model: render", "string") for _ in range(r["variants"])]
     pixels = to_pixels(images)

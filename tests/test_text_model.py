@@ -14,7 +14,7 @@ import gdro
 from experiments import text_model as pretraining  # the fixture below is named text_model
 
 HERE = Path(__file__).resolve().parent.parent
-TOY = {"variants": 1, "vae_steps": 2, "vae_batch": 4, "steps": 3, "batch": 4, "layers": 1}
+TOY = {"variants": 1, "vae_steps": 2, "vae_batch": 4, "steps": 3, "batch": 4, "layers": 1, "train_strings": 16}
 
 
 @pytest.fixture(scope="module")
