@@ -124,9 +124,10 @@ def policy_loss(velocity, transformer, states, old_log_probs, adv, cond, uncond,
 
 
 def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, family=None, resolution=None, seed=0,
-          save_every=10):
-    """Flow-GRPO on `prompts` for max_steps steps; a LoRA checkpoint every save_every steps in OUT/checkpoints, with
-    the compute so far (seconds, images sampled) in OUT/metrics.jsonl."""
+          save_every=10, max_seconds=math.inf):
+    """Flow-GRPO on `prompts` for max_steps steps, or until a step ends past max_seconds; a LoRA checkpoint every
+    save_every steps (and the last) in OUT/checkpoints, with the compute so far (seconds, images sampled) in
+    OUT/metrics.jsonl."""
     s, out = {**FLOW_GRPO, **settings}, Path(out)
     G = s["group_size"]
     # the family and the model's own resolution as gdro.py settles them
@@ -183,8 +184,11 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
                 "images_sampled": images, "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(time.process_time() - cpu0, 2)}
         gdro.append_line(out / "metrics.jsonl", json.dumps(line))
-        if (step + 1) % save_every == 0 or step + 1 == max_steps:
+        last = step + 1 == max_steps or line["seconds"] >= max_seconds
+        if (step + 1) % save_every == 0 or last:
             gdro.save_lora(type(pipe), transformer, out / "checkpoints" / f"step_{step + 1:06d}")
+        if last:
+            break
     return out / "checkpoints"
 
 
@@ -195,6 +199,8 @@ def main(argv=None):
     p.add_argument("--reward", default="ocr", help="'ocr' or FILE.py:FUNCTION, as gdro.py's")
     p.add_argument("--out", default="runs/flow_grpo", help="output folder (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=100, help="steps of rollouts + updates (default: %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=math.inf, help="or stop after the step that passes this")
+    p.add_argument("--save-every", type=int, default=10, help="steps between LoRA checkpoints (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image side (default: 512, or the model's if smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and draws (default: %(default)s)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a FLOW_GRPO value")
@@ -207,7 +213,7 @@ def main(argv=None):
         settings[key] = type(FLOW_GRPO[key])(value)
     prompts = gdro.read_prompts(args.prompts, args.reward)
     train(args.model, prompts, gdro.load_reward(args.reward), args.out, settings, args.max_steps,
-          resolution=args.resolution, seed=args.seed)
+          resolution=args.resolution, seed=args.seed, save_every=args.save_every, max_seconds=args.max_seconds)
 
 
 if __name__ == "__main__":

@@ -320,11 +320,11 @@ def paired_gain(scores_file, lora_set="lora"):
             "base_large_text_ocr": large_ocr["base"], "gdro_large_text_ocr": large_ocr[lora_set]}
 
 
-def ocr_prompt_files(out, model_dir):
-    """OUT/train_prompts.txt: OCR_TRAIN_PROMPTS strings of the model's train split (a fixed random draw); the
-    validation and held-out prompts are the model folder's val.txt and test.txt."""
+def ocr_prompt_files(out, model_dir, n=OCR_TRAIN_PROMPTS):
+    """OUT/train_prompts.txt: n strings of the model's train split (a fixed random draw); the validation and held-out
+    prompts are the model folder's val.txt and test.txt."""
     train = Path(model_dir, "train.txt").read_text().splitlines()
-    chosen = random.Random(0).sample(train, OCR_TRAIN_PROMPTS)
+    chosen = random.Random(0).sample(train, n)
     (out / "train_prompts.txt").write_text("\n".join(chosen) + "\n")
     return out / "train_prompts.txt", Path(model_dir) / "val.txt", Path(model_dir) / "test.txt"
 
@@ -338,7 +338,7 @@ def gdro_command(model_dir, prompts, out, seed, settings):
 
 def eval_command(model_dir, prompts, loras, out, guidance, images=OCR_EVAL["images-per-prompt"], checkpoints=None):
     """eval.py's command line: base vs each LoRA folder in loras, or vs every checkpoint in checkpoints."""
-    sets = ["--checkpoints", str(checkpoints)] if checkpoints else ["--lora", *map(str, loras)]
+    sets = ["--checkpoints", str(checkpoints)] if checkpoints else ["--lora", *map(str, loras)] if loras else []
     return [sys.executable, "eval.py", "--model", str(model_dir), "--prompts", str(prompts), "--judge", "none",
             *sets, "--out", str(out), "--guidance", str(guidance), *flags({**OCR_EVAL, "images-per-prompt": images})]
 

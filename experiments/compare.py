@@ -1,0 +1,276 @@
+"""The paper's headline on a CPU: GDRO against online Flow-GRPO and the simple baselines, at equal compute.
+
+    python -m experiments.compare                 # the binding text model (once), both seeds: JSON on the last line
+    python -m experiments.compare --scale gdro_steps=100 heldout_strings=20    # smaller, to try it
+
+The task is the binding text model (text_model.BINDING_RECIPE: 4-digit strings, every render large), whose failure is
+legible digits that are the wrong ones or in the wrong place: copying each group's best image does not remove it,
+and with 5 reward values per image fewer groups tie than on 3 digits. Before the comparison, the base model on the
+val strings: its failure (how often it reads exactly, the right digits in the wrong order, a wrong length, nothing)
+and how often a group of k = 6 images has a tied best reward (val_base in the JSON).
+
+Each method, per seed (the seeds side by side, one CPU thread each), on the same 200 training strings:
+  gdro        GDRO, the paper's loss, on a cache of 16 images per string (10 Euler steps, scored once)
+  gdro_unipc  the same on a cache drawn by UniPC in 5 steps (sampler independence)
+  flow_grpo   Flow-GRPO: online SDE rollouts of the current policy each step (experiments/flow_grpo.py), run for
+              FLOW_BUDGET times this seed's whole GDRO cost
+  raft        beta = 0 on the Euler cache: flow matching on each group's best image (rejection sampling, RAFT)
+  dpo         k = 2 on the Euler cache (Diffusion-DPO)
+Every method has the same LoRA (rank 32), its paper's settings, and the same learning rate 3e-3 (both papers use
+3e-4 on their models; this small model took 10x that for GDRO on the first text model): none is tuned on val here,
+so each had one run per seed. Each checkpoint is scored on the held-out strings x held-out seeds (the same images'
+seeds for base and every LoRA) against its compute: seconds on one thread from the start of the method's work (the
+cache drawn and scored, then training to the checkpoint; Flow-GRPO's rollouts, scoring and updates) and images
+sampled. The figures: runs/compare/results.json, docs/compare.png (python -m experiments.compare --plot-only).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from experiments import run, text_model
+from experiments.flow_grpo import FLOW_GRPO
+
+ROOT = Path(__file__).resolve().parent.parent
+LR = 3e-3  # every method's
+CACHES = {"euler": {"sampler": "euler", "steps": 10}, "unipc": {"sampler": "unipc", "steps": 5}}
+METHODS = {  # name -> (label, the cache it trains on or None for online, changes to run.OCR_GDRO)
+    "gdro": ("GDRO (Euler cache)", "euler", {}),
+    "gdro_unipc": ("GDRO (UniPC cache, 5 steps)", "unipc", {}),
+    "flow_grpo": ("Flow-GRPO (online)", None, {}),
+    "raft": ("best image, beta = 0 (RAFT)", "euler", {"beta": 0.0}),
+    "dpo": ("k = 2 (Diffusion-DPO)", "euler", {"group-size": 2}),
+}
+FLOW_BUDGET = 2.0  # Flow-GRPO runs to twice GDRO's whole cost: the table's second point
+FLOW_POINTS = (0.25, 0.5, 1.0, 1.5, 2.0)  # its checkpoints scored: at these multiples of GDRO's whole cost
+SCALE = dict(gdro_steps=300, save_every=50, train_prompts=run.OCR_TRAIN_PROMPTS, heldout_strings=100, heldout_images=4,
+             val_images=6)
+
+
+def logged(cmd, log, env):
+    """Run cmd from the repository root with its output appended to log; its wall seconds. A failure stops with the
+    log's name."""
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        t0 = time.time()
+        if subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
+            raise SystemExit(f"error: failed: {' '.join(map(str, cmd))} (see {log})")
+    return time.time() - t0
+
+
+def train_methods(model_dir, prompts, out, seed, scale, log):
+    """Every method's run for one seed in out/METHOD (caches in out/cache_*); {method: [points]} where a point is
+    {step, seconds, images, lora}: the checkpoints to score, with their compute."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    settings = {**run.OCR_GDRO, "lr": LR, "max-steps": scale["gdro_steps"], "save-every": scale["save_every"],
+                "log-every": scale["save_every"]}
+    cache_s, points = {}, {}
+    for name, cache in CACHES.items():  # the cache alone (no training): what drawing and scoring it costs
+        folder = out / f"cache_{name}"
+        if not (folder / "cache_seconds").is_file():
+            seconds = logged(run.gdro_command(model_dir, prompts, folder, seed, {**settings, **cache, "max-steps": 0}),
+                             log, env)
+            (folder / "cache_seconds").write_text(f"{seconds:.1f}\n")
+        cache_s[name] = float((folder / "cache_seconds").read_text())
+    images = len(prompts.read_text().splitlines()) * settings["images-per-prompt"]
+    for method, (_, cache, change) in METHODS.items():
+        folder = out / method
+        if cache is None:
+            continue
+        if not (folder / "lora").is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(out / f"cache_{cache}" / "cache", folder / "cache")
+            cmd = run.gdro_command(model_dir, prompts, folder, seed, {**settings, **CACHES[cache], **change})
+            logged(cmd, log, env)
+        log_lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        points[method] = [{"step": m["step"], "seconds": round(cache_s[cache] + m["time_s"], 1), "images": images,
+                           "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")} for m in log_lines]
+    gdro_cost = points["gdro"][-1]["seconds"]  # this seed's whole GDRO run: cache and training
+    folder = out / "flow_grpo"
+    if not (folder / "done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        logged([sys.executable, "-m", "experiments.flow_grpo", "--model", model_dir, "--prompts", prompts,
+                "--out", folder, "--seed", seed, "--max-seconds", round(FLOW_BUDGET * gdro_cost), "--save-every", 1,
+                "--max-steps", 10**6, "--set", f"lr={LR}", f"guidance={settings['guidance']}"], log, env)
+        (folder / "done").write_text("")
+    points["flow_grpo"] = flow_points(folder, gdro_cost)
+    return points
+
+
+def flow_points(folder, gdro_cost):
+    """Flow-GRPO's checkpoints nearest to FLOW_POINTS x gdro_cost seconds (the latest at or below each)."""
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    chosen = []
+    for f in FLOW_POINTS:
+        within = [m for m in log if m["seconds"] <= f * gdro_cost] or log[:1]
+        if within[-1] not in chosen:
+            chosen.append(within[-1])
+    return [{"step": m["step"], "seconds": m["seconds"], "images": m["images_sampled"],
+             "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")} for m in chosen]
+
+
+def base_on_val(model_dir, out, scale, log):
+    """The base model's failure on the val strings (scale['val_images'] images each) and how often a group of its
+    images has a tied best reward: what GDRO's ranking can use that copying the best image cannot."""
+    from reward_ocr import OcrReward, ocr_target
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    folder = out / "val_base"
+    if not (folder / "scores.jsonl").is_file():
+        logged(run.eval_command(model_dir, Path(model_dir) / "val.txt", [], folder, run.OCR_GDRO["guidance"],
+                                scale["val_images"]), log, env)
+    rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    reader, kinds, groups = OcrReward(), {}, {}
+    for r in rows:
+        target = ocr_target(r["prompt"])
+        with Image.open(folder / r["image"]) as image:
+            read = "".join(reader.read(image).split())
+        kind = ("exact" if read == target else "nothing read" if not read else
+                "wrong length" if len(read) != len(target) else
+                "right digits, wrong order" if sorted(read) == sorted(target) else "wrong digits")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        groups.setdefault(r["prompt_index"], []).append(r["ocr_reward"])
+    tied = [sum(x == max(g) for x in g) > 1 for g in groups.values()]
+    return {"strings": len(groups), "images_per_string": scale["val_images"],
+            "ocr": float(np.mean([r["ocr_reward"] for r in rows])),
+            "reads": {k: round(v / len(rows), 4) for k, v in sorted(kinds.items())},
+            "groups_with_tied_best": float(np.mean(tied)),
+            "distinct_rewards_per_group": float(np.mean([len(set(g)) for g in groups.values()]))}
+
+
+def score_points(model_dir, points, out, scale, log):
+    """One eval.py on the held-out strings for every point of every method (base images once); each point gets its
+    held-out reward and the paired gain over the base with its standard error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flat = [p for method in METHODS for p in points[method]]
+    folder = out / "eval_heldout"
+    if not (folder / "scores.jsonl").is_file():
+        cmd = run.eval_command(model_dir, Path(model_dir) / "test.txt", [p["lora"] for p in flat], folder,
+                               run.OCR_GDRO["guidance"], scale["heldout_images"])
+        logged(cmd + ["--max-prompts", scale["heldout_strings"]], log, env)
+    for i, p in enumerate(flat):
+        g = run.paired_gain(folder / "scores.jsonl", f"lora{i + 1}" if len(flat) > 1 else "lora")
+        p.update(heldout=round(g["gdro_ocr"], 4), base=round(g["base_ocr"], 4), gain=round(g["gain"], 4),
+                 gain_se=round(g["gain_se"], 4))
+    return points
+
+
+def at_compute(points, seconds):
+    """The latest point of a run within `seconds` of compute, or None."""
+    within = [p for p in points if p["seconds"] <= seconds * 1.02]  # 2 %: a checkpoint a hair past GDRO's own end
+    return within[-1] if within else None
+
+
+def table(results):
+    """Markdown: each method's paired held-out gain at GDRO's whole cost and at twice it, per seed."""
+    lines = ["| method | at GDRO's whole cost: gain +- se (seed " + " / ".join(map(str, results["seeds"])) + ") "
+             "| its compute (s, images) | at twice it: gain +- se | its compute (s, images) |", "|" + " --- |" * 5]
+    for method, (label, _, _) in METHODS.items():
+        cells = []
+        for factor in (1, 2):
+            found = [at_compute(runs[method], factor * runs["gdro"][-1]["seconds"])
+                     for runs in (results["runs"][str(s)] for s in results["seeds"])]
+            cells.append(" / ".join("-" if p is None else f"{p['gain']:+.3f} +- {p['gain_se']:.3f}" for p in found))
+            cells.append(" / ".join("-" if p is None else f"{p['seconds']:.0f}, {p['images']}" for p in found))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, path, W=760, H=460, L=70, R=230, T=30, B=60):
+    """Held-out gain over the base against compute (seconds), a line per method: the mean over seeds of each
+    checkpoint's paired gain, with bars of +-1 standard error (the seeds' se combined)."""
+    from PIL import ImageDraw, ImageFont
+    series = {}
+    for method, (label, _, _) in METHODS.items():
+        runs = [results["runs"][str(s)][method] for s in results["seeds"]]
+        n = min(len(r) for r in runs)
+        series[label] = [(np.mean([r[i]["seconds"] for r in runs]), np.mean([r[i]["gain"] for r in runs]),
+                          np.sqrt(sum(r[i]["gain_se"] ** 2 for r in runs)) / len(runs)) for i in range(n)]
+    xs = [x for pts in series.values() for x, _, _ in pts] + [0]
+    ys = [v for pts in series.values() for _, g, e in pts for v in (g - e, g + e)] + [0]
+    x1, lo, hi = max(xs), min(ys), max(ys)
+    px = lambda x: L + x / x1 * (W - L - R)
+    py = lambda v: H - B - (v - lo) / (hi - lo) * (H - T - B)
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    d.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
+    d.line([(L, py(0)), (W - R, py(0))], fill=(200, 200, 200))  # the base
+    for k in range(6):
+        v, x = lo + (hi - lo) * k / 5, x1 * k / 5
+        d.text((L - 8, py(v)), f"{v:+.2f}", fill="black", font=font, anchor="rm")
+        d.text((px(x), H - B + 8), f"{x:.0f}", fill="black", font=font, anchor="mt")
+    d.text(((L + W - R) / 2, H - 18), "compute: seconds on one CPU thread (rollouts, scoring, training)", fill="black",
+           font=font, anchor="mm")
+    d.text((L, T - 14), "held-out OCR gain over the base", fill="black", font=font, anchor="lm")
+    colours = ((31, 119, 180), (23, 190, 207), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+    for k, ((label, pts), rgb) in enumerate(zip(series.items(), colours)):
+        xy = [(px(x), py(g)) for x, g, _ in pts]
+        if len(xy) > 1:
+            d.line(xy, fill=rgb, width=2)
+        for (x, g, e), (u, v) in zip(pts, xy):
+            d.line([(u, py(g - e)), (u, py(g + e))], fill=rgb)
+            d.ellipse([u - 3, v - 3, u + 3, v + 3], fill=rgb)
+        d.line([(W - R + 12, T + 10 + 20 * k), (W - R + 32, T + 10 + 20 * k)], fill=rgb, width=2)
+        d.text((W - R + 38, T + 10 + 20 * k), label, fill="black", font=font, anchor="lm")
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="GDRO vs Flow-GRPO, beta = 0 and k = 2 at equal compute (CPU text model).")
+    p.add_argument("--out", default="runs/compare", help="run folder (default: %(default)s)")
+    p.add_argument("--model-dir", default="runs/text_binding", help="the binding text model, built there once")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run of every method per seed")
+    p.add_argument("--scale", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change a SCALE value, e.g. gdro_steps=100")
+    p.add_argument("--plot", default="docs/compare.png", help="the figure (default: %(default)s)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure and table from OUT/results.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        results = json.loads((out / "results.json").read_text())
+        plot(results, args.plot)
+        return print(table(results))
+    scale = dict(SCALE)
+    for item in args.scale:
+        key, _, value = item.partition("=")
+        if key not in SCALE:
+            p.error(f"--scale {item}: unknown key; one of {', '.join(SCALE)}")
+        scale[key] = int(value)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "text_model.json").is_file():
+        text_model.build_text_model(model_dir, text_model.BINDING_RECIPE)
+    build_s = json.loads((model_dir / "text_model.json").read_text()).get("build_seconds")
+    prompts, _, _ = run.ocr_prompt_files(out, model_dir, scale["train_prompts"])
+    val_base = base_on_val(model_dir, out, scale, out / "val_base.log")  # said before any method runs
+    print("base model on val: " + json.dumps(val_base), flush=True)
+
+    def one_seed(seed):
+        folder, log = out / f"seed{seed}", out / f"seed{seed}.log"
+        folder.mkdir(exist_ok=True)
+        return score_points(model_dir, train_methods(model_dir, prompts, folder, seed, scale, log), folder, scale, log)
+
+    with ThreadPoolExecutor(len(args.seeds)) as pool:
+        runs = dict(zip(map(str, args.seeds), pool.map(one_seed, args.seeds)))
+    results = {"model_dir": str(model_dir), "build_seconds": build_s, "scale": scale, "lr": LR,
+               "flow_grpo": {**FLOW_GRPO, "lr": LR}, "seeds": args.seeds, "val_base": val_base, "runs": runs,
+               "seconds": round(time.time() - t0)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.plot)
+    (out / "table.md").write_text(table(results) + "\n")
+    print(table(results))
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
