@@ -92,8 +92,10 @@ def train_methods(model_dir, prompts, out, seed, scale, log):
             cmd = run.gdro_command(model_dir, prompts, folder, seed, {**settings, **CACHES[cache], **change})
             logged(cmd, log, env)
         log_lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        points[method] = [{"step": m["step"], "seconds": round(cache_s[cache] + m["time_s"], 1), "images": images,
-                           "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")} for m in log_lines]
+        start = {"step": 0, "seconds": cache_s[cache], "images": images, "lora": None}  # the cache: still the base
+        points[method] = [start] + [{"step": m["step"], "seconds": round(cache_s[cache] + m["time_s"], 1),
+                                     "images": images, "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")}
+                                    for m in log_lines]
     gdro_cost = points["gdro"][-1]["seconds"]  # this seed's whole GDRO run: cache and training
     folder = out / "flow_grpo"
     if not (folder / "done").is_file():
@@ -114,8 +116,9 @@ def flow_points(folder, gdro_cost):
         within = [m for m in log if m["seconds"] <= f * gdro_cost] or log[:1]
         if within[-1] not in chosen:
             chosen.append(within[-1])
-    return [{"step": m["step"], "seconds": m["seconds"], "images": m["images_sampled"],
-             "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")} for m in chosen]
+    return [{"step": 0, "seconds": 0.0, "images": 0, "lora": None}] + [
+        {"step": m["step"], "seconds": m["seconds"], "images": m["images_sampled"],
+         "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")} for m in chosen]
 
 
 def base_on_val(model_dir, out, scale, log):
@@ -148,9 +151,9 @@ def base_on_val(model_dir, out, scale, log):
 
 def score_points(model_dir, points, out, scale, log):
     """One eval.py on the held-out strings for every point of every method (base images once); each point gets its
-    held-out reward and the paired gain over the base with its standard error."""
+    held-out reward and the paired gain over the base with its standard error (a point with no LoRA: the base)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flat = [p for method in METHODS for p in points[method]]
+    flat = [p for method in METHODS for p in points[method] if p["lora"]]
     folder = out / "eval_heldout"
     if not (folder / "scores.jsonl").is_file():
         cmd = run.eval_command(model_dir, Path(model_dir) / "test.txt", [p["lora"] for p in flat], folder,
@@ -160,6 +163,8 @@ def score_points(model_dir, points, out, scale, log):
         g = run.paired_gain(folder / "scores.jsonl", f"lora{i + 1}" if len(flat) > 1 else "lora")
         p.update(heldout=round(g["gdro_ocr"], 4), base=round(g["base_ocr"], 4), gain=round(g["gain"], 4),
                  gain_se=round(g["gain_se"], 4))
+    for p in (p for method in METHODS for p in points[method] if not p["lora"]):
+        p.update(heldout=flat[0]["base"], base=flat[0]["base"], gain=0.0, gain_se=0.0)
     return points
 
 

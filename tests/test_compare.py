@@ -14,9 +14,10 @@ def test_flow_grpos_scored_checkpoints_are_the_latest_within_each_multiple_of_gd
     log = [{"step": s, "seconds": 30.0 * s, "images_sampled": 48 * s} for s in range(1, 21)]  # to 600 s
     write_log(tmp_path / "flow", log)
     points = compare.flow_points(tmp_path / "flow", gdro_cost=280.0)  # 0.25, 0.5, 1, 1.5, 2 x 280 s
-    assert [p["step"] for p in points] == [2, 4, 9, 14, 18]
-    assert all(p["seconds"] <= f * 280.0 for p, f in zip(points, compare.FLOW_POINTS))
-    assert points[0]["images"] == 96 and points[0]["lora"].endswith("checkpoints/step_000002")
+    assert [p["step"] for p in points] == [0, 2, 4, 9, 14, 18]  # step 0: the base, at no compute
+    assert all(p["seconds"] <= f * 280.0 for p, f in zip(points[1:], compare.FLOW_POINTS))
+    assert points[0]["lora"] is None and points[0]["images"] == 0
+    assert points[1]["images"] == 96 and points[1]["lora"].endswith("checkpoints/step_000002")
 
 
 def test_a_method_is_read_at_the_latest_checkpoint_its_compute_allows_and_not_before_its_first():
