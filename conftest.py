@@ -1,8 +1,14 @@
-"""Test markers. `pytest -q -m "not slow"`: the specification of the method, seconds. `pytest -q`: everything on CPU
-(end-to-end runs, fault injection, two processes). `pytest -m cuda -q`: the GPU acceptance tests, skipped without
-CUDA."""
+"""Test markers. `pytest -q -m "not slow"`: the specification of the method, seconds. `pytest -q -n 2`: everything on
+CPU (end-to-end runs, fault injection, two processes), in two workers of one thread each. `pytest -m cuda -q`: the GPU
+acceptance tests, skipped without CUDA."""
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: a core per worker, for its own work and the runs it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from experiments import run as experiment
 from experiments import text_model
@@ -17,7 +18,8 @@ from experiments import text_model
 
 @pytest.mark.slow
 def test_gdro_raises_reward_on_held_out_prompts_and_seeds(tmp_path):
-    results = experiment.main(["--out", str(tmp_path / "experiment"), "--threads", "2", "--eval-seeds", "12",
+    threads = str(torch.get_num_threads())  # 2 alone on 2 cores; 1 in a pytest -n 2 worker
+    results = experiment.main(["--out", str(tmp_path / "experiment"), "--threads", threads, "--eval-seeds", "12",
                                "--set", "groups-per-step=6", "micro-batch=6"])
     held_out = results["held_out_prompts"]
     assert held_out["effect_size"] >= 1.0, held_out
