@@ -45,6 +45,8 @@ def parse_args(argv=None):
                    help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
     gdro.add_model_flags(p)
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt and per model")
+    p.add_argument("--quantize", default="none", choices=list(gdro.QUANTIZE),
+                   help="the transformer's weights, as gdro.py --quantize trains against (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40,
                    help="ODE sampler steps (the evaluation setting; rollouts use fewer)")
     p.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
@@ -363,6 +365,9 @@ def main(argv=None):
     sets.update({"lora" if len(loras) == 1 else f"lora{i + 1}": Path(f) for i, f in enumerate(loras)})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe, family = gdro.load_pipeline(args.model, args.tiny, args.family, device, dtype)
+    if args.quantize != "none":  # the base and each LoRA on the quantized weights
+        quantize = gdro.companion("--quantize").quantize
+        pipe.transformer = quantize(pipe.transformer, args.quantize, None if args.tiny else args.model, device)
     for folder in sets.values():  # a LoRA that does not fit this model fails now, not after the base images
         set_lora(pipe, folder, args.lora_scale)
     out, images_dir = Path(args.out), Path(args.out) / "images"

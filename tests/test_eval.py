@@ -292,3 +292,16 @@ def test_judge_plumbing_on_a_tiny_random_qwen25_vl(tiny_judge, monkeypatch):
     # greedy and left-padded: a batch answers as each image alone does
     assert answers == [gdro_eval.judge_answers(model, processor, [im], [p], 8)[0] for im, p in zip(images, prompts)]
     assert [gdro_eval.parse_judge(a) for a in answers] == [None, None]  # a random model writes garbage
+
+
+@pytest.mark.slow
+def test_a_quantized_base_draws_images_close_to_the_fp32_bases_from_the_same_seeds(run, evaluated):
+    """eval.py --quantize int8: the base (and each LoRA) on torchao int8 weights, as gdro.py --quantize trains against;
+    not the fp32 model's images, but close to them (the text model's held-out OCR: docs/cost.md)."""
+    out = run["dir"] / "eval_int8"
+    report = gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--max-prompts", "2", "--quantize", "int8",
+                             "--lora", str(run["lora"]), "--judge", "none", "--out", str(out)])
+    assert report["base"]["n_images"] == 2 and json.loads((out / "config.json").read_text())["quantize"] == "int8"
+    for k in range(2):
+        quantized, fp32 = (pixels(d / "images" / "base" / f"000{k}_0.png").astype(int) for d in (out, evaluated[1]))
+        assert (quantized != fp32).any() and abs(quantized - fp32).mean() < 8, abs(quantized - fp32).mean()
