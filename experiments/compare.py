@@ -52,7 +52,7 @@ METHODS = {  # name -> (label, the cache it trains on or None for online, change
 FLOW_BUDGET = 2.0  # Flow-GRPO runs to twice GDRO's whole cost: the table's second point
 FLOW_POINTS = (0.25, 0.5, 1.0, 1.5, 2.0)  # its checkpoints scored: at these multiples of GDRO's whole cost
 SCALE = dict(gdro_steps=300, save_every=50, train_prompts=run.OCR_TRAIN_PROMPTS, heldout_strings=100, heldout_images=4,
-             val_images=6)
+             val_strings=100, val_images=6)
 
 
 def logged(cmd, log, env):
@@ -128,8 +128,9 @@ def base_on_val(model_dir, out, scale, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     folder = out / "val_base"
     if not (folder / "scores.jsonl").is_file():
-        logged(run.eval_command(model_dir, Path(model_dir) / "val.txt", [], folder, run.OCR_GDRO["guidance"],
-                                scale["val_images"]), log, env)
+        cmd = run.eval_command(model_dir, Path(model_dir) / "val.txt", [], folder, run.OCR_GDRO["guidance"],
+                               scale["val_images"])
+        logged(cmd + ["--max-prompts", scale["val_strings"]], log, env)
     rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
     reader, kinds, groups = OcrReward(), {}, {}
     for r in rows:
