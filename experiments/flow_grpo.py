@@ -148,7 +148,9 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
     cat = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
     out.mkdir(parents=True, exist_ok=True)
     t0, cpu0, images = time.time(), time.process_time(), 0
-    for step in gdro.progress(range(max_steps), "Flow-GRPO", "step"):
+    timed = math.isfinite(max_seconds)  # a time budget: the bar counts its seconds
+    bar = gdro.progress(None, "Flow-GRPO", "s" if timed else "step", total=round(max_seconds) if timed else max_steps)
+    for step in range(max_steps):
         chosen = torch.randperm(len(prompts), generator=gdro.keyed_generator(seed, "prompts", step))
         chosen = chosen[:s["prompts_per_step"]].tolist()
         trajectories, rewards = [], []  # per prompt: (states, log_probs) of its G images, their rewards
@@ -184,11 +186,13 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
                 "images_sampled": images, "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(time.process_time() - cpu0, 2)}
         gdro.append_line(out / "metrics.jsonl", json.dumps(line))
+        bar.update(min(round(line["seconds"]), bar.total) - bar.n if timed else 1)
         last = step + 1 == max_steps or line["seconds"] >= max_seconds
         if (step + 1) % save_every == 0 or last:
             gdro.save_lora(type(pipe), transformer, out / "checkpoints" / f"step_{step + 1:06d}")
         if last:
             break
+    bar.close()
     return out / "checkpoints"
 
 
