@@ -58,9 +58,10 @@ SCALE = dict(gdro_steps=300, save_every=75, train_prompts=100, heldout_strings=5
              val_images=6)
 
 
-def logged(cmd, log, env):
-    """Run cmd from the repository root with its output appended to log; its wall seconds. A failure stops with the
-    log's name."""
+def logged(cmd, log):
+    """Run cmd from the repository root on one CPU thread, its output appended to log; its wall seconds. A failure
+    stops with the log's name."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "a") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
@@ -73,7 +74,6 @@ def logged(cmd, log, env):
 def train_methods(model_dir, prompts, out, seed, scale, log):
     """Every method's run for one seed in out/METHOD (caches in out/cache_*); {method: [points]} where a point is
     {step, seconds, images, lora}: the checkpoints to score, with their compute."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     settings = {**run.OCR_GDRO, "lr": LR, "max-steps": scale["gdro_steps"], "save-every": scale["save_every"],
                 "log-every": scale["save_every"]}
     cache_s, points = {}, {}
@@ -81,7 +81,7 @@ def train_methods(model_dir, prompts, out, seed, scale, log):
         folder = out / f"cache_{name}"
         if not (folder / "cache_seconds").is_file():
             seconds = logged(run.gdro_command(model_dir, prompts, folder, seed, {**settings, **cache, "max-steps": 0}),
-                             log, env)
+                             log)
             (folder / "cache_seconds").write_text(f"{seconds:.1f}\n")
         cache_s[name] = float((folder / "cache_seconds").read_text())
     images = len(prompts.read_text().splitlines()) * settings["images-per-prompt"]
@@ -93,7 +93,7 @@ def train_methods(model_dir, prompts, out, seed, scale, log):
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(out / f"cache_{cache}" / "cache", folder / "cache")
             cmd = run.gdro_command(model_dir, prompts, folder, seed, {**settings, **CACHES[cache], **change})
-            logged(cmd, log, env)
+            logged(cmd, log)
         log_lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         start = {"step": 0, "seconds": cache_s[cache], "images": images, "lora": None}  # the cache: still the base
         points[method] = [start] + [{"step": m["step"], "seconds": round(cache_s[cache] + m["time_s"], 1),
@@ -105,7 +105,7 @@ def train_methods(model_dir, prompts, out, seed, scale, log):
         shutil.rmtree(folder, ignore_errors=True)
         logged([sys.executable, "-m", "experiments.flow_grpo", "--model", model_dir, "--prompts", prompts,
                 "--out", folder, "--seed", seed, "--max-seconds", round(FLOW_BUDGET * gdro_cost), "--save-every", 1,
-                "--max-steps", 10**6, "--set", f"lr={LR}", f"guidance={settings['guidance']}"], log, env)
+                "--max-steps", 10**6, "--set", f"lr={LR}", f"guidance={settings['guidance']}"], log)
         (folder / "done").write_text("")
     points["flow_grpo"] = flow_points(folder, gdro_cost)
     return points
@@ -128,12 +128,11 @@ def base_on_val(model_dir, out, scale, log):
     """The base model's failure on the val strings (scale['val_images'] images each) and how often a group of its
     images has a tied best reward: what GDRO's ranking can use that copying the best image cannot."""
     from reward_ocr import OcrReward, ocr_target
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     folder = out / "val_base"
     if not (folder / "scores.jsonl").is_file():
         cmd = run.eval_command(model_dir, Path(model_dir) / "val.txt", [], folder, run.OCR_GDRO["guidance"],
                                scale["val_images"])
-        logged(cmd + ["--max-prompts", scale["val_strings"]], log, env)
+        logged(cmd + ["--max-prompts", scale["val_strings"]], log)
     rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
     reader, kinds, groups = OcrReward(), {}, {}
     for r in rows:
@@ -156,13 +155,12 @@ def base_on_val(model_dir, out, scale, log):
 def score_points(model_dir, points, out, scale, log):
     """One eval.py on the held-out strings for every point of every method (base images once); each point gets its
     held-out reward and the paired gain over the base with its standard error (a point with no LoRA: the base)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flat = [p for method in METHODS for p in points[method] if p["lora"]]
     folder = out / "eval_heldout"
     if not (folder / "scores.jsonl").is_file():
         cmd = run.eval_command(model_dir, Path(model_dir) / "test.txt", [p["lora"] for p in flat], folder,
                                run.OCR_GDRO["guidance"], scale["heldout_images"])
-        logged(cmd + ["--max-prompts", scale["heldout_strings"]], log, env)
+        logged(cmd + ["--max-prompts", scale["heldout_strings"]], log)
     for i, p in enumerate(flat):
         g = run.paired_gain(folder / "scores.jsonl", f"lora{i + 1}" if len(flat) > 1 else "lora")
         p.update(heldout=round(g["gdro_ocr"], 4), base=round(g["base_ocr"], 4), gain=round(g["gain"], 4),
