@@ -9,7 +9,7 @@ and with 5 reward values per image fewer groups tie than on 3 digits. Before the
 val strings: its failure (how often it reads exactly, the right digits in the wrong order, a wrong length, nothing)
 and how often a group of k = 6 images has a tied best reward (val_base in the JSON).
 
-Each method, per seed (the seeds side by side, one CPU thread each), on the same 100 training strings:
+Each method, per seed (the seeds side by side, one CPU thread each), on the same 80 training strings:
   gdro        GDRO, the paper's loss, on a cache of 16 images per string (10 Euler steps, scored once)
   gdro_unipc  the same on a cache drawn by UniPC in 5 steps (sampler independence)
   flow_grpo   Flow-GRPO: online SDE rollouts of the current policy each step (experiments/flow_grpo.py), run for
@@ -51,10 +51,11 @@ METHODS = {  # name -> (label, the cache it trains on or None for online, change
 }
 FLOW_BUDGET = 2.0  # Flow-GRPO runs to twice GDRO's whole cost: the table's second point
 FLOW_POINTS = (0.25, 0.5, 1.0, 1.5, 2.0)  # its checkpoints scored: at these multiples of GDRO's whole cost
-# Sized for 2 CPU cores (one thread per seed; measured: the cache ~2.5 s per string of 16 images, GDRO 1.5-2.5 s a
-# step, Flow-GRPO 17.6 s a step, eval.py 3.8 images/s): per seed ~80 minutes, of which the held-out eval ~20. Scaled
-# down from the --ocr experiment: 100 training strings (not 200), 50 held-out strings x 4 images (not 100 x 8).
-SCALE = dict(gdro_steps=300, save_every=75, train_prompts=100, heldout_strings=50, heldout_images=4, val_strings=100,
+# Sized for 2 CPU cores (one thread per seed; measured: the cache ~2.5-3 s per string of 16 images, GDRO 2-3 s a
+# step, Flow-GRPO 18-22 s a step, eval.py 3-3.8 images/s): both seeds ~80 minutes side by side, the held-out eval ~20
+# of them. Scaled down from the --ocr experiment: 80 training strings (not 200), 200 GDRO steps (not 300), a
+# checkpoint every 50, 40 held-out strings x 4 images (not 100 x 8).
+SCALE = dict(gdro_steps=200, save_every=50, train_prompts=80, heldout_strings=40, heldout_images=4, val_strings=100,
              val_images=6)
 
 
