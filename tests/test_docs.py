@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MODULES = ("gdro", "families", "eval", "reward_ocr", "experiments.run", "experiments.text_model",
-           "experiments.toy_reward", "experiments.bench")
+           "experiments.toy_reward", "experiments.bench", "experiments.flow_grpo", "experiments.compare")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # A backticked span that is a name, a dotted name, or either called: `name`, `mod.name`, `name(...)`,
