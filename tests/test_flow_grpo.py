@@ -76,7 +76,7 @@ def test_a_few_flow_grpo_steps_raise_a_toy_reward(tmp_path):
     """12 online steps (16 SDE rollouts each) at a toy's learning rate raise the held-out seeds' reward, paired, by
     more than 3 standard errors (measured: +0.089 +- 0.011, the base's seed-to-seed sd 0.082). Not robust yet: on
     another machine of the same kind the same test read +0.004 +- 0.008 and fails, and other training seeds range
-    -0.015 to +0.039 at 12 steps (see the open issue's note)."""
+    -0.015 to +0.039 at 12 steps."""
     prompts, seeds, res, n = ["red sky", "red wall"], list(range(1000, 1016)), 32, 12
     settings = {"steps": 4, "train_steps": 3, "group_size": 8, "lr": 0.1, "lora_rank": 4}
     checkpoints = flow_grpo.train(None, prompts, toy_reward.colour_reward, tmp_path, settings, max_steps=n,
