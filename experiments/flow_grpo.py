@@ -119,7 +119,10 @@ def policy_loss(velocity, transformer, states, old_log_probs, adv, cond, uncond,
     ratio = torch.exp(log_prob(states[j + 1], mean, std) - old_log_probs[j])
     clipped = ratio.clamp(1 - s["clip_range"], 1 + s["clip_range"])
     pg = torch.maximum(-adv * ratio, -adv * clipped).mean()
-    kl = (mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * std ** 2)
+    # Flow-GRPO's KL divides by std_t^2, not by the transition's variance std_t^2 |dt|: it is |dt| times the exact
+    # KL of the two Gaussian transitions; its weight 0.04 is set for this form
+    std_t = std / math.sqrt(sig[j] - sig[j + 1])
+    kl = (mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * std_t ** 2)
     return pg + s["kl"] * kl.mean(), ratio.detach(), kl.detach()
 
 
@@ -177,12 +180,14 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
                 loss, ratio, kl = policy_loss(velocity, transformer, st, lp, adv[mine], pick(cond), pick(uncond),
                                               sig, j, s)
                 (loss / s["train_steps"]).backward()
-                stats.append((loss.item(), ratio.mean().item(), kl.mean().item()))
+                clipped = ((ratio - 1).abs() > s["clip_range"]).float().mean()  # images the clip holds
+                stats.append((loss.item(), ratio.mean().item(), kl.mean().item(), clipped.item()))
             torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss, ratio, kl = (sum(x) / len(stats) for x in zip(*stats))
+        loss, ratio, kl, clipfrac = (sum(x) / len(stats) for x in zip(*stats))
         line = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": loss, "ratio": ratio, "kl": kl,
+                "clipfrac": clipfrac,
                 "images_sampled": images, "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(time.process_time() - cpu0, 2)}
         gdro.append_line(out / "metrics.jsonl", json.dumps(line))
