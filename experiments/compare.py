@@ -52,7 +52,7 @@ METHODS = {  # name -> (label, the cache it trains on or None for online, change
 FLOW_BUDGET = 2.0  # Flow-GRPO runs to twice GDRO's whole cost: the table's second point
 FLOW_POINTS = (0.25, 0.5, 1.0, 1.5, 2.0)  # its checkpoints scored: at these multiples of GDRO's whole cost
 # Sized for 2 CPU cores (one thread per seed; measured on the run in docs/experiments.md: the Euler cache 5 s per
-# string of 16 images, GDRO 1.9 s a step, Flow-GRPO 25 s a step, eval.py 2.8 images/s): both seeds side by side
+# string of 16 images, GDRO 1.9 s a step, Flow-GRPO 26 s a step, eval.py 2.8 images/s): both seeds side by side
 # 87 minutes, the held-out eval 21 of them. Scaled down from the --ocr experiment: 80 training strings (not 200),
 # 200 GDRO steps (not 300), a checkpoint every 50, 40 held-out strings x 4 images (not 100 x 8).
 SCALE = dict(gdro_steps=200, save_every=50, train_prompts=80, heldout_strings=40, heldout_images=4, val_strings=100,

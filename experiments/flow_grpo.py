@@ -10,7 +10,8 @@ The SDE step (Flow-GRPO's sde_step_with_logprob), from sigma to the next sigma' 
     std_t = a * sqrt(sigma / (1 - sigma))         (a: the noise level; at sigma = 1 the next sigma stands in below)
     mean  = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
     x'    = mean + std_t sqrt(-dt) noise;  log p(x' | x) averaged over latent elements
-With a = 0 it is the ODE's Euler step, which evaluation uses.
+With a = 0 it is the ODE's Euler step, which evaluation uses. The KL to the reference, as in Flow-GRPO's code:
+    KL = mean over latent elements of (mean - mean_ref)^2 / (2 std_t^2)
 
     python -m experiments.flow_grpo --model runs/text_model --prompts PROMPTS --out runs/flow_grpo
 
