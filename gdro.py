@@ -646,6 +646,23 @@ class BadInput(SystemExit):
         super().__init__(2)
         self.args = (message,)  # str(e) is the message; e.code stays 2
 
+def cli(main):
+    """How every script of the project ends (gdro.py, eval.py, the experiments): a refused input is one line and exit
+    code 2; a failure, SystemExit("error: ..."): one line, exit 1, finished work kept; a Ctrl-C that reached here:
+    exit 130 (nothing half-written)."""
+    try:
+        main()
+    except BadInput as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 def init_distributed():
     """This process's device; torchrun's WORLD_SIZE, RANK, LOCAL_RANK start NCCL (CUDA) or gloo (CPU)."""
     cuda = torch.cuda.is_available()
@@ -1086,15 +1103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        if is_main_process():
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # outside the cache build and training (which say more): nothing half-written
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cli(main)
