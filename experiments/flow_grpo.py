@@ -41,6 +41,11 @@ FLOW_GRPO = {  # Flow-GRPO's OCR settings as read in its public code (config/grp
     "guidance": 4.5,      # CFG in sampling and training (SD3)
     "lr": 3e-4, "lora_rank": 32, "max_grad_norm": 1.0,
 }
+# What differs from Flow-GRPO's code, kept as it is so that every method of the comparison shares it: the LoRA's
+# alpha equals its rank (gdro.add_lora; Flow-GRPO's alpha is 64 at rank 32), no EMA of the LoRA weights (its decay 0.9
+# every 8 steps), AdamW's weight decay torch's 0.01 (its 1e-4), fp32 on a CPU (its bf16), 2 prompts a step (its 48
+# groups over 32 GPUs). The same as its code: the SDE step and log-probability, the ratio clip, the KL's form, the
+# advantages (each prompt's mean, the batch's std), the CFG training call with the unconditional half detached.
 
 
 def sde_step(x, v, sigma, sigma_next, noise_level, noise=None, sigma_max=None):
@@ -72,12 +77,16 @@ def sigmas(scheduler_config, steps, mu=None):
 
 
 def guided_velocity(velocity, transformer, x, sigma, cond, uncond, guidance):
-    """The velocity with CFG (SD3: cond and uncond in one batch), or the plain call for a model without uncond."""
+    """The velocity with CFG (SD3: cond and uncond in one batch), or the plain call for a model without uncond.
+    The unconditional half is detached, as Flow-GRPO's training does (scripts/train_sd3.py): the LoRA's gradient is
+    guidance times the conditional branch's, not (1 - guidance) d v_uncond + guidance d v_cond. The value is the same,
+    so sampling and the reference (no gradient there) are unchanged."""
     t = torch.full((len(x),), float(sigma))
     if not uncond:
         return velocity(transformer, x, t, cond)
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
     v_uncond, v_cond = velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    v_uncond = v_uncond.detach()
     return v_uncond + guidance * (v_cond - v_uncond)
 
 

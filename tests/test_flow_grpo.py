@@ -91,6 +91,30 @@ def test_the_kl_is_flow_grpos_form_dt_times_the_gaussian_kl_of_the_two_transitio
     torch.testing.assert_close(kl, (sig[j] - sig[j + 1]) * exact)
 
 
+def test_the_cfg_training_gradient_is_guidance_times_the_conditional_branchs_as_flow_grpos_code():
+    """Flow-GRPO's training detaches the unconditional prediction: the LoRA's gradient of the guided velocity is
+    g d v_cond, not (1 - g) d v_uncond + g d v_cond (what it was before the detach)."""
+    pipe, g = tiny_policy(), 4.5
+    with torch.no_grad():  # LoRA B off zero: at init the LoRA's gradient through A is zero either way
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    cond, uncond = gdro.encode_prompt(pipe, "sd3", "red sky")
+    gen, velocity = torch.Generator().manual_seed(0), gdro.SD3().velocity
+    x = flow_grpo.initial_noise("sd3", pipe.transformer, 1, 32, gen)
+    weights = torch.randn(x.shape, generator=gen)  # a fixed direction: the gradient of <weights, v>
+    lora = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    grad = lambda v: torch.autograd.grad((weights * v).sum(), lora)
+    guided = grad(flow_grpo.guided_velocity(velocity, pipe.transformer, x, 0.7, cond, uncond, g))
+    branch = lambda c: grad(velocity(pipe.transformer, x, torch.full((1,), 0.7), c))
+    d_cond, d_uncond = branch(cond), branch(uncond)
+    for a, c in zip(guided, d_cond):
+        torch.testing.assert_close(a, g * c, rtol=1e-4, atol=1e-6)
+    old = [(1 - g) * u + g * c for u, c in zip(d_uncond, d_cond)]  # without the detach
+    assert max((a - o).abs().max().item() for a, o in zip(guided, old)) > 1e-3 * max(c.abs().max().item()
+                                                                                      for c in d_cond)
+
+
 def sde_colour_rewards(pipe, prompts, resolution, s, n=128, seed=1000):
     """[len(prompts) * n] colour rewards of the policy's own SDE samples (what Flow-GRPO optimises), drawn from the
     same n noises (initial and per step) whatever the weights: paired between the base and a LoRA."""
