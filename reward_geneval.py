@@ -53,7 +53,7 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 FLAGS = {"detector": "--geneval-detector", "clip": "--geneval-clip"}  # how gdro.py, eval.py and main() name them
 COLOR_TEMPLATES = ("a photo of a {c} {x}", "a photo of a {c}-colored {x}", "a photo of a {c} object")
 GREY = (153, 153, 153)  # #999: the background GenEval pastes each object's mask on before naming its colour
-DETECTOR_SIZE = (800, 1333)  # COCO's test resize (shortest, longest side), at which Mask2Former was measured
+DETECTOR_SIZE = (800, 1333)  # COCO's test resize (shortest, longest side): GenEval's mmdet config resizes so
 # COCO names some detectors' configs use, as GenEval writes them
 DETECTOR_ALIASES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -253,7 +253,7 @@ def test_reward_is_one_exactly_when_correct_on_random_detections():
         assert 0 <= reward <= 1 and correct == (reward == 1)
 
 
-# ---- the detector and colour path on tiny models ----
+# ---- the detector and colour path on tiny models (slow: importing transformers' models takes seconds) ----
 
 COCO_DETECTOR_NAMES = [{"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(c, c)
                        for c in rg.COCO_CLASSES]  # how COCO detector configs name them
@@ -339,12 +339,14 @@ def forced_output(model, queries):
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
+@pytest.mark.slow
 def test_tiny_models_give_one_reward_in_0_1_per_image(tiny):
     images = [Image.new("RGB", (64, 64), (200, 30, 30)), np.zeros((48, 64, 3), dtype=np.uint8)]
     rewards = tiny(images, ["a photo of a red car", "a photo of two dogs"])
     assert len(rewards) == 2 and all(isinstance(r, float) and 0 <= r <= 1 for r in rewards)
 
 
+@pytest.mark.slow
 def test_forced_detections_run_the_real_post_processing_into_boxes_from_masks(tiny):
     dog, cat = rg.COCO_CLASSES.index("dog"), rg.COCO_CLASSES.index("cat")
     # 16 x 16 mask logits for a 64 x 64 input and image: each cell is 4 x 4 pixels
@@ -365,6 +367,7 @@ def test_forced_detections_run_the_real_post_processing_into_boxes_from_masks(ti
     assert colour["reward"] == (1.0 if named["dog"] == "red" else 0.5)
 
 
+@pytest.mark.slow
 def test_missing_weights_stop_in_one_line_naming_the_source_and_the_flag(tmp_path):
     absent = str(tmp_path / "no-such-detector")
     with pytest.raises(SystemExit) as stop:
@@ -381,6 +384,7 @@ def test_cli_refuses_a_bad_prompts_file_in_one_line_with_exit_2(tmp_path, capsys
     assert stop.value.code == 2 and "\n" not in err and "prompt 2" in err and "dogg" in err
 
 
+@pytest.mark.slow
 def test_cli_scores_a_folder_per_tag_with_local_models(tiny_folders, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a photo of a dog\na photo of two cats\n")
     for i in range(4):  # two images per prompt, in name order
