@@ -308,8 +308,8 @@ class GenevalReward:
                                     pixel_mask=inputs["pixel_mask"].to(self.device))
             out.class_queries_logits, out.masks_queries_logits = (out.class_queries_logits.float(),
                                                                   out.masks_queries_logits.float())
-            # GenEval's lower threshold (inclusive here, strict in keep), not the processor's 0.5: GenEval's decide;
-            # lower would change nothing but hold up to 100 full-size masks per image
+            # GenEval's lower threshold, not the processor's 0.5, so that keep's decide (the processor compares >=,
+            # keep >); a lower one would change nothing but hold up to 100 full-size masks per image
             results = self.detector_processor.post_process_instance_segmentation(
                 out, threshold=THRESHOLD, target_sizes=[im.size[::-1] for im in chunk], return_binary_maps=True)
             for result in results:
@@ -411,6 +411,8 @@ def main(argv=None):
         refuse(f"prompt {bad[0][0] + 1} is not GenEval's: {bad[0][1]}")
     if not prompts or not paths or len(paths) % len(prompts):
         refuse(f"{len(paths)} images for {len(prompts)} prompts; expected k images per prompt")
+    if missing := [p for p in paths if not os.path.isfile(p)]:
+        refuse(f"image not found: {missing[0]}")
     k, verdicts = len(paths) // len(prompts), []
     reward = GenevalReward(args.geneval_detector, args.geneval_clip, args.device)
     for i, prompt in enumerate(prompts):  # a prompt's images at a time: memory stays flat

@@ -227,8 +227,8 @@ def test_position_needs_the_target_include_met():
 def test_position_holds_against_every_top_object_of_the_target_and_ignores_the_others():
     meta = {"tag": "position", "prompt": "(hand-made)", "include": [
         {"class": "cat", "count": 2}, {"class": "dog", "count": 1, "position": ("left of", 0)}]}
-    dog, left_cat, right_cat = det("dog", box=(30, 0, 40, 10)), det("cat", box=(0, 0, 10, 10)), \
-        det("cat", 0.9, box=(60, 0, 70, 10))
+    dog, left_cat = det("dog", box=(30, 0, 40, 10)), det("cat", box=(0, 0, 10, 10))
+    right_cat = det("cat", 0.9, box=(60, 0, 70, 10))
     # the dog is left of one of the two target cats only: cat 1, dog 1, position 0 -> 2/3
     assert rg.score_detections(meta, [dog, left_cat, right_cat]) == (False, pytest.approx(2 / 3))
     # GenEval's prompt: target count 1, the top cat (0.95, right of the dog) decides; a cat at 0.5 on the left
