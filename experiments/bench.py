@@ -31,7 +31,6 @@ A progress line per measurement; the last line printed is one JSON object holdin
 Every measurement drives gdro.py's own functions (build_cache, train, train_step, velocity_errors, generate), never
 a copy.
 """
-import argparse
 import contextlib
 import functools
 import gc
@@ -43,11 +42,10 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
-import diffusers
 import torch
-from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
+import experiments
 import families
 import gdro
 
@@ -259,6 +257,7 @@ def train_args(out, family, steps, groups=1, micro_batch=1, ckpt=True, log_every
 
 def train(transformer, family, cache_dir, sizes, args, device):
     """gdro.train as gdro.main calls it, with the family's pipeline class and the real models' flow schedule."""
+    import diffusers
     record = gdro.family_record(family)
     return gdro.train(transformer, family, getattr(diffusers, record.pipeline), record.scheduler, cache_dir, sizes,
                       args, device)
@@ -363,6 +362,7 @@ def meta_step(spec, shapes, k=K, activations=False):
     family = spec["family"]
     transformer = build_transformer(spec, "meta", torch.float32)
     transformer.requires_grad_(False)
+    from peft import LoraConfig  # imported where used: a refused flag answers before peft's long import
     transformer.add_adapter(LoraConfig(r=DEFAULTS.lora_rank, lora_alpha=DEFAULTS.lora_rank,
                                        target_modules=gdro.family_record(family).lora_targets))
     guidance = gdro.family_record(family).guidance if getattr(transformer.config, "guidance_embeds", False) else None
@@ -880,7 +880,7 @@ def report_targets(measured, small):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Measure what GDRO costs; the last line printed is one JSON object.")
+    p = experiments.Parser(description="Measure what GDRO costs; the last line printed is one JSON object.")
     p.add_argument("--quick", action="store_true", help="CPU smoke (CI), about a minute: small configs everywhere")
     p.add_argument("--samplers", action="store_true", help="only the samplers' distance to a 200-step solution")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time then measures our work only)")
@@ -889,6 +889,11 @@ def main(argv=None):
     p.add_argument("--architectures", action="store_true",
                    help="only the table of every supported architecture, computed on the meta device (CPU, minutes)")
     args = p.parse_args(argv)
+    experiments.check(("--threads", args.threads, experiments.AT_LEAST_1))
+    only = [flag for flag in ("--samplers", "--architectures") if getattr(args, flag[2:])]
+    for flag, given in (("--quick", args.quick), ("--real", args.real), *[(f, True) for f in only[1:]]):
+        if only and given:  # each of --samplers and --architectures is a study of its own: nothing else applies
+            raise gdro.BadInput(f"{only[0]} measures only that; drop {flag}")
     torch.set_num_threads(args.threads)
     if args.samplers:
         print(json.dumps(samplers_report()))
@@ -928,4 +933,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    gdro.cli(main)

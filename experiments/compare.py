@@ -21,9 +21,9 @@ Every method has the same LoRA (rank 32), its paper's settings, and the same lea
 so each had one run per seed. Each checkpoint is scored on the held-out strings x held-out seeds (the same images'
 seeds for base and every LoRA) against its compute: seconds on one thread from the start of the method's work (the
 cache drawn and scored, then training to the checkpoint; Flow-GRPO's rollouts, scoring and updates) and images
-sampled. The figures: runs/compare/results.json, docs/compare.png (python -m experiments.compare --plot-only).
+sampled. The figures: OUT/results.json and OUT/compare.png; the docs' figure is redrawn with
+    python -m experiments.compare --plot-only --plot docs/compare.png
 """
-import argparse
 import json
 import os
 import shutil
@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import experiments
+import gdro
 from experiments import run, text_model
 from experiments.flow_grpo import FLOW_GRPO
 
@@ -57,6 +59,11 @@ FLOW_POINTS = (0.25, 0.5, 1.0, 1.5, 2.0)  # its checkpoints scored: at these mul
 # 200 GDRO steps (not 300), a checkpoint every 50, 40 held-out strings x 4 images (not 100 x 8).
 SCALE = dict(gdro_steps=200, save_every=50, train_prompts=80, heldout_strings=40, heldout_images=4, val_strings=100,
              val_images=6)
+# what --scale accepts: counts of at least 1, and 2 held-out strings for a paired standard error; check_inputs also
+# holds the string counts to the model's splits
+SCALE_RULES = {**{key: experiments.AT_LEAST_1 for key in SCALE}, "heldout_strings": experiments.AT_LEAST_2}
+MODEL_DIR = "runs/text_binding"  # built there when it holds no model; another --model-dir must hold one
+BUILD_MODEL = "python -m experiments.text_model --recipe binding"
 
 
 def logged(cmd, log):
@@ -192,7 +199,7 @@ def table(results):
     return "\n".join(lines)
 
 
-def plot(results, path, W=760, H=460, L=70, R=230, T=30, B=60):
+def plot_results(results, path, W=760, H=460, L=70, R=230, T=30, B=60):
     """Held-out gain over the base against compute (seconds), a line per method: the mean over seeds of each
     checkpoint's paired gain, with bars of +-1 standard error (the seeds' se combined)."""
     from PIL import ImageDraw, ImageFont
@@ -231,27 +238,54 @@ def plot(results, path, W=760, H=460, L=70, R=230, T=30, B=60):
     img.save(path)
 
 
+def split_sizes(model_dir):
+    """{split: strings} of the text model in model_dir, or of the binding recipe's, which main builds there."""
+    if (Path(model_dir) / "text_model.json").is_file():
+        return {name: len(Path(model_dir, f"{name}.txt").read_text().splitlines()) for name in ("train", "val", "test")}
+    r = text_model.BINDING_RECIPE
+    return {name: len(strings) for name, strings in text_model.text_strings(r["seed"], r["length"]).items()}
+
+
+def check_inputs(args):
+    """Every flag, before the model is built or any run starts: {scale}, the plot's path."""
+    experiments.check_out(args.out)
+    plot = Path(args.plot or Path(args.out) / "compare.png")
+    experiments.check_out(plot.parent, "--plot")
+    experiments.check(("--plot", plot, (lambda x: x.suffix.lower() in (".png", ".svg", ".pdf") and not x.is_dir(),
+                                        "a .png, .svg or .pdf file")))
+    if args.plot_only:
+        if not (Path(args.out) / "results.json").is_file():
+            raise gdro.BadInput(f"--plot-only: {Path(args.out) / 'results.json'} not found; run the comparison first "
+                                "(or give the --out it wrote)")
+        return None, plot
+    experiments.check(*[("--seeds", seed, experiments.AT_LEAST_0) for seed in args.seeds],
+                      ("--seeds", args.seeds, (lambda x: len(set(x)) == len(x), "distinct")))
+    experiments.check_model_dir(args.model_dir, MODEL_DIR, BUILD_MODEL)
+    scale = {**SCALE, **experiments.key_values("--scale", args.scale, SCALE, SCALE_RULES)}
+    sizes = split_sizes(args.model_dir)
+    experiments.check(*[(f"--scale {key}=", scale[key], experiments.at_most(sizes[split], f"the {split} strings"))
+                        for key, split in (("train_prompts", "train"), ("val_strings", "val"),
+                                           ("heldout_strings", "test"))])
+    return scale, plot
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="GDRO vs Flow-GRPO, beta = 0 and k = 2 at equal compute (CPU text model).")
+    p = experiments.Parser(description="GDRO vs Flow-GRPO, beta = 0 and k = 2 at equal compute (CPU text model).")
     p.add_argument("--out", default="runs/compare", help="run folder (default: %(default)s)")
-    p.add_argument("--model-dir", default="runs/text_binding", help="the binding text model, built there once")
+    p.add_argument("--model-dir", default=MODEL_DIR,
+                   help="a text model's folder; the default is built there if it holds none (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run of every method per seed")
     p.add_argument("--scale", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change a SCALE value, e.g. gdro_steps=100")
-    p.add_argument("--plot", default="docs/compare.png", help="the figure (default: %(default)s)")
+    p.add_argument("--plot", help="the figure (default: OUT/compare.png)")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure and table from OUT/results.json")
     args = p.parse_args(argv)
+    scale, plot = check_inputs(args)
     out = Path(args.out)
     if args.plot_only:
         results = json.loads((out / "results.json").read_text())
-        plot(results, args.plot)
+        plot_results(results, plot)
         return print(table(results))
-    scale = dict(SCALE)
-    for item in args.scale:
-        key, _, value = item.partition("=")
-        if key not in SCALE:
-            p.error(f"--scale {item}: unknown key; one of {', '.join(SCALE)}")
-        scale[key] = int(value)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)
@@ -273,7 +307,7 @@ def main(argv=None):
                "flow_grpo": {**FLOW_GRPO, "lr": LR}, "seeds": args.seeds, "val_base": val_base, "runs": runs,
                "seconds": round(time.time() - t0)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.plot)
+    plot_results(results, plot)
     (out / "table.md").write_text(table(results) + "\n")
     print(table(results))
     print(json.dumps(results))
@@ -281,4 +315,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    gdro.cli(main)

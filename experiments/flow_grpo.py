@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import experiments
 import gdro
 
 FLOW_GRPO = {  # Flow-GRPO's OCR settings as read in its public code (config/grpo.py, flow_grpo/diffusers_patch)
@@ -211,12 +212,33 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
     return out / "checkpoints"
 
 
+# What each FLOW_GRPO value may be (--set); train_steps, prompts_per_step and minibatches are also held to the
+# run's other values in main
+SETTING_RULES = {"noise_level": experiments.POSITIVE, "steps": experiments.AT_LEAST_1,
+                 "train_steps": experiments.AT_LEAST_1, "clip_range": experiments.POSITIVE,
+                 "adv_clip_max": experiments.POSITIVE, "kl": experiments.FINITE_AT_LEAST_0,
+                 "group_size": experiments.AT_LEAST_2, "prompts_per_step": experiments.AT_LEAST_1,
+                 "minibatches": experiments.AT_LEAST_1, "guidance": experiments.FINITE_AT_LEAST_0,
+                 "lr": experiments.POSITIVE, "lora_rank": experiments.AT_LEAST_1,
+                 "max_grad_norm": experiments.POSITIVE}
+
+
+def check_model(model):
+    """--model: a diffusers folder, or a hub id; a local path that is neither is refused before anything loads."""
+    folder = Path(model)
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        raise gdro.BadInput(f"--model {model}: a folder without model_index.json; expected a pipeline saved with "
+                            "save_pretrained, or a hub id")
+    if not folder.exists() and folder.parent != Path(".") and folder.parent.is_dir():
+        raise gdro.BadInput(f"--model {model}: no such folder ({folder.parent} holds none of that name)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Flow-GRPO (online, SDE rollouts): the baseline GDRO is compared with.")
+    p = experiments.Parser(description="Flow-GRPO (online, SDE rollouts): the baseline GDRO is compared with.")
     p.add_argument("--model", required=True, help="hub id or local folder of a pipeline")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--reward", default="ocr", help="'ocr' or FILE.py:FUNCTION, as gdro.py's")
-    p.add_argument("--out", default="runs/flow_grpo", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/flow_grpo", help="output folder, for one run (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=100, help="steps of rollouts + updates (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=math.inf, help="or stop after the step that passes this")
     p.add_argument("--save-every", type=int, default=10, help="steps between LoRA checkpoints (default: %(default)s)")
@@ -224,16 +246,29 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and draws (default: %(default)s)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a FLOW_GRPO value")
     args = p.parse_args(argv)
-    settings = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in FLOW_GRPO:
-            p.error(f"--set {item}: unknown key; one of {', '.join(FLOW_GRPO)}")
-        settings[key] = type(FLOW_GRPO[key])(value)
+    factor = gdro.RESOLUTION_FACTOR
+    experiments.check(("--max-steps", args.max_steps, experiments.AT_LEAST_1),
+                      ("--max-seconds", args.max_seconds, (lambda x: x > 0, "> 0")),
+                      ("--save-every", args.save_every, experiments.AT_LEAST_1),
+                      ("--seed", args.seed, experiments.AT_LEAST_0),
+                      ("--resolution", args.resolution, (lambda x: x is None or x >= factor and x % factor == 0,
+                                                         f"a positive multiple of {factor}")))
+    settings = experiments.key_values("--set", args.set, FLOW_GRPO, SETTING_RULES)
+    s = {**FLOW_GRPO, **settings}
+    experiments.check_out(args.out)
+    if (Path(args.out) / "metrics.jsonl").exists():  # a second run would append to the first's log
+        raise gdro.BadInput(f"--out {args.out} holds a run already (metrics.jsonl); use another --out, or delete it")
+    check_model(args.model)
     prompts = gdro.read_prompts(args.prompts, args.reward)
-    train(args.model, prompts, gdro.load_reward(args.reward), args.out, settings, args.max_steps,
-          resolution=args.resolution, seed=args.seed, save_every=args.save_every, max_seconds=args.max_seconds)
+    images = s["group_size"] * min(s["prompts_per_step"], len(prompts))
+    at_most = experiments.at_most
+    experiments.check(("--set train_steps=", s["train_steps"], at_most(s["steps"], "the steps")),
+                      ("--set prompts_per_step=", s["prompts_per_step"], at_most(len(prompts), "the prompts")),
+                      ("--set minibatches=", s["minibatches"], at_most(images, "the images a step samples")))
+    reward_fn = gdro.load_reward(args.reward)
+    train(args.model, prompts, reward_fn, args.out, settings, args.max_steps, resolution=args.resolution,
+          seed=args.seed, save_every=args.save_every, max_seconds=args.max_seconds)
 
 
 if __name__ == "__main__":
-    main()
+    gdro.cli(main)

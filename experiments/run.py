@@ -19,7 +19,8 @@ improving every colour means the LoRA reads the colour word in the prompt.
 
 Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md (docs/experiments.md).
 """
-import argparse
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import experiments
 import gdro
 from experiments import text_model, toy_reward
 
@@ -223,13 +225,7 @@ def ablations(out, settings, n_seeds, seeds, jobs, threads):
     return table
 
 
-def run_cli(args, p):
-    settings = dict(TOY)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in TOY:
-            p.error(f"--set {item}: unknown flag; one of {', '.join(TOY)}")
-        settings[key] = value.lower() in ("1", "true", "yes") if isinstance(TOY[key], bool) else type(TOY[key])(value)
+def run_cli(args, settings):
     t0 = time.time()
     if args.ablations:
         table = ablations(args.out, settings, args.eval_seeds, args.seeds, args.jobs, args.threads)
@@ -250,6 +246,7 @@ def run_cli(args, p):
 # eval.py --model DIR on held-out strings (never trained on, by the model or by GDRO) from held-out seeds, base vs the
 # chosen checkpoint. Each seed is its own run (its own rollouts and training draws); the two seeds run side by side,
 # one CPU thread each. The ablations train on each seed's cache and are scored on the same held-out strings.
+OCR_MODEL_DIR = "runs/text_model"  # built there when it holds no model; another --model-dir must hold one
 OCR_TRAIN_PROMPTS = 200  # training strings drawn from the model's train split; each cached with 16 images
 OCR_EVAL = {"images-per-prompt": 8, "steps": 10, "batch": 16}  # 100 held-out strings x 8 images per model
 OCR_VAL_IMAGES = 4  # choosing the step: 100 val strings x 4 images per checkpoint (a paired se of about 0.013)
@@ -355,7 +352,7 @@ def best_on_val(run_dir):
                                                                  for n, c in curve.items()}}
 
 
-def ocr_experiment(args):
+def ocr_experiment(args, settings):
     """The main OCR experiment: the text model (built once), then per seed gdro.py, the step chosen on val, and the
     chosen checkpoint scored on the held-out strings; one JSON line."""
     t0, out = time.time(), Path(args.out)
@@ -364,7 +361,6 @@ def ocr_experiment(args):
     if not (model_dir / "text_model.json").is_file():
         text_model.build_text_model(model_dir)
     train_prompts, val_prompts, test_prompts = ocr_prompt_files(out, model_dir)
-    settings = {**OCR_GDRO, **dict(args.ocr_set)}
     dirs, logs = {s: out / f"seed{s}" for s in args.seeds}, [out / f"seed{s}.log" for s in args.seeds]
     run_chains([[gdro_command(model_dir, train_prompts, d, s, settings),
                  eval_command(model_dir, val_prompts, [], d / "eval_val", settings["guidance"], OCR_VAL_IMAGES,
@@ -427,8 +423,61 @@ def ocr_ablations(args):
     return rows
 
 
+def check_gdro_flags(flag, argv):
+    """gdro.py's own checks (its parser, check_args) of the flags a run will pass it, before anything runs: a refusal
+    names `flag`, where they were set."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:  # argparse's usage block: only its last line is said
+            args = gdro.settle_model(gdro.parse_args(argv))
+        gdro.check_args(args, 1)
+    except gdro.BadInput as e:
+        raise gdro.BadInput(f"{flag}: {e}")
+    except SystemExit:
+        raise gdro.BadInput(f"{flag}: gdro.py " + err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1])
+
+
+def gdro_flags(items):
+    """--ocr-set's FLAG=VALUE words as {flag: value}; true and false stand for a flag given or left out."""
+    found = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise gdro.BadInput(f"--ocr-set {item}: expected FLAG=VALUE with FLAG a gdro.py flag without its --")
+        found[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return found
+
+
+def check_inputs(args):
+    """Every flag, before a model is built or any run starts; the settings the run will use."""
+    experiments.check_out(args.out)
+    experiments.check(*[("--seeds", seed, experiments.AT_LEAST_0) for seed in args.seeds],
+                      ("--seeds", args.seeds, (lambda x: len(set(x)) == len(x), "distinct")),
+                      ("--eval-seeds", args.eval_seeds, experiments.AT_LEAST_2),
+                      ("--jobs", args.jobs, experiments.AT_LEAST_1),
+                      ("--threads", args.threads, experiments.AT_LEAST_1))
+    if not args.ocr:
+        for flag, given in (("--ocr-set", args.ocr_set), ("--model-dir", args.model_dir)):
+            if given:
+                raise gdro.BadInput(f"{flag} is for --ocr; the colour toy takes --set")
+        settings = {**TOY, **experiments.key_values("--set", args.set, TOY, {})}
+        check_gdro_flags("--set", gdro_argv(settings, Path(args.out) / "prompts.txt", args.out))
+        return settings
+    if args.set:
+        raise gdro.BadInput("--set changes the colour toy's settings; with --ocr use --ocr-set")
+    args.model_dir = args.model_dir or OCR_MODEL_DIR
+    experiments.check_model_dir(args.model_dir, OCR_MODEL_DIR, "python -m experiments.text_model")
+    if args.ablations:
+        if not (Path(args.out) / "results.json").is_file():
+            raise gdro.BadInput(f"--ablations: {Path(args.out) / 'results.json'} not found; they train on the main "
+                                f"run's caches: run python -m experiments.run --ocr --out {args.out} first")
+        return None  # the main run's, from its results.json
+    settings = {**OCR_GDRO, **gdro_flags(args.ocr_set)}
+    check_gdro_flags("--ocr-set", gdro_command(args.model_dir, "prompts.txt", args.out, 0, settings)[2:])
+    return settings
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Does GDRO learn? CPU experiments: the colour toy, and --ocr.")
+    p = experiments.Parser(description="Does GDRO learn? CPU experiments: the colour toy, and --ocr.")
     p.add_argument("--out", default=None,
                    help="run folder (default runs/experiment, runs/ablations with --ablations, runs/ocr with --ocr)")
     p.add_argument("--ablations", action="store_true", help="run the ablation table instead of the main experiment")
@@ -441,22 +490,22 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE",
                    help="override a TOY gdro flag, e.g. max-steps=0")
     p.add_argument("--ocr", action="store_true", help="GDRO with the OCR reward on the text model pretrained here")
-    p.add_argument("--model-dir", default="runs/text_model", help="--ocr: the text model's folder, built there once")
-    p.add_argument("--ocr-set", nargs="*", default=[], type=lambda s: s.split("=", 1), metavar="FLAG=VALUE",
+    p.add_argument("--model-dir", help=f"--ocr: a text model's folder (default {OCR_MODEL_DIR}, built there once)")
+    p.add_argument("--ocr-set", nargs="*", default=[], metavar="FLAG=VALUE",
                    help="--ocr: change a gdro.py flag of OCR_GDRO, e.g. lr=3e-4")
     args = p.parse_args(argv)
+    args.out = args.out or ("runs/ocr" if args.ocr else "runs/ablations" if args.ablations else "runs/experiment")
+    settings = check_inputs(args)
     if args.ocr:
-        args.out = args.out or "runs/ocr"
-        return ocr_ablations(args) if args.ablations else ocr_experiment(args)
-    args.out = args.out or ("runs/ablations" if args.ablations else "runs/experiment")
+        return ocr_ablations(args) if args.ablations else ocr_experiment(args, settings)
     args.command = " ".join(["python -m experiments.run", *(sys.argv[1:] if argv is None else argv)])
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return run_cli(args, p)
+        return run_cli(args, settings)
     finally:
         torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
-    main()
+    gdro.cli(main)

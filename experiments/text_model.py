@@ -14,7 +14,6 @@ t eps, v = eps - x0, gdro.SD3.velocity, t from gdro.sample_t), with 10 % empty p
 guidance works. The strings split three ways (TEXT_SPLITS): train (the model and GDRO learn from them), val (to
 choose GDRO's settings), test (held out from everything: eval only).
 """
-import argparse
 import itertools
 import json
 import random
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import experiments
 import gdro
 from families import char_text_configs, char_tokenizers, eval_mode
 
@@ -173,6 +173,12 @@ def write_text_prompts(folder, r):
         (Path(folder) / f"{name}.txt").write_text("".join(TEXT_PROMPT.format(s) + "\n" for s in strings))
 
 
+def model_record(recipe):
+    """What text_model.json records of a build: a folder holding another record holds another model."""
+    return {"recipe": {**TEXT_RECIPE, **(recipe or {})}, "prompt": TEXT_PROMPT, "alphabet": TEXT_ALPHABET,
+            "resolution": TEXT_RESOLUTION, "splits": TEXT_SPLITS}
+
+
 def build_text_model(folder, recipe=None):
     """The pretrained text model in `folder` (a diffusers folder: DiffusionPipeline.from_pretrained(folder) loads it),
     built once: a folder that already holds this recipe's model is reused. Returns the folder."""
@@ -180,13 +186,11 @@ def build_text_model(folder, recipe=None):
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
     r, folder = {**TEXT_RECIPE, **(recipe or {})}, Path(folder)
-    record = {"recipe": r, "prompt": TEXT_PROMPT, "alphabet": TEXT_ALPHABET,
-              "resolution": TEXT_RESOLUTION, "splits": TEXT_SPLITS}
-    done = folder / "text_model.json"
+    record, done = model_record(r), folder / "text_model.json"
     if done.is_file():
         if json.loads(done.read_text()).get("record") != record:
-            raise SystemExit(f"error: {folder} holds a text model of another recipe (its text_model.json); use "
-                             "another folder, or delete it to rebuild")
+            raise gdro.BadInput(f"{folder} holds a text model of another recipe (its text_model.json); use another "
+                                "folder, or delete it to rebuild")
         return folder
     t0, work = time.time(), folder / "build"  # work: the stages' results, so an interrupted build resumes
     work.mkdir(parents=True, exist_ok=True)
@@ -231,22 +235,36 @@ def build_text_model(folder, recipe=None):
     return folder
 
 
+# What --set accepts for each TEXT_RECIPE value; 3 characters at least, so that the strings outnumber the 200 held out,
+# and at most 6, so that listing every string stays cheap
+RECIPE_RULES = {**{key: experiments.AT_LEAST_1 for key, value in TEXT_RECIPE.items() if isinstance(value, int)},
+                **{key: experiments.POSITIVE for key in ("vae_lr", "lr", "shift")},
+                **{key: experiments.SHARE for key in ("jitter", "small_share", "uncond")},
+                "seed": experiments.AT_LEAST_0, "length": (lambda x: 3 <= x <= 6, "3 to 6 (1000 to a million strings)"),
+                "ema": (lambda x: 0 <= x < 1, "at least 0 and below 1")}
+
+
+def check_folder(folder, recipe):
+    """--out: a folder that holds no text model, or one of this recipe (then it is reused)."""
+    experiments.check_out(folder)
+    done = Path(folder) / "text_model.json"
+    if done.is_file() and json.loads(done.read_text()).get("record") != model_record(recipe):
+        raise gdro.BadInput(f"--out {folder} holds a text model of another recipe (its text_model.json); use another "
+                            "folder, or delete it to rebuild")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the small text-rendering model on CPU (once; reused afterwards).")
+    p = experiments.Parser(description="Pretrain the small text-rendering model on CPU (once; reused afterwards).")
     p.add_argument("--out", default="runs/text_model", help="model folder (default: %(default)s)")
     p.add_argument("--recipe", choices=RECIPES, default="mode",
                    help="mode: 3 digits, 40 %% small (unreadable) renders; binding: 4 digits, all large, jittered")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change a TEXT_RECIPE value, e.g. steps=100")
     args = p.parse_args(argv)
-    recipe = dict(RECIPES[args.recipe])
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in TEXT_RECIPE:
-            p.error(f"--set {item}: unknown key; one of {', '.join(TEXT_RECIPE)}")
-        recipe[key] = type(TEXT_RECIPE[key])(value)
+    recipe = {**RECIPES[args.recipe], **experiments.key_values("--set", args.set, TEXT_RECIPE, RECIPE_RULES)}
+    check_folder(args.out, recipe)
     print(f"text model in {build_text_model(args.out, recipe)}")
 
 
 if __name__ == "__main__":
-    main()
+    gdro.cli(main)

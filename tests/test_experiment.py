@@ -6,14 +6,24 @@ fresh samples from 12 seeds never cached, for prompts never trained on. It fails
 (`--set max-steps=0`, or `--set beta=0 gamma=0`: effect size exactly 0, no prompt improved).
 """
 import json
+import os
 import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import gdro
 from experiments import run as experiment
 from experiments import text_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
 
 
 @pytest.mark.slow
@@ -64,3 +74,98 @@ def test_the_ocr_step_is_the_checkpoint_best_on_val_and_the_earliest_of_equals(t
     chosen = experiment.best_on_val(tmp_path)
     assert chosen["step"] == 100 and chosen["lora"] == str(tmp_path / "checkpoints" / "step_000100")
     assert chosen["val_ocr"] == {50: 0.5, 100: 0.75, 150: 0.75} and chosen["val_base_ocr"] == 0.0
+
+
+def script(module, *argv):
+    """python -m experiments.MODULE ARGV from the repository root, one thread: (exit code, stdout, stderr, seconds)."""
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-m", f"experiments.{module}", *map(str, argv)], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    return done.returncode, done.stdout, done.stderr, time.time() - t0
+
+
+def one_line_refusal(code, out, err, words):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (code, err)
+    assert "Traceback" not in out + err, out + err
+
+
+def test_each_experiments_script_answers_help_and_refuses_a_bad_flag_in_one_line_from_the_command_line(tmp_path):
+    """Through python -m and its __main__ (gdro.cli), a second or two each: the import of torch is most of it."""
+    bad = {"run": (["--eval-seeds", 0], "--eval-seeds 0"),
+           "text_model": (["--out", tmp_path / "t", "--set", "steps=0"], "--set steps=0"),
+           "bench": (["--threads", 0], "--threads 0"),
+           "flow_grpo": (["--model", "x/y", "--prompts", tmp_path / "missing.txt"], "missing.txt: file not found"),
+           "compare": (["--out", tmp_path / "c", "--scale", "gdro_steps=many"], "--scale gdro_steps=many")}
+    assert set(bad) <= set(SCRIPTS), SCRIPTS
+    runs = [(m, ["--help"]) for m in SCRIPTS] + [(m, argv) for m, (argv, _) in bad.items()]
+    with ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(lambda run: script(run[0], *run[1]), runs))
+    for (module, argv), (code, out, err, seconds) in zip(runs, found):
+        if argv == ["--help"]:
+            assert code == 0 and out.startswith("usage:") and not err.strip(), (module, out, err)
+        else:
+            one_line_refusal(code, out, err, bad[module][1])
+        assert seconds < 60, (module, argv, seconds)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
+
+
+def bad_inputs():
+    """(script, argv, what the one line must say) with TMP for a fresh folder: each kind of input a script refuses."""
+    flow = ["--model", "someone/a-model", "--prompts", "ocr.txt", "--out", "TMP/flow"]
+    return [
+        ("flow_grpo", ["--model", "x/y", "--prompts", "TMP/missing.txt"], "--prompts TMP/missing.txt: file not found"),
+        ("flow_grpo", [*flow, "--reward", "TMP/missing.py:f"], "--reward TMP/missing.py:f"),
+        ("flow_grpo", [*flow, "--save-every", "0"], "--save-every 0: must be at least 1"),
+        ("flow_grpo", [*flow, "--max-steps", "0"], "--max-steps 0: must be at least 1"),
+        ("flow_grpo", [*flow, "--max-steps", "-5"], "--max-steps -5: must be at least 1"),
+        ("flow_grpo", [*flow, "--max-seconds", "nan"], "--max-seconds nan: must be > 0"),
+        ("flow_grpo", [*flow, "--set", "lr=fast"], "--set lr=fast: lr takes float values"),
+        ("flow_grpo", [*flow, "--set", "kl=-1"], "--set kl=-1.0: must be finite and >= 0"),
+        ("flow_grpo", [*flow, "--set", "group_size=1"], "--set group_size=1: must be at least 2"),
+        ("flow_grpo", [*flow, "--set", "train_steps=11"], "--set train_steps=11: must be at most 10"),
+        ("flow_grpo", [*flow, "--set", "speed=2"], "--set speed=2: expected KEY=VALUE"),
+        ("flow_grpo", [*flow, "--model", "docs"], "--model docs: a folder without model_index.json"),
+        ("flow_grpo", [*flow, "--out", "TMP/flow_run"], "holds a run already"),
+        ("compare", ["--out", "TMP/c", "--model-dir", "TMP/none"], "python -m experiments.text_model --recipe binding"),
+        ("compare", ["--out", "TMP/c", "--scale", "gdro_steps=many"], "--scale gdro_steps=many: gdro_steps takes int"),
+        ("compare", ["--out", "TMP/c", "--scale", "save_every=-1"], "--scale save_every=-1: must be at least 1"),
+        ("compare", ["--out", "TMP/c", "--scale", "heldout_strings=500"], "heldout_strings=500: must be at most 100"),
+        ("compare", ["--out", "TMP/c", "--seeds", "0", "0"], "--seeds [0, 0]: must be distinct"),
+        ("compare", ["--out", "TMP/c", "--plot", "TMP/c.txt"], "must be a .png, .svg or .pdf file"),
+        ("compare", ["--out", "TMP/c", "--plot-only"], "results.json not found"),
+        ("compare", ["--out", "TMP/note.txt"], "--out TMP/note.txt is a file, not a folder"),
+        ("run", ["--out", "TMP/r", "--set", "lr=0"], "--set: --lr 0.0: must be finite and > 0"),
+        ("run", ["--out", "TMP/r", "--set", "max-steps=ten"], "--set max-steps=ten: max-steps takes int"),
+        ("run", ["--out", "TMP/r", "--ocr", "--model-dir", "TMP/none"], "python -m experiments.text_model --out"),
+        ("run", ["--out", "TMP/r", "--ocr", "--ocr-set", "group-size=1"], "--ocr-set: --group-size 1: must be"),
+        ("run", ["--out", "TMP/r", "--ocr", "--ocr-set", "speed=2"], "--ocr-set: gdro.py unrecognized arguments"),
+        ("run", ["--out", "TMP/r", "--ocr", "--ablations"], "run python -m experiments.run --ocr --out TMP/r first"),
+        ("run", ["--out", "TMP/r", "--eval-seeds", "0"], "--eval-seeds 0: must be at least 2"),
+        ("text_model", ["--out", "TMP/t", "--set", "steps=0"], "--set steps=0: must be at least 1"),
+        ("text_model", ["--out", "TMP/t", "--set", "ema=1"], "--set ema=1.0: must be at least 0 and below 1"),
+        ("text_model", ["--out", "TMP/t", "--set", "lr=x"], "--set lr=x: lr takes float"),
+        ("text_model", ["--out", "TMP/other_model"], "holds a text model of another recipe"),
+        ("bench", ["--threads", "0"], "--threads 0: must be at least 1"),
+        ("bench", ["--samplers", "--quick"], "--samplers measures only that; drop --quick"),
+        ("bench", ["--speed"], "unrecognized arguments: --speed"),
+    ]
+
+
+@pytest.mark.parametrize("module, argv, words", bad_inputs())
+def test_every_bad_input_of_the_experiments_scripts_is_refused_in_one_line_with_exit_2_before_any_work(
+        module, argv, words, tmp_path, capsys):
+    """The scripts' main as their __main__ runs it (gdro.cli), in this process: milliseconds a case."""
+    import importlib
+    (tmp_path / "flow_run").mkdir()
+    (tmp_path / "flow_run" / "metrics.jsonl").write_text("{}\n")  # a Flow-GRPO run's log
+    (tmp_path / "other_model").mkdir()
+    (tmp_path / "other_model" / "text_model.json").write_text(json.dumps({"record": {"recipe": {"steps": 1}}}))
+    (tmp_path / "note.txt").write_text("a file\n")
+    main = importlib.import_module(f"experiments.{module}").main
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as stopped:
+        gdro.cli(lambda: main(argv))
+    out, err = capsys.readouterr()
+    one_line_refusal(stopped.value.code, out, err, words.replace("TMP", str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow_run", "note.txt", "other_model"]  # nothing written
