@@ -43,3 +43,14 @@ def test_the_table_holds_every_method_at_gdros_whole_cost_and_at_twice_it_for_ea
     flow = next(line for line in compare.table({"seeds": [0], "runs": {"0": points}}).splitlines()
                 if line.startswith("| Flow-GRPO"))
     assert flow.startswith("| Flow-GRPO (online) | - | - | +0.010")
+
+
+def test_the_figure_has_a_line_per_method_and_is_a_small_png(tmp_path):
+    point = lambda s, g: {"seconds": s, "images": 1280, "gain": g, "gain_se": 0.015}
+    runs = {m: [point(400.0, 0.0)] + [point(400.0 + 95 * k, -0.01 * k) for k in range(1, 5)] for m in compare.METHODS}
+    runs["flow_grpo"] = [point(0.0, 0.0)] + [point(196.0 * f, 0.005 - 0.01 * f) for f in compare.FLOW_POINTS]
+    compare.plot_results({"seeds": [0, 1], "runs": {"0": runs, "1": runs}}, tmp_path / "compare.png")
+    from PIL import Image
+    with Image.open(tmp_path / "compare.png") as image:
+        assert image.size == (760, 460)
+    assert (tmp_path / "compare.png").stat().st_size < 300_000
