@@ -11,12 +11,15 @@ style) raises the reward r but lowers the judge's mean u, so the paper's correct
 
 Writes OUT/report.json (+ the same as a table), OUT/scores.jsonl (every image: its OCR reward, judge scores and
 the judge's answer), OUT/images/SET/PPPP_J.png, OUT/grid.png (labelled columns: base, newest checkpoint, LoRA);
-with --checkpoints also OUT/trend.json and trend.png.
+with --checkpoints also OUT/trend.json and trend.png. Every input is checked before a model loads: a refused one
+stops with one line and exit code 2; a failure after that, one line and exit code 1.
 """
 import argparse
 import functools
 import gc
 import json
+import math
+import os
 import re
 import shutil
 import sys
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import gdro
@@ -64,27 +68,107 @@ def parse_args(argv=None):
     return gdro.settle_model(args)
 
 
-# ----------------------------------------------------------------------------- inputs (checked before heavy work)
+# ----------------------------------------------------------------------------- inputs, all checked before a model loads
+# A refused input is a gdro.BadInput: one line naming the flag or file and what would do, exit code 2.
+
+def check_args(args):
+    """One rule a flag, in gdro.check_args' words ('--flag value: must be ...')."""
+    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
+    factor = gdro.RESOLUTION_FACTOR
+    rules = [("--resolution", args.resolution >= factor and args.resolution % factor == 0,
+              f"a positive multiple of {factor} (the VAE's 8x and the 2x2 patches)"),
+             ("--lora-scale", math.isfinite(args.lora_scale), "finite"),
+             ("--guidance", args.guidance is None or (math.isfinite(args.guidance) and args.guidance >= 0),
+              "finite and >= 0"),
+             *[(flag, value(flag) >= 1, "at least 1") for flag in
+               ("--images-per-prompt", "--steps", "--batch", "--judge-batch", "--judge-max-new-tokens")],
+             ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
+             ("--seed", args.seed >= 0, ">= 0"),
+             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without CUDA")]
+    for flag, ok, must in rules:
+        if not ok:
+            raise gdro.BadInput(f"{flag} {value(flag)}: must be {must}")
+
+def check_out(out):
+    """--out: a folder to write into (made with its parents if missing), so neither a file nor under one."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise gdro.BadInput(f"--out {out} is a file, not a folder" if existing == out else
+                            f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise gdro.BadInput(f"--out {out}: {existing} is not a writable folder")
 
 def find_checkpoints(folder):
     """{step: folder} of gdro.py's OUT/checkpoints/step_NNNNNN (its .step_*.tmp folders are unfinished; skipped)."""
     if not Path(folder).is_dir():
-        raise SystemExit(f"error: checkpoints folder {folder} not found")
+        raise gdro.BadInput(f"--checkpoints {folder}: checkpoints folder not found (expected gdro.py's "
+                            "OUT/checkpoints)")
     found = {int(m.group(1)): d for d in Path(folder).iterdir()
              if (m := re.fullmatch(r"step_(\d+)", d.name)) and (d / gdro.LORA_FILE).is_file()}
     if not found:
-        raise SystemExit(f"error: {folder} has no step_* checkpoint holding {gdro.LORA_FILE}")
+        raise gdro.BadInput(f"--checkpoints {folder} holds no step_* checkpoint with {gdro.LORA_FILE} "
+                            "(expected gdro.py's OUT/checkpoints after its first --save-every steps)")
     return dict(sorted(found.items()))
+
+LORA_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")  # diffusers' format, as gdro.save_lora writes it
+
+def lora_layers(folder):
+    """{layer: {'A': [rank, in], 'B': [out, rank]}} of a LoRA folder, from its file's header (no tensor is read):
+    refused unless the file is whole and a transformer LoRA in diffusers' format."""
+    file = Path(folder) / gdro.LORA_FILE
+    if not file.is_file():
+        raise gdro.BadInput(f"--lora {folder}: not a LoRA folder (expected {gdro.LORA_FILE} in it: gdro.py's OUT/lora)")
+    damaged = gdro.damaged_file(folder, [gdro.LORA_FILE])
+    if damaged:
+        raise gdro.BadInput(f"LoRA file {damaged} is damaged (not what its {gdro.SHA256_FILE} recorded when it was "
+                            "saved); train it again, or evaluate another checkpoint")
+    try:
+        with safe_open(file, "pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise gdro.BadInput(f"LoRA file {file} is unreadable ({str(e).strip().splitlines()[0]}); expected a "
+                            "safetensors file as gdro.py saves it: train it again, or evaluate another checkpoint")
+    layers, expected = {}, "keys transformer.LAYER.lora_A.weight and lora_B.weight, as gdro.py saves"
+    for key, shape in shapes.items():
+        m = LORA_KEY.fullmatch(key)
+        if m is None or len(shape) != 2:
+            raise gdro.BadInput(f"LoRA file {file} holds {key} {shape}: not a LoRA of a transformer ({expected})")
+        layers.setdefault(m[1], {})[m[2]] = shape
+    unpaired = next((name for name, ab in layers.items() if len(ab) < 2 or ab["A"][0] != ab["B"][1]), None)
+    if not layers or unpaired:
+        raise gdro.BadInput(f"LoRA file {file} " + (f"has no lora_A and lora_B of one rank for {unpaired}" if unpaired
+                                                    else "holds no tensors") + f" ({expected})")
+    return layers
+
+def check_fits(transformer, folder, layers):
+    """Every layer of the LoRA onto a linear layer of this transformer of its size, checked before diffusers loads
+    it: diffusers only warns about a tensor with no layer, and a LoRA partly loaded is a wrong evaluation."""
+    modules = dict(transformer.named_modules())
+    features = lambda name: (getattr(modules.get(name), "in_features", None),
+                             getattr(modules.get(name), "out_features", None))  # (None, None): no linear layer
+    misfits = [name for name, ab in layers.items() if features(name) != (ab["A"][1], ab["B"][0])]
+    if misfits:
+        name, (a, b) = misfits[0], features(misfits[0])
+        why = "no such linear layer" if a is None else \
+            f"{a} -> {b} features there, {layers[name]['A'][1]} -> {layers[name]['B'][0]} in the LoRA"
+        raise gdro.BadInput(f"LoRA {folder}: {len(misfits)} of its {len(layers)} layers fit no layer of this "
+                            f"transformer, e.g. {name} ({why}); a LoRA of another model or family?")
 
 def check_judge(name):
     """Resolve the judge's config now (cheap), so a bad --judge fails before the images are generated."""
+    if not Path(name).is_dir() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # not a hub id
+        raise gdro.BadInput(f"--judge {name}: folder not found; expected a UnifiedReward (Qwen2.5-VL) hub id or "
+                            "local folder, or none")
     from transformers import AutoConfig
     try:
         model_type = AutoConfig.from_pretrained(name).model_type
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load judge {name!r}: {str(e).strip().splitlines()[0]} (or use --judge none)")
+        raise gdro.BadInput(f"--judge {name}: cannot load its config ({str(e).strip().splitlines()[0]}); expected a "
+                            "UnifiedReward (Qwen2.5-VL) hub id or local folder, or none")
     if model_type != "qwen2_5_vl":
-        raise SystemExit(f"error: judge {name!r} is a {model_type!r} model; expected a Qwen2.5-VL UnifiedReward model")
+        raise gdro.BadInput(f"--judge {name} is a {model_type!r} model; expected a UnifiedReward (Qwen2.5-VL) model, "
+                            "or none")
 
 # ----------------------------------------------------------------------------- generation and OCR
 
@@ -99,19 +183,13 @@ def set_lora(pipe, folder, scale):
         return
     from diffusers.utils import logging
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # hide diffusers' notes on the text encoders (gdro.py trains none); checked below
-    try:
+    logging.set_verbosity_error()  # hide diffusers' notes on the text encoders (gdro.py trains none)
+    try:  # check_fits passed: a failure here is diffusers' own, still one line
         pipe.load_lora_weights(str(folder), adapter_name="gdro")
     except (RuntimeError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot load LoRA {folder} into this model: {str(e).strip().splitlines()[0]}")
     finally:
         logging.set_verbosity(verbosity)
-    from peft.utils import get_peft_model_state_dict
-    loaded = set(get_peft_model_state_dict(pipe.transformer, adapter_name="gdro"))
-    missed = {k.removeprefix("transformer.") for k in load_file(Path(folder) / gdro.LORA_FILE)} - loaded
-    if missed:  # diffusers only warns when a LoRA key has no layer to go to; a partial LoRA is a wrong evaluation
-        raise SystemExit(f"error: {len(missed)} tensors of {folder} fit no layer of this transformer, e.g. "
-                         f"{sorted(missed)[0]} (a LoRA of another model or family?)")
     pipe.set_adapters("gdro", scale)
 
 @functools.cache
@@ -125,13 +203,19 @@ def same_weights(a, b):
     x, y = load_file(Path(a) / gdro.LORA_FILE), load_file(Path(b) / gdro.LORA_FILE)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
+def nan_images(latents):
+    """How many images of a batch have a NaN or inf in their latents (NaN weights, a huge --lora-scale): they decode
+    to black and score 0, which alone would read as a bad LoRA, not a broken one."""
+    return int((~torch.isfinite(latents).flatten(1).all(1)).sum())
+
 def generate_set(pipe, family, prompts, args, folder, ocr, desc):
     """Image j of prompt i from seed gdro.image_seed(args.seed, i, j, n), saved as folder/PPPP_J.png; returns their
-    OCR rewards in that order. Batches mix prompts; each image has its own generator, so it depends only on its seed."""
+    OCR rewards in that order and how many were not finite. Batches mix prompts; each image has its own generator,
+    so it depends only on its seed."""
     n = args.images_per_prompt
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
-    rewards, bar = [], gdro.progress(None, desc, "image", total=len(jobs))
+    rewards, nan, bar = [], 0, gdro.progress(None, desc, "image", total=len(jobs))
     for b in range(0, len(jobs), args.batch):
         batch = jobs[b:b + args.batch]
         enc = {i: gdro.encode_prompt(pipe, family, prompts[i]) for i, _ in batch}
@@ -139,13 +223,14 @@ def generate_set(pipe, family, prompts, args, folder, ocr, desc):
                         for side in (0, 1))  # one row per image; gdro.generate leaves a full batch as it is
         seeds = [gdro.image_seed(args.seed, i, j, n) for i, j in batch]
         latents = gdro.generate(pipe, cond, uncond, seeds, args.steps, args.guidance, args.resolution)
+        nan += nan_images(latents)
         images = gdro.decode(pipe, family, latents)
         for (i, j), image in zip(batch, images):
             image.save(folder / image_name(i, j))
         rewards += [float(r) for r in ocr(images, [prompts[i] for i, _ in batch])]
         bar.update(len(batch))
     bar.close()
-    return rewards
+    return rewards, nan
 
 # ----------------------------------------------------------------------------- the judge (UnifiedReward 2.0)
 # The pointwise prompt the judge was trained on; keep it exact. {prompt} is the generation prompt.
@@ -238,11 +323,11 @@ def summarize(rewards, scores):
 def print_table(entries):
     fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}"
     print(f"{'':<12}" + "".join(f"{h:>10}" for h in ("OCR", "exact", "align", "coher", "style", "judge u",
-                                                    "unparsed", "corrected", "images")))
+                                                    "unparsed", "corrected", "images", "NaN imgs")))
     for name, e in entries.items():
         j = e["judge"] or {}
         cells = [e["ocr_reward"], e["ocr_exact"], j.get("alignment"), j.get("coherence"), j.get("style"),
-                 j.get("mean"), j.get("unparsed"), e["corrected_score"], e["n_images"]]
+                 j.get("mean"), j.get("unparsed"), e["corrected_score"], e["n_images"], e["nan_images"]]
         print(f"{name:<12}" + "".join(fmt(v) for v in cells))
 
 def grid_columns(sets, twins):
@@ -305,84 +390,69 @@ def draw_grid(path, images_dir, columns, rewards, prompts, n, rows=8):
             draw.text((x + 6, y + tile + 3), f"OCR {rewards[name][i * n]:.2f}", fill="black", font=target_font)
     grid.save(path)
 
-def draw_trend(path, points, W=720, H=440, L=70, R=150, T=30, B=60):
-    """A line chart of the OCR reward and the corrected score (when judged) against the training step."""
-    series = {name: [(p["step"], p[key]) for p in points if p[key] is not None]
-              for name, key in (("OCR reward", "ocr_reward"), ("corrected score", "corrected_score"))}
-    series = {k: v for k, v in series.items() if v}
-    values = [v for pts in series.values() for _, v in pts] + [0.0, 1.0]  # always show the reward's [0, 1]
-    lo, hi = min(values), max(values)
-    steps = [p["step"] for p in points]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    px = lambda s: L + (s - x0) / (x1 - x0) * (W - L - R)
-    py = lambda v: H - B - (v - lo) / (hi - lo) * (H - T - B)
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
-    d.line([(L, T), (L, H - B), (W - R, H - B)], fill="black", width=1)  # y axis, x axis
-    for k in range(6):  # y ticks
-        v = lo + (hi - lo) * k / 5
-        d.line([(L - 4, py(v)), (L, py(v))], fill="black")
-        d.text((L - 8, py(v)), f"{v:.2f}", fill="black", font=font, anchor="rm")
-    for s in steps[:: max(1, len(steps) // 10)]:  # x ticks, at most ~10
-        d.line([(px(s), H - B), (px(s), H - B + 4)], fill="black")
-        d.text((px(s), H - B + 8), str(s), fill="black", font=font, anchor="mt")
-    d.text(((L + W - R) / 2, H - 18), "training step", fill="black", font=font, anchor="mm")
-    d.text((L, T - 14), "score", fill="black", font=font, anchor="mm")
-    for k, ((name, pts), rgb) in enumerate(zip(series.items(), ((31, 119, 180), (214, 39, 40)))):
-        xy = [(px(s), py(v)) for s, v in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=rgb, width=2)
-        for x, y in xy:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
-        d.line([(W - R + 12, T + 10 + 20 * k), (W - R + 32, T + 10 + 20 * k)], fill=rgb, width=2)  # legend
-        d.text((W - R + 38, T + 10 + 20 * k), name, fill="black", font=font, anchor="lm")
-    img.save(path)
+def draw_trend(path, points):
+    """The OCR reward and (when judged) the corrected score against the training step, as a PNG; returns the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, and pyplot's global state untouched
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    fig = Figure(figsize=(7.2, 4.4), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, key in (("OCR reward", "ocr_reward"), ("corrected score", "corrected_score")):
+        xy = [(p["step"], p[key]) for p in points if p[key] is not None]
+        if xy:
+            ax.plot(*zip(*xy), marker="o", label=label)
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, -0.05), max(high, 1.05))  # the reward's whole range [0, 1] stays in view
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: round integers, not 312, 623, 935
+    ax.set(xlabel="training step (0: the base model)", ylabel="score")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return fig
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     """The whole evaluation: python eval.py ARGS, or eval.main([ARGS...]); returns the report dict."""
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)  # bad input fails before heavy work
-    for lora in args.lora or []:
-        if not (Path(lora) / gdro.LORA_FILE).is_file():
-            raise SystemExit(f"error: LoRA folder {lora} not found (expected {gdro.LORA_FILE} in it)")
+    check_args(args)
+    prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)
+    check_out(args.out)
     checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
-    for folder in [*map(Path, args.lora or []), *checkpoints.values()]:
-        damaged = gdro.damaged_file(folder, [gdro.LORA_FILE])
-        if damaged:
-            raise SystemExit(f"error: LoRA file {damaged} is damaged (not what its {gdro.SHA256_FILE} recorded when "
-                             "it was saved); train it again, or evaluate another checkpoint")
-    if min(args.images_per_prompt, args.batch, args.judge_batch) < 1:
-        raise SystemExit("error: --images-per-prompt, --batch and --judge-batch must be at least 1")
-    if args.judge != "none":
-        check_judge(args.judge)
-
     # every set of images: the base, each checkpoint (the trend), the LoRA; all from the same seeds
     sets = {"base": None, **{f"step_{s:06d}": d for s, d in checkpoints.items()}}
     loras = args.lora or []  # one is "lora"; several (say, ablations) are lora1, lora2, ... in the given order
     sets.update({"lora" if len(loras) == 1 else f"lora{i + 1}": Path(f) for i, f in enumerate(loras)})
+    layers = {name: lora_layers(folder) for name, folder in sets.items() if folder}
+    if args.judge != "none":
+        check_judge(args.judge)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe, family = gdro.load_pipeline(args.model, args.tiny, args.family, device, dtype)
     if args.quantize != "none":  # the base and each LoRA on the quantized weights
         quantize = gdro.companion("--quantize").quantize
         pipe.transformer = quantize(pipe.transformer, args.quantize, None if args.tiny else args.model, device)
-    for folder in sets.values():  # a LoRA that does not fit this model fails now, not after the base images
-        set_lora(pipe, folder, args.lora_scale)
+    for name, found in layers.items():  # a LoRA that does not fit this model fails now, not after the base images
+        check_fits(pipe.transformer, sets[name], found)
     out, images_dir = Path(args.out), Path(args.out) / "images"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**vars(args), "family": family}, indent=2))
     ocr = load_ocr()
-    rewards, twins = {}, {}
+    rewards, nan, twins = {}, {}, {}
     for name, folder in sets.items():
         twin = next((m for m in rewards if folder and sets[m] and same_weights(sets[m], folder)), None)
         if twin:  # the final LoRA is the last checkpoint: same weights, same seeds, same images; reuse them
-            twins[name], rewards[name] = twin, rewards[twin]
+            twins[name], rewards[name], nan[name] = twin, rewards[twin], nan[twin]
             shutil.copytree(images_dir / twin, images_dir / name, dirs_exist_ok=True)
             continue
         set_lora(pipe, folder, args.lora_scale)
-        rewards[name] = generate_set(pipe, family, prompts, args, images_dir / name, ocr, f"generate + OCR {name}")
+        rewards[name], nan[name] = generate_set(pipe, family, prompts, args, images_dir / name, ocr,
+                                                f"generate + OCR {name}")
+        if nan[name]:
+            print(f"warning: {name}: {nan[name]} of {len(rewards[name])} images have NaN or inf latents and score 0 "
+                  "(nan_images in the report); look at the weights, --lora-scale and --guidance")
 
     # the judge comes after the generator is freed, so each of them fits the GPU in turn
     del pipe
@@ -397,7 +467,7 @@ def main(argv=None):
                 judge_set(model, processor, images_dir / name, prompts, args, f"judge {name}")
     scores = {name: None if a is None else [parse_judge(x) for x in a] for name, a in answers.items()}
 
-    entries = {name: summarize(rewards[name], scores[name]) for name in sets}
+    entries = {name: {**summarize(rewards[name], scores[name]), "nan_images": nan[name]} for name in sets}
     report = {k: v for k, v in entries.items() if not k.startswith("step_")}  # the base and each LoRA
     (out / "report.json").write_text(json.dumps(report, indent=2))
     n = args.images_per_prompt
@@ -421,8 +491,4 @@ def main(argv=None):
     return report
 
 if __name__ == "__main__":
-    try:
-        main()
-    except gdro.BadInput as e:  # a refused input (the prompt file): one line, exit code 2, as in gdro.py
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    gdro.cli(main)

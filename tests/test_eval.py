@@ -4,12 +4,18 @@ Tiny random models only (no download): one tiny GDRO run makes a LoRA with a che
 Qwen2.5-VL stands in for the UnifiedReward judge. Run: pytest -q tests/test_eval.py
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFont
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
@@ -17,6 +23,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLF
 import eval as gdro_eval
 import gdro
 
+HERE = Path(__file__).resolve().parent.parent  # eval.py's folder
 PROMPTS = ['A shop sign that reads "Open"', 'A coffee mug that says "Hello World"', 'A road sign "Stop" at dusk']
 
 # ----------------------------------------------------------------------------- fixtures
@@ -101,8 +108,8 @@ def test_report_has_the_documented_keys_and_sane_values(evaluated):
     assert json.loads((out / "report.json").read_text()) == report
     assert set(report) == {"base", "lora"}
     for entry in report.values():
-        assert set(entry) == {"ocr_reward", "ocr_exact", "n_images", "judge", "corrected_score"}
-        assert entry["n_images"] == 3  # --tiny keeps up to 4 prompts, the file has 3; 1 image each
+        assert set(entry) == {"ocr_reward", "ocr_exact", "n_images", "judge", "corrected_score", "nan_images"}
+        assert entry["n_images"] == 3 and entry["nan_images"] == 0  # --tiny keeps up to 4 prompts of 3; 1 image each
         assert 0.0 <= entry["ocr_reward"] <= 1.0
         assert entry["judge"] is None and entry["corrected_score"] is None  # --judge none
     for name in ("base", "lora", "step_000002", "step_000004"):
@@ -208,16 +215,16 @@ def test_a_damaged_lora_file_is_refused_in_one_line_naming_it_before_the_model_l
     data = bytearray((lora / gdro.LORA_FILE).read_bytes())
     data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # same size, still loadable, wrong
     (lora / gdro.LORA_FILE).write_bytes(bytes(data))
-    with pytest.raises(SystemExit, match=f"^error: LoRA file {lora / gdro.LORA_FILE} is damaged") as e:
+    with pytest.raises(gdro.BadInput, match=f"^LoRA file {lora / gdro.LORA_FILE} is damaged") as e:
         gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--lora", str(lora), "--judge", "none",
                         "--out", str(tmp_path / "eval")])
-    assert "\n" not in str(e.value) and not (tmp_path / "eval").exists()
+    assert e.value.code == 2 and "\n" not in str(e.value) and not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow
 def test_a_lora_of_another_family_is_refused_before_generating(run):
     out = run["dir"] / "bad_family"
-    with pytest.raises(SystemExit, match="^error: .* fit no layer of this transformer"):
+    with pytest.raises(gdro.BadInput, match="^LoRA .* fit no layer of this transformer"):
         gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--family", "flux", "--lora", str(run["lora"]),
                         "--judge", "none", "--out", str(out)])
     assert not out.exists()
@@ -228,6 +235,171 @@ def test_a_model_folder_that_does_not_load_is_one_line(run, tmp_path):
     with pytest.raises(SystemExit, match="^error: cannot load model"):
         gdro_eval.main(["--prompts", str(run["prompts"]), "--model", str(tmp_path / "missing"), "--judge", "none",
                         "--out", str(tmp_path / "eval")])
+
+# ----------------------------------------------------------------------------- every input refused before a model loads
+
+
+def lora_folder(folder, tensors=None, data=None):
+    """A LoRA folder holding these tensors (or these bytes) as its file, with no sha256.json."""
+    folder.mkdir(parents=True)
+    if data is None:
+        save_file(tensors, folder / gdro.LORA_FILE, metadata={"format": "pt"})
+    else:
+        (folder / gdro.LORA_FILE).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A folder of bad inputs, each named as REFUSED's {d}/NAME: LoRA files that are not whole or not a transformer
+    LoRA, checkpoint folders holding none, judge folders of no model or another model, a file where a folder goes."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (d / "notes.txt").write_text("mine")
+    pair = lambda layer, a, b: {f"transformer.{layer}.lora_A.weight": torch.ones(a), f"transformer.{layer}.lora_B."
+                                "weight": torch.ones(b)}
+    good = pair("transformer_blocks.0.attn.to_q", (4, 32), (32, 4))  # the tiny SD3's layer and sizes
+    whole = lora_folder(d / "whole", good).joinpath(gdro.LORA_FILE).read_bytes()
+    lora_folder(d / "garbage", data=b"not a safetensors file, just text " * 4)
+    lora_folder(d / "truncated", data=whole[:len(whole) // 2])
+    lora_folder(d / "unet", {k.replace("transformer.", "unet."): v for k, v in good.items()})
+    lora_folder(d / "unpaired", {k: v for k, v in good.items() if "lora_A" in k})
+    lora_folder(d / "damaged", good)
+    gdro.record_sha256(d / "damaged")
+    (d / "damaged" / gdro.LORA_FILE).write_bytes(whole[:-64] + bytes(64))  # same size, loadable, wrong
+    lora_folder(d / "other_size", pair("transformer_blocks.0.attn.to_q", (4, 64), (64, 4)))  # a wider model's
+    (d / "empty").mkdir()
+    (d / "unfinished" / "step_000002").mkdir(parents=True)  # a checkpoint folder without its LoRA file
+    (d / "bert").mkdir()
+    (d / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    (d / "read_only").mkdir(mode=0o555)
+    return d
+
+
+ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the permissions say")
+REFUSED_CLI = [  # (flags, what the one line says), {d}: the inputs fixture's folder; each also as a command line
+    (["--lora", "{d}/missing"], "--lora {d}/missing: not a LoRA folder"),
+    (["--lora", "{d}/garbage"], "LoRA file {d}/garbage/pytorch_lora_weights.safetensors is unreadable (Error while"),
+    (["--lora", "{d}/truncated"], "truncated/pytorch_lora_weights.safetensors is unreadable (Error while"),
+    (["--lora", "{d}/unet"], "holds unet.transformer_blocks.0.attn.to_q.lora_A.weight [4, 32]: not a LoRA of a "
+                             "transformer (keys transformer.LAYER.lora_A.weight and lora_B.weight"),
+    (["--resolution", "100"], f"--resolution 100: must be a positive multiple of {gdro.RESOLUTION_FACTOR}"),
+    (["--out", "{d}/notes.txt"], "--out {d}/notes.txt is a file, not a folder"),
+    pytest.param(["--out", "{d}/read_only/eval"], "{d}/read_only is not a writable folder", marks=ROOT),
+    (["--checkpoints", "{d}/missing"], "--checkpoints {d}/missing: checkpoints folder not found"),
+    (["--checkpoints", "{d}/empty"], "--checkpoints {d}/empty holds no step_* checkpoint"),
+    (["--judge", "{d}/bert"], "--judge {d}/bert is a 'bert' model; expected a UnifiedReward (Qwen2.5-VL) model"),
+    *[([flag, value], f"{flag} {value}: must be at least 1") for flag, value in [
+        ("--images-per-prompt", "0"), ("--batch", "-1"), ("--judge-batch", "0"), ("--steps", "0"),
+        ("--max-prompts", "0")]],
+    (["--lora-scale", "nan"], "--lora-scale nan: must be finite"),
+    (["--guidance", "-1"], "--guidance -1.0: must be finite and >= 0"),
+]
+REFUSED = REFUSED_CLI + [  # more of the same kinds
+    (["--lora", "{d}/notes.txt"], "--lora {d}/notes.txt: not a LoRA folder"),
+    (["--lora", "{d}/damaged"], "damaged/pytorch_lora_weights.safetensors is damaged (not what its sha256.json"),
+    (["--lora", "{d}/unpaired"], "has no lora_A and lora_B of one rank for transformer_blocks.0.attn.to_q"),
+    (["--lora", "{d}/whole", "{d}/garbage"], "garbage/pytorch_lora_weights.safetensors is unreadable"),
+    (["--checkpoints", "{d}/unfinished"], "--checkpoints {d}/unfinished holds no step_* checkpoint"),
+    (["--resolution", "0"], "--resolution 0: must be a positive multiple"),
+    (["--resolution", "-16"], "--resolution -16: must be a positive multiple"),
+    (["--out", "{d}/notes.txt/eval"], "--out {d}/notes.txt/eval: {d}/notes.txt is a file, not a folder"),
+    (["--judge", "{d}/empty"], "--judge {d}/empty: cannot load its config"),
+    (["--judge", "{d}/missing"], "--judge {d}/missing: folder not found"),
+    *[([flag, value], f"{flag} {value}: must be at least 1") for flag, value in [
+        ("--images-per-prompt", "-1"), ("--max-prompts", "-2"), ("--judge-max-new-tokens", "0")]],
+    (["--lora-scale", "inf"], "--lora-scale inf: must be finite"),
+    (["--guidance", "nan"], "--guidance nan: must be finite and >= 0"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+]
+FLAGS = lambda value: " ".join(value).replace("{d}/", "") if isinstance(value, list) else ""  # test ids: the flags
+
+
+def case(inputs, flags, line):
+    """(eval.py's flags, the line it must say): the prompts, then the bad flags, their {d} filled in."""
+    fill = lambda text: text.replace("{d}", str(inputs))
+    out = [] if "--out" in flags else ["--out", str(inputs / "eval")]  # never made: nothing is written
+    return ["--prompts", str(inputs / "prompts.txt"), "--judge", "none", *out, *map(fill, flags)], fill(line)
+
+
+class ModelLoad(Exception):
+    """Raised instead of loading the model: every input was accepted."""
+
+
+def load_pipeline(*args, **kwargs):
+    raise ModelLoad
+
+
+@pytest.mark.parametrize("flags, line", REFUSED, ids=FLAGS)
+def test_a_bad_input_is_refused_with_a_bad_input_before_the_model_loads(inputs, flags, line, monkeypatch):
+    argv, line = case(inputs, flags, line)
+    monkeypatch.setattr(gdro, "load_pipeline", load_pipeline)
+    with pytest.raises(gdro.BadInput) as e:
+        gdro_eval.main(argv)
+    assert e.value.code == 2 and "\n" not in str(e.value) and line in str(e.value)
+    assert not (inputs / "eval").exists() and (inputs / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, line", REFUSED_CLI, ids=FLAGS)
+def test_the_command_line_refuses_a_bad_input_with_one_line_exit_2_and_no_traceback_in_seconds(inputs, flags, line):
+    """Offline and without --tiny: an input let through would end at the model load, another line and exit 1."""
+    argv, line = case(inputs, flags, line)
+    t0 = time.perf_counter()
+    cli = subprocess.run([sys.executable, "eval.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert (cli.returncode, len(cli.stderr.splitlines())) == (2, 1), cli.stderr
+    assert cli.stderr.startswith("error: ") and line in cli.stderr, cli.stderr
+    assert time.perf_counter() - t0 < 30 and not (inputs / "eval").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_that_fits_no_layer_of_the_loaded_model_is_one_line_exit_2_before_any_image(inputs):
+    """The header says a transformer LoRA; the loaded transformer says not this one: a layer of another size."""
+    out = inputs / "eval_other_size"
+    cli = subprocess.run([sys.executable, "eval.py", "--prompts", str(inputs / "prompts.txt"), "--tiny", "--lora",
+                          str(inputs / "other_size"), "--judge", "none", "--out", str(out)], cwd=HERE,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [l for l in cli.stderr.splitlines() if l.startswith("error")]  # beside the libraries' import notes
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr and len(errors) == 1, cli.stderr
+    assert errors[0] == (f"error: LoRA {inputs / 'other_size'}: 1 of its 1 layers fit no layer of this transformer, "
+                         "e.g. transformer_blocks.0.attn.to_q (32 -> 32 features there, 64 -> 64 in the LoRA); a LoRA "
+                         "of another model or family?")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nan_weights, scale", [(True, "1"), (False, "1e30")])
+def test_images_that_are_not_finite_are_counted_in_the_report_and_warned_about(run, tmp_path, capsys, nan_weights,
+                                                                                scale):
+    """A LoRA of NaN weights, or a scale that overflows, scores every image 0: counted per set, and said."""
+    lora = run["lora"]
+    if nan_weights:
+        lora = lora_folder(tmp_path / "nan_lora", {k: torch.full_like(v, float("nan"))
+                                                   for k, v in load_file(run["lora"] / gdro.LORA_FILE).items()})
+    report = gdro_eval.main(["--prompts", str(run["prompts"]), "--tiny", "--max-prompts", "2", "--lora", str(lora),
+                             "--lora-scale", scale, "--judge", "none", "--out", str(tmp_path / "eval")])
+    assert (report["base"]["nan_images"], report["lora"]["nan_images"]) == (0, 2)
+    assert report["lora"]["ocr_reward"] == 0.0
+    warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: lora: 2 of 2 images have NaN or inf latents")
+
+
+def test_the_trend_is_a_png_of_labelled_axes_round_steps_and_a_legend(tmp_path):
+    points = [{"step": s, "ocr_reward": 0.2 + s / 2000, "corrected_score": None if s == 0 else 0.4 - s / 4000}
+              for s in (0, 312, 623, 935)]  # the steps of gdro.py --save-every 312
+    for name, judged in (("trend.png", True), ("unjudged.png", False)):
+        fig = gdro_eval.draw_trend(tmp_path / name, points if judged else
+                                   [{**p, "corrected_score": None} for p in points])
+        ax, = fig.axes
+        assert ax.get_xlabel().startswith("training step") and ax.get_ylabel() == "score"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["OCR reward", "corrected score"][:1 + judged]
+        steps = [t for t in ax.get_xticks() if 0 <= t <= 935]
+        assert len(steps) >= 3 and all(t % 50 == 0 for t in steps), steps  # not 312, 623, 935
+        low, high = ax.get_ylim()
+        assert low < 0 and high > 1  # the reward's whole range
+        image = Image.open(tmp_path / name).convert("RGB")
+        assert image.size == (720, 440) and len(image.getcolors(1 << 16)) > 50  # drawn, not blank
 
 # ----------------------------------------------------------------------------- the judge
 
