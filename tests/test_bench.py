@@ -29,7 +29,7 @@ def test_quick_run_prints_every_figure_in_one_json_object_on_its_last_line():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     for key in FIGURES:
         assert positive(result[key]), (key, result[key])
-    assert "ocr_s_per_image" in result and positive(result["matmul_peak_tflops"])
+    assert positive(result["matmul_peak_tflops"])
     for name in bench.REAL:
         computed, measured = result["real"][name], result["measured"][name]
         assert computed["params"] > 1e9 and computed["bf16_weight_gib"] > 1  # the real configs, on the meta device
@@ -183,7 +183,7 @@ def test_the_bare_work_measured_after_each_step_leaves_training_unchanged(tmp_pa
         args = bench.train_args(tmp_path / str(measured), "sd3", 4, ckpt=True)  # the CUDA default: recomputation
         if measured:
             pairs, loss = bench.timed_training(transformer, "sd3", tmp_path / "cache", [8], args, torch.device("cpu"))
-            assert len(pairs) == 3 and all(full[0] > 0 and bare[0] > 0 for full, bare in pairs)  # steps 1 to 3
+            assert len(pairs) == 3 and all(full > 0 and bare > 0 for full, bare in pairs)  # steps 1 to 3
             assert math.isfinite(loss)
         else:
             bench.train(transformer, "sd3", tmp_path / "cache", [8], args, torch.device("cpu"))
