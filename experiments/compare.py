@@ -19,9 +19,11 @@ Each method, per seed (the seeds side by side, one CPU thread each), on the same
 Every method has the same LoRA (rank 32), its paper's settings, and the same learning rate 3e-3 (both papers use
 3e-4 on their models; this small model took 10x that for GDRO on the first text model): none is tuned on val here,
 so each had one run per seed. Each checkpoint is scored on the held-out strings x held-out seeds (the same images'
-seeds for base and every LoRA) against its compute: seconds on one thread from the start of the method's work (the
-cache drawn and scored, then training to the checkpoint; Flow-GRPO's rollouts, scoring and updates) and images
-sampled. The figures: OUT/results.json and OUT/compare.png; the docs' figure is redrawn with
+seeds for base and every LoRA) against its compute, counted alike for every method: the CPU seconds of its
+processes from their start, each on one thread (an offline method: the cache's process, loading the models,
+drawing and scoring; then the training process to the checkpoint, loading the model again; Flow-GRPO: its one
+process, loading, rollouts, scoring and updates), and the images it sampled; the seeds' runs side by side share
+the machine alike. The figures: OUT/results.json and OUT/compare.png; the docs' figure is redrawn with
     python -m experiments.compare --plot-only --plot docs/compare.png
 """
 import json
@@ -64,34 +66,63 @@ SCALE = dict(gdro_steps=200, save_every=50, train_prompts=80, heldout_strings=40
 SCALE_RULES = {**{key: experiments.AT_LEAST_1 for key in SCALE}, "heldout_strings": experiments.AT_LEAST_2}
 MODEL_DIR = "runs/text_binding"  # built there when it holds no model; another --model-dir must hold one
 BUILD_MODEL = "python -m experiments.text_model --recipe binding"
+POLL_S = 0.5  # how often a run's CPU time is read: a checkpoint's is counted late by at most this
+COMPUTE = ("cpu_seconds: CPU seconds of the method's processes from their start, one thread each (offline: the "
+           "cache's process, then the training process to the checkpoint; Flow-GRPO: its process to the checkpoint); "
+           "images: images sampled")  # said in results.json: runs before it counted wall seconds
 
 
-def logged(cmd, log):
-    """Run cmd from the repository root on one CPU thread, its output appended to log; its wall seconds. A failure
-    stops with the log's name."""
+def cpu_seconds(pid):
+    """User and system CPU seconds of process pid since it started, its waited-for children's included (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+    return sum(map(int, fields[11:15])) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+
+
+def clocked(cmd, log, checkpoints=None):
+    """Run cmd from the repository root on one CPU thread, its output appended to log, and count its compute as
+    every method's is counted: {"cpu_seconds": the whole process's from its start (loading the models, rollouts,
+    scoring, training), "steps": {step: its CPU seconds when checkpoints/step_N first appeared, within POLL_S}}.
+    A failure stops with the log's name."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    steps = {}
+    look = lambda cpu: [steps.setdefault(int(folder.name.removeprefix("step_")), round(cpu, 2))
+                        for folder in (Path(checkpoints).glob("step_*") if checkpoints else ())]
     with open(log, "a") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
-        t0 = time.time()
-        if subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
-            raise SystemExit(f"error: failed: {' '.join(map(str, cmd))} (see {log})")
-    return time.time() - t0
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        while not (done := os.wait4(proc.pid, os.WNOHANG))[0]:  # wait4, not poll: the child's rusage at its end
+            look(cpu_seconds(proc.pid))
+            time.sleep(POLL_S)
+    _, status, usage = done
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    look(usage.ru_utime + usage.ru_stime)  # checkpoints written since the last look
+    if proc.returncode:
+        raise SystemExit(f"error: failed: {' '.join(map(str, cmd))} (see {log})")
+    return {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "steps": dict(sorted(steps.items()))}
+
+
+def write_clock(folder, clock):
+    (Path(folder) / "clock.json").write_text(json.dumps(clock, indent=1))
+
+
+def read_clock(folder):
+    clock = json.loads((Path(folder) / "clock.json").read_text())
+    return {**clock, "steps": {int(step): cpu for step, cpu in clock["steps"].items()}}
 
 
 def train_methods(model_dir, prompts, out, seed, scale, log):
     """Every method's run for one seed in out/METHOD (caches in out/cache_*); {method: [points]} where a point is
-    {step, seconds, images, lora}: the checkpoints to score, with their compute."""
+    {step, cpu_seconds, images, lora}: the checkpoints to score, with their compute."""
     settings = {**run.OCR_GDRO, "lr": LR, "max-steps": scale["gdro_steps"], "save-every": scale["save_every"],
                 "log-every": scale["save_every"]}
-    cache_s, points = {}, {}
+    cache_cpu, points = {}, {}
     for name, cache in CACHES.items():  # the cache alone (no training): what drawing and scoring it costs
         folder = out / f"cache_{name}"
-        if not (folder / "cache_seconds").is_file():
-            seconds = logged(run.gdro_command(model_dir, prompts, folder, seed, {**settings, **cache, "max-steps": 0}),
-                             log)
-            (folder / "cache_seconds").write_text(f"{seconds:.1f}\n")
-        cache_s[name] = float((folder / "cache_seconds").read_text())
+        if not (folder / "clock.json").is_file():
+            write_clock(folder, clocked(run.gdro_command(model_dir, prompts, folder, seed,
+                                                         {**settings, **cache, "max-steps": 0}), log))
+        cache_cpu[name] = read_clock(folder)["cpu_seconds"]
     images = len(prompts.read_text().splitlines()) * settings["images-per-prompt"]
     for method, (_, cache, change) in METHODS.items():
         folder = out / method
@@ -101,35 +132,42 @@ def train_methods(model_dir, prompts, out, seed, scale, log):
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(out / f"cache_{cache}" / "cache", folder / "cache")
             cmd = run.gdro_command(model_dir, prompts, folder, seed, {**settings, **CACHES[cache], **change})
-            logged(cmd, log)
-        log_lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        start = {"step": 0, "seconds": cache_s[cache], "images": images, "lora": None}  # the cache: still the base
-        points[method] = [start] + [{"step": m["step"], "seconds": round(cache_s[cache] + m["time_s"], 1),
-                                     "images": images, "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")}
-                                    for m in log_lines]
-    gdro_cost = points["gdro"][-1]["seconds"]  # this seed's whole GDRO run: cache and training
+            write_clock(folder, clocked(cmd, log, folder / "checkpoints"))
+        points[method] = offline_points(folder, cache_cpu[cache], images)
+    gdro_cost = points["gdro"][-1]["cpu_seconds"]  # this seed's whole GDRO run: cache and training
     folder = out / "flow_grpo"
     if not (folder / "done").is_file():
         shutil.rmtree(folder, ignore_errors=True)
-        logged([sys.executable, "-m", "experiments.flow_grpo", "--model", model_dir, "--prompts", prompts,
-                "--out", folder, "--seed", seed, "--max-seconds", round(FLOW_BUDGET * gdro_cost), "--save-every", 1,
-                "--max-steps", 10**6, "--set", f"lr={LR}", f"guidance={settings['guidance']}"], log)
+        clock = clocked([sys.executable, "-m", "experiments.flow_grpo", "--model", model_dir, "--prompts", prompts,
+                         "--out", folder, "--seed", seed, "--max-cpu-seconds", round(FLOW_BUDGET * gdro_cost),
+                         "--save-every", 1, "--max-steps", 10**6, "--set", f"lr={LR}",
+                         f"guidance={settings['guidance']}"], log, folder / "checkpoints")
+        write_clock(folder, clock)
         (folder / "done").write_text("")
     points["flow_grpo"] = flow_points(folder, gdro_cost)
     return points
 
 
+def offline_points(folder, cache_cpu, images):
+    """An offline method's checkpoints with their compute: the cache's process, then the training process's CPU
+    seconds when each checkpoint was written (the second process loads the model again: a little against them)."""
+    point = lambda step, cpu, lora: {"step": step, "cpu_seconds": round(cpu, 1), "images": images, "lora": lora}
+    return [point(0, cache_cpu, None)] + [point(step, cache_cpu + cpu, str(folder / "checkpoints" / f"step_{step:06d}"))
+                                          for step, cpu in read_clock(folder)["steps"].items()]  # 0: still the base
+
+
 def flow_points(folder, gdro_cost):
-    """Flow-GRPO's checkpoints nearest to FLOW_POINTS x gdro_cost seconds (the latest at or below each)."""
-    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    chosen = []
+    """Flow-GRPO's checkpoints nearest to FLOW_POINTS x gdro_cost CPU seconds (the latest at or below each), with the
+    images it had sampled by then."""
+    images = {m["step"]: m["images_sampled"] for m in map(json.loads, (folder / "metrics.jsonl").open())}
+    steps, chosen = list(read_clock(folder)["steps"].items()), []
     for f in FLOW_POINTS:
-        within = [m for m in log if m["seconds"] <= f * gdro_cost] or log[:1]
+        within = [(step, cpu) for step, cpu in steps if cpu <= f * gdro_cost] or steps[:1]
         if within[-1] not in chosen:
             chosen.append(within[-1])
-    return [{"step": 0, "seconds": 0.0, "images": 0, "lora": None}] + [
-        {"step": m["step"], "seconds": m["seconds"], "images": m["images_sampled"],
-         "lora": str(folder / "checkpoints" / f"step_{m['step']:06d}")} for m in chosen]
+    return [{"step": 0, "cpu_seconds": 0.0, "images": 0, "lora": None}] + [
+        {"step": step, "cpu_seconds": cpu, "images": images[step],
+         "lora": str(folder / "checkpoints" / f"step_{step:06d}")} for step, cpu in chosen]
 
 
 def base_on_val(model_dir, out, scale, log):
@@ -140,7 +178,7 @@ def base_on_val(model_dir, out, scale, log):
     if not (folder / "scores.jsonl").is_file():
         cmd = run.eval_command(model_dir, Path(model_dir) / "val.txt", [], folder, run.OCR_GDRO["guidance"],
                                scale["val_images"])
-        logged(cmd + ["--max-prompts", scale["val_strings"]], log)
+        clocked(cmd + ["--max-prompts", scale["val_strings"]], log)
     rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
     reader, kinds, groups = OcrReward(), {}, {}
     for r in rows:
@@ -168,7 +206,7 @@ def score_points(model_dir, points, out, scale, log):
     if not (folder / "scores.jsonl").is_file():
         cmd = run.eval_command(model_dir, Path(model_dir) / "test.txt", [p["lora"] for p in flat], folder,
                                run.OCR_GDRO["guidance"], scale["heldout_images"])
-        logged(cmd + ["--max-prompts", scale["heldout_strings"]], log)
+        clocked(cmd + ["--max-prompts", scale["heldout_strings"]], log)
     for i, p in enumerate(flat):
         g = run.paired_gain(folder / "scores.jsonl", f"lora{i + 1}" if len(flat) > 1 else "lora")
         p.update(heldout=round(g["gdro_ocr"], 4), base=round(g["base_ocr"], 4), gain=round(g["gain"], 4),
@@ -178,29 +216,30 @@ def score_points(model_dir, points, out, scale, log):
     return points
 
 
-def at_compute(points, seconds):
-    """The latest point of a run within `seconds` of compute, or None."""
-    within = [p for p in points if p["seconds"] <= seconds * 1.02]  # 2 %: a checkpoint a hair past GDRO's own end
+def at_compute(points, cpu_seconds):
+    """The latest point of a run within `cpu_seconds` of compute, or None."""
+    within = [p for p in points if p["cpu_seconds"] <= cpu_seconds * 1.02]  # 2 %: a hair past GDRO's own end
     return within[-1] if within else None
 
 
 def table(results):
     """Markdown: each method's paired held-out gain at GDRO's whole cost and at twice it, per seed."""
     lines = ["| method | at GDRO's whole cost: gain +- se (seed " + " / ".join(map(str, results["seeds"])) + ") "
-             "| its compute (s, images) | at twice it: gain +- se | its compute (s, images) |", "|" + " --- |" * 5]
+             "| its compute (CPU s, images) | at twice it: gain +- se | its compute (CPU s, images) |",
+             "|" + " --- |" * 5]
     for method, (label, _, _) in METHODS.items():
         cells = []
         for factor in (1, 2):
-            found = [at_compute(runs[method], factor * runs["gdro"][-1]["seconds"])
+            found = [at_compute(runs[method], factor * runs["gdro"][-1]["cpu_seconds"])
                      for runs in (results["runs"][str(s)] for s in results["seeds"])]
             cells.append(" / ".join("-" if p is None else f"{p['gain']:+.3f} +- {p['gain_se']:.3f}" for p in found))
-            cells.append(" / ".join("-" if p is None else f"{p['seconds']:.0f}, {p['images']}" for p in found))
+            cells.append(" / ".join("-" if p is None else f"{p['cpu_seconds']:.0f}, {p['images']}" for p in found))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_results(results, path):
-    """Held-out gain over the base against compute (seconds), a line per method: the mean over seeds of each
+    """Held-out gain over the base against compute (CPU seconds), a line per method: the mean over seeds of each
     checkpoint's paired gain, with bars of +-1 standard error (the seeds' se combined)."""
     import matplotlib
     matplotlib.use("Agg")  # a file, never a window: the comparison runs on machines without a display
@@ -210,11 +249,11 @@ def plot_results(results, path):
     for method, (label, _, _) in METHODS.items():
         runs = [results["runs"][str(s)][method] for s in results["seeds"]]
         n = min(len(r) for r in runs)
-        seconds = [np.mean([r[i]["seconds"] for r in runs]) for i in range(n)]
+        seconds = [np.mean([r[i]["cpu_seconds"] for r in runs]) for i in range(n)]
         gain = [np.mean([r[i]["gain"] for r in runs]) for i in range(n)]
         se = [np.sqrt(sum(r[i]["gain_se"] ** 2 for r in runs)) / len(runs) for i in range(n)]
         ax.errorbar(seconds, gain, yerr=se, marker="o", markersize=4, capsize=2, linewidth=1.5, label=label)
-    ax.set_xlabel("compute: seconds on one CPU thread (rollouts, scoring, training)")
+    ax.set_xlabel("compute: CPU seconds of the whole run (loading, rollouts, scoring, training)")
     ax.set_ylabel("held-out OCR gain over the base")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
@@ -244,6 +283,8 @@ def check_inputs(args):
             raise gdro.BadInput(f"--plot-only: {Path(args.out) / 'results.json'} not found; run the comparison first "
                                 "(or give the --out it wrote)")
         return None, plot
+    if not Path("/proc/self/stat").is_file():
+        raise gdro.BadInput("the comparison reads each run's CPU seconds from /proc: it runs on Linux")
     experiments.check(*[("--seeds", seed, experiments.AT_LEAST_0) for seed in args.seeds],
                       ("--seeds", args.seeds, (lambda x: len(set(x)) == len(x), "distinct")))
     experiments.check_model_dir(args.model_dir, MODEL_DIR, BUILD_MODEL)
@@ -289,7 +330,7 @@ def main(argv=None):
 
     with ThreadPoolExecutor(len(args.seeds)) as pool:
         runs = dict(zip(map(str, args.seeds), pool.map(one_seed, args.seeds)))
-    results = {"model_dir": str(model_dir), "build_seconds": build_s, "scale": scale, "lr": LR,
+    results = {"model_dir": str(model_dir), "build_seconds": build_s, "scale": scale, "lr": LR, "compute": COMPUTE,
                "flow_grpo": {**FLOW_GRPO, "lr": LR}, "seeds": args.seeds, "val_base": val_base, "runs": runs,
                "seconds": round(time.time() - t0)}
     (out / "results.json").write_text(json.dumps(results, indent=2))

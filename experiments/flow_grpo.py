@@ -138,9 +138,10 @@ def policy_loss(velocity, transformer, states, old_log_probs, adv, cond, uncond,
 
 
 def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, family=None, resolution=None, seed=0,
-          save_every=10, max_seconds=math.inf):
-    """Flow-GRPO on `prompts` for max_steps steps, or until a step ends past max_seconds; a LoRA checkpoint every
-    save_every steps (and the last) in OUT/checkpoints, with the compute so far (seconds, images sampled) in
+          save_every=10, max_cpu_seconds=math.inf):
+    """Flow-GRPO on `prompts` for max_steps steps, or until a step ends with the process past max_cpu_seconds of CPU
+    time since it started; a LoRA checkpoint every save_every steps (and the last) in OUT/checkpoints, with the
+    compute so far (images sampled, CPU seconds of the process from its start, wall seconds of the loop) in
     OUT/metrics.jsonl."""
     s, out = {**FLOW_GRPO, **settings}, Path(out)
     G = s["group_size"]
@@ -161,9 +162,10 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
     sig = sigmas(config, s["steps"], gdro.schedule_mu(family, config, latent_shape[1:], s["steps"]))
     cat = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
     out.mkdir(parents=True, exist_ok=True)
-    t0, cpu0, images = time.time(), time.process_time(), 0
-    timed = math.isfinite(max_seconds)  # a time budget: the bar counts its seconds
-    bar = gdro.progress(None, "Flow-GRPO", "s" if timed else "step", total=round(max_seconds) if timed else max_steps)
+    t0, images = time.time(), 0
+    timed = math.isfinite(max_cpu_seconds)  # a CPU budget: the bar counts its seconds
+    bar = gdro.progress(None, "Flow-GRPO", "CPU s" if timed else "step",
+                        total=round(max_cpu_seconds) if timed else max_steps)
     for step in range(max_steps):
         chosen = torch.randperm(len(prompts), generator=gdro.keyed_generator(seed, "prompts", step))
         chosen = chosen[:s["prompts_per_step"]].tolist()
@@ -200,10 +202,10 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
         line = {"step": step + 1, "reward": sum(rewards) / len(rewards), "loss": loss, "ratio": ratio, "kl": kl,
                 "clipfrac": clipfrac,
                 "images_sampled": images, "seconds": round(time.time() - t0, 2),
-                "cpu_seconds": round(time.process_time() - cpu0, 2)}
+                "cpu_seconds": round(time.process_time(), 2)}  # from the process's start: loading and all
         gdro.append_line(out / "metrics.jsonl", json.dumps(line))
-        bar.update(min(round(line["seconds"]), bar.total) - bar.n if timed else 1)
-        last = step + 1 == max_steps or line["seconds"] >= max_seconds
+        bar.update(min(round(line["cpu_seconds"]), bar.total) - bar.n if timed else 1)
+        last = step + 1 == max_steps or line["cpu_seconds"] >= max_cpu_seconds
         if (step + 1) % save_every == 0 or last:
             gdro.save_lora(type(pipe), transformer, out / "checkpoints" / f"step_{step + 1:06d}")
         if last:
@@ -240,7 +242,8 @@ def main(argv=None):
     p.add_argument("--reward", default="ocr", help="'ocr' or FILE.py:FUNCTION, as gdro.py's")
     p.add_argument("--out", default="runs/flow_grpo", help="output folder, for one run (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=100, help="steps of rollouts + updates (default: %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=math.inf, help="or stop after the step that passes this")
+    p.add_argument("--max-cpu-seconds", type=float, default=math.inf,
+                   help="or stop after the step that takes the process's CPU time since it started past this")
     p.add_argument("--save-every", type=int, default=10, help="steps between LoRA checkpoints (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image side (default: 512, or the model's if smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and draws (default: %(default)s)")
@@ -248,7 +251,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     factor = gdro.RESOLUTION_FACTOR
     experiments.check(("--max-steps", args.max_steps, experiments.AT_LEAST_1),
-                      ("--max-seconds", args.max_seconds, (lambda x: x > 0, "> 0")),
+                      ("--max-cpu-seconds", args.max_cpu_seconds, (lambda x: x > 0, "> 0")),
                       ("--save-every", args.save_every, experiments.AT_LEAST_1),
                       ("--seed", args.seed, experiments.AT_LEAST_0),
                       ("--resolution", args.resolution, (lambda x: x is None or x >= factor and x % factor == 0,
@@ -267,7 +270,7 @@ def main(argv=None):
                       ("--set minibatches=", s["minibatches"], at_most(images, "the images a step samples")))
     reward_fn = gdro.load_reward(args.reward)
     train(args.model, prompts, reward_fn, args.out, settings, args.max_steps, resolution=args.resolution,
-          seed=args.seed, save_every=args.save_every, max_seconds=args.max_seconds)
+          seed=args.seed, save_every=args.save_every, max_cpu_seconds=args.max_cpu_seconds)
 
 
 if __name__ == "__main__":

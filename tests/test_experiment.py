@@ -119,7 +119,7 @@ def bad_inputs():
         ("flow_grpo", [*flow, "--save-every", "0"], "--save-every 0: must be at least 1"),
         ("flow_grpo", [*flow, "--max-steps", "0"], "--max-steps 0: must be at least 1"),
         ("flow_grpo", [*flow, "--max-steps", "-5"], "--max-steps -5: must be at least 1"),
-        ("flow_grpo", [*flow, "--max-seconds", "nan"], "--max-seconds nan: must be > 0"),
+        ("flow_grpo", [*flow, "--max-cpu-seconds", "nan"], "--max-cpu-seconds nan: must be > 0"),
         ("flow_grpo", [*flow, "--set", "lr=fast"], "--set lr=fast: lr takes float values"),
         ("flow_grpo", [*flow, "--set", "kl=-1"], "--set kl=-1.0: must be finite and >= 0"),
         ("flow_grpo", [*flow, "--set", "group_size=1"], "--set group_size=1: must be at least 2"),
