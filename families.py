@@ -435,6 +435,44 @@ def build_tiny_pipeline(record, seed=0):
 
 
 # --tiny shrinks the run for a CPU (flags given explicitly win)
+COCO_DETECTOR_NAMES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}  # cfg's
+
+
+def save_tiny_geneval_models(folder, classes):
+    """--tiny --reward geneval: a random Mask2Former (a tiny Swin, COCO's 80 labels as detector configs name them) and
+    a random CLIP (a character vocabulary), saved with save_pretrained in folder/detector and folder/clip like a
+    user's local copies; returns their two folders. classes: GenEval's 80 names (reward_geneval.COCO_CLASSES)."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
+                              Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    labels = dict(enumerate(COCO_DETECTOR_NAMES.get(c, c) for c in classes))
+    config = Mask2FormerConfig(backbone_config=swin, num_queries=8, hidden_dim=32, mask_feature_size=32,
+                               feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=32, encoder_feedforward_dim=32, num_labels=len(labels), id2label=labels)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(root / "detector")
+    Mask2FormerImageProcessor().save_pretrained(root / "detector")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz-":  # every character, alone and word-final: no merges needed
+        vocab.update({c: len(vocab), c + "</w>": len(vocab) + 1})
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    clip = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2, bos_token_id=0, eos_token_id=1,
+                                       pad_token_id=1),
+                      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(clip).save_pretrained(root / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    return str(root / "detector"), str(root / "clip")
+
+
 TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
 

@@ -57,9 +57,13 @@ def image_seed(seed, i, j, n):
     return seed + i * n + j
 
 def add_model_flags(p):
-    """The flags gdro.py and eval.py share: the model, the prompts used, how it draws (settle_model fills defaults)."""
+    """The flags gdro.py and eval.py share: the model, the reward, the prompts used, how it draws (settle_model fills
+    defaults)."""
     arg, d = p.add_argument, " (default: %(default)s)"
     arg("--model", default="stabilityai/stable-diffusion-3.5-medium", help="hub id or local folder of a pipeline" + d)
+    arg("--reward", default="ocr", help="ocr, geneval (reward_*.py) or FILE.py:FUNCTION, fn(images, prompts)" + d)
+    arg("--geneval-detector", help="--reward geneval's Mask2Former: hub id or local folder (default: GenEval's)")
+    arg("--geneval-clip", help="--reward geneval's CLIP that names colours: hub id or folder (default: ViT-L/14)")
     arg("--tiny", action="store_true", help="tiny random model of the same classes (families.py); shrinks the run")
     arg("--family", help="sd3, flux or a family of families.py: --tiny's (sd3), or one the model's name does not say")
     arg("--max-prompts", type=int, help="use only the first N prompts (default: all)")
@@ -73,7 +77,6 @@ def parse_args(argv=None):
     arg("--from-images", metavar="DIR", help="cache DIR/metadata.jsonl's images and rewards instead of sampling")
     arg("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl" + d)
     add_model_flags(p)
-    arg("--reward", default="ocr", help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION, fn(images, prompts) -> floats" + d)
     arg("--dry-run", action="store_true", help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
     # phase 1: rollout cache
     arg("--images-per-prompt", type=int, default=16, help="images the frozen base draws per prompt, once" + d)
@@ -399,7 +402,7 @@ def cache_manifest(args, cache_dir):
         source = {"source": "images", "images": str(Path(args.from_images).resolve()), "group_size": args.group_size,
                   "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
     else:
-        reward_file = args.reward.rpartition(":")[0] or Path(__file__).with_name("reward_ocr.py")  # "ocr": that file
+        reward_file = args.reward.rpartition(":")[0] or Path(__file__).with_name(f"reward_{args.reward}.py")
         source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
                   "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
                   "reward_sha256": file_sha256(reward_file), "seed": args.seed}
@@ -417,10 +420,19 @@ def cache_manifest(args, cache_dir):
                            f"{cache_dir} to rebuild it")
     return manifest
 
-def load_reward(spec):
-    """'ocr' -> reward_ocr.OcrReward(); 'FILE.py:FUNCTION' -> that function. Either is fn(images, prompts)."""
+def load_reward(spec, geneval_detector=None, geneval_clip=None, tiny_in=None):
+    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward() with that detector and CLIP (hub
+    ids or folders; None: GenEval's, or with tiny_in random tiny ones saved there); 'FILE.py:FUNCTION' -> that
+    function. Each is fn(images, prompts)."""
     if spec == "ocr":
         return companion("--reward ocr", "reward_ocr").OcrReward()
+    if spec == "geneval":
+        geneval, side = companion("--reward geneval", "reward_geneval"), {}
+        if tiny_in and not (geneval_detector or geneval_clip):  # as --tiny's pipeline: the real classes, random
+            geneval_detector, geneval_clip = companion("--tiny").save_tiny_geneval_models(tiny_in, geneval.COCO_CLASSES)
+            side = {"side": 64}  # the tiny detector's own input size
+        return geneval.GenevalReward(geneval_detector or geneval.DEFAULT_DETECTOR,
+                                     geneval_clip or geneval.DEFAULT_CLIP, **side)
     path, _, name = spec.rpartition(":")
     try:
         fn = runpy.run_path(path).get(name)
@@ -679,9 +691,8 @@ class BadInput(SystemExit):
         self.args = (message,)  # str(e) is the message; e.code stays 2
 
 def cli(main):
-    """How every script of the project ends (gdro.py, eval.py, the experiments): a refused input is one line and exit
-    code 2; a failure, SystemExit("error: ..."): one line, exit 1, finished work kept; a Ctrl-C that reached here:
-    exit 130 (nothing half-written)."""
+    """How every script of the project ends: a refused input, one line and exit code 2; a failure (SystemExit("error:
+    ...")), one line and exit 1, finished work kept; a Ctrl-C that reached here, exit 130."""
     try:
         main()
     except BadInput as e:
@@ -782,32 +793,22 @@ def append_line(path, line):
     except OSError as e:
         raise write_failed(path, e)
 
-def try_lock(f):
-    """An exclusive lock on the open file f without waiting: True if taken (flock; msvcrt on Windows)."""
-    try:
-        import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        import msvcrt
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-    except BlockingIOError:
-        return False
-    return True
-
 def lock_out(out, create=True):
     """One run per --out: a lock on OUT/.lock (create=False: only if OUT exists), held while the returned file is open
     and dropped however the process ends. Returns that file (True on the other processes), or None if not taken."""
     lock, holder = None, None
     if is_main_process() and (create or Path(out).is_dir()):
+        try:
+            import fcntl  # imported here, so that the method's block imports on any OS
+        except ImportError:
+            raise BadInput("--out: a run folder's lock needs fcntl (Linux, macOS); on Windows, run gdro.py in WSL")
         Path(out).mkdir(parents=True, exist_ok=True)
         lock = open(Path(out) / ".lock", "a+")
-        if try_lock(lock):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.truncate(0)
             print(os.getpid(), file=lock, flush=True)
-        else:
+        except BlockingIOError:
             lock.seek(0)
             holder, lock = lock.read().strip() or "unknown", lock.close()
     if dist.is_initialized():  # every process learns whether rank 0 took it
@@ -874,6 +875,11 @@ def read_prompts(path, reward, max_prompts=None):
         bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
         if bad:
             raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
+    if reward == "geneval":  # GenEval reads a prompt's objects, counts, colours and places from its fixed grammar
+        bad = companion("--reward geneval", "reward_geneval").check_prompts([prompt for _, prompt in lines])
+        if bad:
+            raise BadInput(f"--prompts {path}: line {lines[bad[0][0]][0]} is not a GenEval prompt ({bad[0][1]})"
+                           + (f"; {len(bad) - 1} more lines too" if len(bad) > 1 else ""))
     return [prompt for _, prompt in lines]
 
 # ------------------------------------------------------------------------------ cache shards (section 4's layout)
@@ -1091,23 +1097,20 @@ def check_args(args, world):
     if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise BadInput("--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here")
     path, _, name = args.reward.rpartition(":")
-    if args.reward != "ocr" and not args.from_images and not (path.endswith(".py") and name and os.path.isfile(path)):
-        raise BadInput(f"--reward {args.reward!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
+    if args.reward not in ("ocr", "geneval") and not args.from_images and not (path.endswith(".py") and name and
+                                                                               os.path.isfile(path)):
+        raise BadInput(f"--reward {args.reward!r}: expected ocr, geneval or an existing FILE.py:FUNCTION")
 
 def read_inputs(args):
     """(prompts, the image folder's groups or None, each prompt's group size), every line checked."""
     if not args.from_images:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
         return prompts, None, [args.images_per_prompt] * len(prompts)
-    folder = Path(args.from_images)
-    if not folder.is_dir():
-        raise BadInput(f"--from-images {folder}: not a folder (it holds metadata.jsonl and the images)")
-    meta = folder / "metadata.jsonl"
+    read_image_folder, meta = companion("--from-images").read_image_folder, Path(args.from_images) / "metadata.jsonl"
     if not meta.is_file():
         raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    lines = read_lines(meta, "--from-images")
     try:
-        prompts, groups, skipped = companion("--from-images").read_image_folder(folder, lines, args.group_size)
+        prompts, groups, skipped = read_image_folder(meta.parent, read_lines(meta, "--from-images"), args.group_size)
     except ValueError as e:  # a line or an image at fault, named
         raise BadInput(str(e))
     if skipped and is_main_process():
@@ -1137,7 +1140,8 @@ def main(argv=None):
     lock = check_out(out, args)
     manifest = cache_manifest(args, cache_dir)
     cache_complete = all(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
-    reward_fn = None if cache_complete or args.from_images else load_reward(args.reward)
+    reward_fn = None if cache_complete or args.from_images else load_reward(
+        args.reward, args.geneval_detector, args.geneval_clip, args.tiny and out / "tiny_geneval")
     config = run_config(args, out, world)
     lock = lock or lock_out(out)  # held until main returns
     if rank == 0:  # the manifest and config describe the run on disk
