@@ -24,8 +24,8 @@ Exit codes: 2 = a refused input (also a folder in use, a damaged checkpoint), 1 
 the cache build or training (finished work kept), 130 = a Ctrl-C anywhere else (nothing half-written), 0 = done.
 Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method table in the README.
 """
-import argparse, contextlib, dataclasses, errno, functools, gc, hashlib, importlib.util, io, json, math, numbers, os, runpy
-import shutil, signal, sys, threading, time, traceback
+import argparse, contextlib, dataclasses, errno, functools, gc, hashlib, importlib.util, io, json, math, numbers, os
+import runpy, shutil, signal, sys, threading, time, traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -476,7 +476,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = None
         for i in progress(my_missing_shards(cache_dir, len(prompts)), "rollout cache", "prompt"):
-            if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated gets scored and written below, then we stop
+            if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated is scored and written below, then stop
                 break
             cond, uncond = encode_prompt(pipe, family, prompts[i])
             seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
