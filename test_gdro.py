@@ -109,12 +109,13 @@ def test_stabiliser_is_the_best_images_flow_matching_error():
 
 def test_training_noise_levels_follow_the_schedulers_shift():
     gen = torch.Generator().manual_seed(0)
-    sd3 = gdro.schedule_mu(gdro.family_record("sd3"), gdro.SD3.scheduler, (16, 16, 16), None)  # a fixed shift of 3: mu = log 3
+    sd3 = gdro.schedule_mu(gdro.family_record("sd3"), gdro.SD3.scheduler, (16, 16, 16), None)  # shift 3: mu = log 3
     t = gdro.sample_t(20000, sd3, gen)  # logit-normal median 0.5 -> 3*0.5/(1+2*0.5)
     assert 0 < t.min() and t.max() < 1
     assert t.median().item() == pytest.approx(0.75, abs=0.01)
     flux = gdro.Flux.scheduler
-    t_small, t_large = (gdro.sample_t(20000, gdro.schedule_mu(gdro.family_record("flux"), flux, (n, 64), None), gen).median().item()
+    mu = lambda n: gdro.schedule_mu(gdro.family_record("flux"), flux, (n, 64), None)
+    t_small, t_large = (gdro.sample_t(20000, mu(n), gen).median().item()
                         for n in (256, 4096))  # packed latents of n tokens
     assert t_small == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1), abs=0.01)  # FLUX: more noise at high res
     assert t_large == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1), abs=0.01)

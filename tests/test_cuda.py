@@ -113,7 +113,8 @@ def real_cache(request, workdir):
     args = bench.rollout_args(real["family"], run["images"], run["steps"], run["resolution"])
     bench.free_memory(DEVICE)
     t0 = time.perf_counter()
-    gdro.build_cache(pipe, gdro.family_record(real["family"]), [bench.PROMPT], bench.brightness, workdir / f"cache_{name}", args)
+    gdro.build_cache(pipe, gdro.family_record(real["family"]), [bench.PROMPT], bench.brightness,
+                     workdir / f"cache_{name}", args)
     torch.cuda.synchronize()
     seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
     del pipe

@@ -144,7 +144,8 @@ def test_training_t_is_shifted_as_the_familys_own_scheduler_shifts_it(family):
 def test_flux2s_shift_follows_the_step_count_as_its_pipeline_sets_it():
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
     config = gdro.family_record("flux2").scheduler
-    mus = [gdro.schedule_mu(gdro.family_record("flux2"), config, (1024, 128), steps) for steps in (4, 50)]  # 512 px: 1024 tokens
+    flux2 = gdro.family_record("flux2")
+    mus = [gdro.schedule_mu(flux2, config, (1024, 128), steps) for steps in (4, 50)]  # 512 px: 1024 tokens
     assert mus == [compute_empirical_mu(1024, 4), compute_empirical_mu(1024, 50)] and mus[0] != mus[1]
 
 # ----------------------------------------------------------------------------- the family of a model
@@ -199,7 +200,8 @@ def workdir(tmp_path_factory):
 def lora_changes_a_fresh_pipeline(family, lora_dir):
     pipe, _ = gdro.load_pipeline("", tiny=True, family=family)
     cond, uncond = gdro.encode_prompt(pipe, gdro.family_record(family), PROMPT)
-    sample = lambda: gdro.generate(pipe, gdro.family_record(family), cond, uncond, [123], 2, gdro.family_record(family).guidance, RES)
+    record = gdro.family_record(family)
+    sample = lambda: gdro.generate(pipe, record, cond, uncond, [123], 2, record.guidance, RES)
     before = sample()
     pipe.load_lora_weights(str(lora_dir))
     return (sample() - before).abs().max().item()

@@ -117,7 +117,7 @@ BAD_LINES = {  # line 4 of metadata.jsonl (after two good lines and a blank one)
     "empty prompt": ('{"file_name": "p0_0.png", "prompt": " ", "reward": 0.5}', "malformed"),
     "not an object": ('["p0_0.png", "a red sign", 0.5]', "malformed"),
     "NaN reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": NaN}', "not a finite number"),
-    "infinite reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": -Infinity}', "not a finite number"),
+    "infinite reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": -Infinity}', "not a finite"),
     "huge reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": 1e300}', "not a finite number"),
     "reward as a string": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": "0.5"}', "malformed"),
     "reward as a boolean": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": true}', "malformed"),
