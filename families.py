@@ -438,6 +438,13 @@ def build_tiny_pipeline(record, seed=0):
 COCO_DETECTOR_NAMES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}  # cfg's
 
 
+def tiny_geneval_reward(folder):
+    """--tiny --reward geneval: reward_geneval's GenevalReward on save_tiny_geneval_models' random models (folder)."""
+    import reward_geneval
+    detector, clip = save_tiny_geneval_models(folder, reward_geneval.COCO_CLASSES)
+    return reward_geneval.GenevalReward(detector, clip, side=64)  # the tiny detector's own input side
+
+
 def save_tiny_geneval_models(folder, classes):
     """--tiny --reward geneval: a random Mask2Former (a tiny Swin, COCO's 80 labels as detector configs name them) and
     a random CLIP (a character vocabulary), saved with save_pretrained in folder/detector and folder/clip like a

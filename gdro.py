@@ -422,17 +422,14 @@ def cache_manifest(args, cache_dir):
 
 def load_reward(spec, geneval_detector=None, geneval_clip=None, tiny_in=None):
     """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward() with that detector and CLIP (hub
-    ids or folders; None: GenEval's, or with tiny_in random tiny ones saved there); 'FILE.py:FUNCTION' -> that
-    function. Each is fn(images, prompts)."""
+    ids or folders; None: GenEval's; with tiny_in and neither given, tiny random ones of the same classes saved
+    there, as --tiny's pipeline); 'FILE.py:FUNCTION' -> that function. Each is fn(images, prompts)."""
     if spec == "ocr":
         return companion("--reward ocr", "reward_ocr").OcrReward()
+    if spec == "geneval" and tiny_in and not (geneval_detector or geneval_clip):
+        return companion("--tiny").tiny_geneval_reward(tiny_in)
     if spec == "geneval":
-        geneval, side = companion("--reward geneval", "reward_geneval"), {}
-        if tiny_in and not (geneval_detector or geneval_clip):  # as --tiny's pipeline: the real classes, random
-            geneval_detector, geneval_clip = companion("--tiny").save_tiny_geneval_models(tiny_in, geneval.COCO_CLASSES)
-            side = {"side": 64}  # the tiny detector's own input size
-        return geneval.GenevalReward(geneval_detector or geneval.DEFAULT_DETECTOR,
-                                     geneval_clip or geneval.DEFAULT_CLIP, **side)
+        return companion("--reward geneval", "reward_geneval").GenevalReward(geneval_detector, geneval_clip)
     path, _, name = spec.rpartition(":")
     try:
         fn = runpy.run_path(path).get(name)
