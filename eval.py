@@ -1,13 +1,16 @@
-"""Evaluate GDRO: OCR accuracy and the reward-hacking-aware corrected score, base vs GDRO side by side.
+"""Evaluate GDRO: the task's score and the reward-hacking-aware corrected score, base vs GDRO side by side.
 
 The base model and the base + LoRA draw images from the SAME seeds at the evaluation sampler settings (more steps
-than the rollouts). EasyOCR scores every image (reward_ocr.py), then a UnifiedReward judge (Qwen2.5-VL) rates
+than the rollouts). The task scores every image: EasyOCR's OCR reward (reward_ocr.py), or with --reward geneval
+GenEval's rules (reward_geneval.py: per-tag accuracy, the GenEval score, the training reward, the check each image
+failed, its detections drawn on the grid). Then a UnifiedReward judge (Qwen2.5-VL) rates
 alignment, coherence and style from 1 to 5. A LoRA that hacks the OCR reward (huge text, lost detail, broken
 style) raises the reward r but lowers the judge's mean u, so the paper's corrected score r * (u - 3) + 0.2 falls.
 
     python eval.py --prompts ocr_test.txt --lora runs/ocr/lora --out runs/ocr/eval
     python eval.py --prompts ocr_test.txt --checkpoints runs/ocr/checkpoints --out runs/ocr/eval   # trend over steps
     python eval.py --prompts ocr_test.txt --tiny --lora runs/t/lora --judge none --out runs/t/eval  # CPU, seconds
+    python eval.py --prompts geneval_test.txt --reward geneval --lora runs/geneval/lora --out runs/geneval/eval
 
 Writes OUT/report.json (+ the same as a table), OUT/scores.jsonl (every image: its OCR reward, judge scores and
 the judge's answer), OUT/images/SET/PPPP_J.png, OUT/grid.png (labelled columns: base, newest checkpoint, LoRA);
@@ -38,9 +41,9 @@ from reward_ocr import ocr_target
 TINY_EVAL = ("resolution", "max_prompts", "steps")  # what --tiny shrinks here, to families.TINY_RUN's values
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: OCR reward, judge scores, corrected score.")
+    p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: the task's score, judge scores, corrected score.")
     p.add_argument("--prompts", required=True,
-                   help="test prompt file, one prompt per line, target text in double quotes")
+                   help="test prompt file, one prompt per line (OCR: target text in double quotes; GenEval's grammar)")
     p.add_argument("--lora", nargs="+", default=None,
                    help="LoRA folder(s) to compare with the base model (gdro.py's OUT/lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 reproduces the base images exactly")
@@ -64,7 +67,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tiny:
         tiny = gdro.companion("--tiny")
-        tiny.shrink_if_tiny(args, argv, {k: v for k, v in tiny.TINY_RUN.items() if k in TINY_EVAL})
+        shrunk = tiny.shrink_if_tiny(args, argv, {k: v for k, v in tiny.TINY_RUN.items() if k in TINY_EVAL})
+        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
     return gdro.settle_model(args)
 
 
@@ -73,8 +77,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """One rule a flag, in gdro.check_args' words ('--flag value: must be ...')."""
-    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
-    factor = gdro.RESOLUTION_FACTOR
+    value, factor = functools.partial(gdro.flag_value, args), gdro.RESOLUTION_FACTOR
+    path, _, name = args.reward.rpartition(":")
     rules = [("--resolution", args.resolution >= factor and args.resolution % factor == 0,
               f"a positive multiple of {factor} (the VAE's 8x and the 2x2 patches)"),
              ("--lora-scale", math.isfinite(args.lora_scale), "finite"),
@@ -84,7 +88,9 @@ def check_args(args):
                ("--images-per-prompt", "--steps", "--batch", "--judge-batch", "--judge-max-new-tokens")],
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
              ("--seed", args.seed >= 0, ">= 0"),
-             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without CUDA")]
+             ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without CUDA"),
+             ("--reward", args.reward in ("ocr", "geneval") or (path.endswith(".py") and name and os.path.isfile(path)),
+              "ocr, geneval or an existing FILE.py:FUNCTION")]
     for flag, ok, must in rules:
         if not ok:
             raise gdro.BadInput(f"{flag} {value(flag)}: must be {must}")
@@ -198,6 +204,15 @@ def load_ocr():
     from reward_ocr import OcrReward
     return OcrReward()
 
+def load_scorer(args, out):
+    """fn(images, prompts) -> per image a dict: its "reward", and with --reward geneval GenEval's "correct", "tag",
+    "failed" (the check that failed) and "detections" (reward_geneval's evaluate)."""
+    if args.reward == "geneval":
+        return gdro.load_reward("geneval", args.geneval_detector, args.geneval_clip,
+                                args.tiny and out / "tiny_geneval").evaluate
+    reward = load_ocr() if args.reward == "ocr" else gdro.load_reward(args.reward)
+    return lambda images, prompts: [{"reward": float(r)} for r in reward(images, prompts)]
+
 def same_weights(a, b):
     """Do two LoRA folders hold the same tensors? (gdro.py's last checkpoint is its final LoRA.)"""
     x, y = load_file(Path(a) / gdro.LORA_FILE), load_file(Path(b) / gdro.LORA_FILE)
@@ -208,29 +223,29 @@ def nan_images(latents):
     to black and score 0, which alone would read as a bad LoRA, not a broken one."""
     return int((~torch.isfinite(latents).flatten(1).all(1)).sum())
 
-def generate_set(pipe, family, prompts, args, folder, ocr, desc):
+def generate_set(pipe, family, prompts, args, folder, scorer, desc):
     """Image j of prompt i from seed gdro.image_seed(args.seed, i, j, n), saved as folder/PPPP_J.png; returns their
-    OCR rewards in that order and how many were not finite. Batches mix prompts; each image has its own generator,
-    so it depends only on its seed."""
+    scores (load_scorer's dicts) in that order and how many were not finite. Batches mix prompts; each image has its
+    own generator, so it depends only on its seed."""
     n = args.images_per_prompt
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
-    rewards, nan, bar = [], 0, gdro.progress(None, desc, "image", total=len(jobs))
+    scored, nan, bar = [], 0, gdro.progress(None, desc, "image", total=len(jobs))
     for b in range(0, len(jobs), args.batch):
         batch = jobs[b:b + args.batch]
         enc = {i: gdro.encode_prompt(pipe, family, prompts[i]) for i, _ in batch}
         cond, uncond = ({k: torch.cat([enc[i][side][k] for i, _ in batch]) for k in enc[batch[0][0]][side]}
                         for side in (0, 1))  # one row per image; gdro.generate leaves a full batch as it is
         seeds = [gdro.image_seed(args.seed, i, j, n) for i, j in batch]
-        latents = gdro.generate(pipe, cond, uncond, seeds, args.steps, args.guidance, args.resolution)
+        latents = gdro.generate(pipe, family, cond, uncond, seeds, args.steps, args.guidance, args.resolution)
         nan += nan_images(latents)
         images = gdro.decode(pipe, family, latents)
         for (i, j), image in zip(batch, images):
             image.save(folder / image_name(i, j))
-        rewards += [float(r) for r in ocr(images, [prompts[i] for i, _ in batch])]
+        scored += scorer(images, [prompts[i] for i, _ in batch])
         bar.update(len(batch))
     bar.close()
-    return rewards, nan
+    return scored, nan
 
 # ----------------------------------------------------------------------------- the judge (UnifiedReward 2.0)
 # The pointwise prompt the judge was trained on; keep it exact. {prompt} is the generation prompt.
@@ -308,26 +323,42 @@ def corrected_score(r, u):
 def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
-def summarize(rewards, scores):
-    """One set's report entry. scores is None without a judge, else per image a dict of AXES or None (unparsed)."""
-    r, judge, corrected = mean(rewards), None, None
+def geneval_summary(scored):
+    """GenEval's figures of one set: the share of correct images per tag, the score (the six tags' plain mean, as the
+    benchmark's), the mean training reward."""
+    from reward_geneval import TAGS
+    tags = {t: mean([float(s["correct"]) for s in scored if s["tag"] == t]) for t in TAGS}
+    present = [a for a in tags.values() if a is not None]
+    return {"geneval_score": mean(present), "tag_accuracy": tags, "reward": mean([s["reward"] for s in scored])}
+
+def summarize(rewards, scores, geneval=None):
+    """One set's report entry. scores is None without a judge, else per image a dict of AXES or None (unparsed);
+    geneval: with --reward geneval, its per-image dicts. The corrected score's r is the task's figure: OCR's mean
+    reward, or GenEval's score."""
+    figures = geneval_summary(geneval) if geneval else \
+        {"ocr_reward": mean(rewards), "ocr_exact": mean([float(x == 1.0) for x in rewards])}
+    r, judge, corrected = figures.get("geneval_score", mean(rewards)), None, None
     if scores is not None:
         parsed = [s for s in scores if s is not None]
         judge = {a: mean([s[a] for s in parsed]) for a in AXES}
         judge["mean"] = mean([sum(s.values()) / len(AXES) for s in parsed])  # u: per image the mean of the three
         judge["unparsed"] = len(scores) - len(parsed)
         corrected = None if judge["mean"] is None else corrected_score(r, judge["mean"])
-    return {"ocr_reward": r, "ocr_exact": mean([float(x == 1.0) for x in rewards]), "n_images": len(rewards),
-            "judge": judge, "corrected_score": corrected}
+    return {**figures, "n_images": len(rewards), "judge": judge, "corrected_score": corrected}
 
 def print_table(entries):
+    """The report as a table: the task's figures (OCR's, or GenEval's score, reward and six tags), the judge's."""
     fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}"
-    print(f"{'':<12}" + "".join(f"{h:>10}" for h in ("OCR", "exact", "align", "coher", "style", "judge u",
-                                                    "unparsed", "corrected", "images", "NaN imgs")))
+    first = next(iter(entries.values()))
+    task = ({"GenEval": "geneval_score", "reward": "reward"} if "geneval_score" in first else
+            {"OCR": "ocr_reward", "exact": "ocr_exact"})
+    tags = list(first.get("tag_accuracy", {}))
+    print(f"{'':<12}" + "".join(f"{h:>10}" for h in [*task, *(t[:9] for t in tags), "align", "coher", "style",
+                                                    "judge u", "unparsed", "corrected", "images", "NaN imgs"]))
     for name, e in entries.items():
         j = e["judge"] or {}
-        cells = [e["ocr_reward"], e["ocr_exact"], j.get("alignment"), j.get("coherence"), j.get("style"),
-                 j.get("mean"), j.get("unparsed"), e["corrected_score"], e["n_images"], e["nan_images"]]
+        cells = [*(e[k] for k in task.values()), *(e["tag_accuracy"][t] for t in tags),
+                 *(j.get(a) for a in (*AXES, "mean", "unparsed")), e["corrected_score"], e["n_images"], e["nan_images"]]
         print(f"{name:<12}" + "".join(fmt(v) for v in cells))
 
 def grid_columns(sets, twins):
@@ -368,37 +399,59 @@ def fit_lines(text, font, width, max_lines):
 
 GRID_TILE, GRID_LABEL_W, GRID_HEADER, GRID_CAPTION = 256, 224, 32, 24  # grid.png layout, in pixels
 
-def draw_grid(path, images_dir, columns, rewards, prompts, n, rows=8):
+def draw_detections(draw, x, y, scale, found):
+    """GenEval's kept detections on a tile at (x, y) drawn scale times its image's size: box, class and colour."""
+    for d in found:
+        box = [x + d["box"][0] * scale, y + d["box"][1] * scale, x + d["box"][2] * scale, y + d["box"][3] * scale]
+        draw.rectangle(box, outline=(255, 0, 255), width=2)
+        draw.text((box[0] + 3, box[1] + 2), " ".join(filter(None, (d.get("color"), d["label"]))), fill=(255, 0, 255))
+
+def caption(s):
+    """Under a grid tile: the OCR reward, or GenEval's verdict, reward and the check that failed."""
+    if "correct" not in s:
+        return f"OCR {s['reward']:.2f}"
+    return f"{'correct' if s['correct'] else 'wrong'} {s['reward']:.2f} {s['failed']}".strip()
+
+def draw_grid(path, images_dir, columns, scored, prompts, n, rows=8):
     """The first image of the first 8 prompts, one row each, one column per set; columns is {set name: header}.
-    The left margin names each row's OCR target and (shortened) prompt; under each tile, its OCR reward."""
+    The left margin names each row's OCR target (or GenEval tag) and (shortened) prompt; under each tile, its OCR
+    reward (or GenEval's verdict and the check that failed), with GenEval's kept detections drawn on it."""
     head, target_font, prompt_font = (ImageFont.load_default(size=s) for s in (18, 16, 13))
     rows, tile, pad = min(rows, len(prompts)), GRID_TILE, 8
     grid = Image.new("RGB", (GRID_LABEL_W + tile * len(columns), GRID_HEADER + rows * (tile + GRID_CAPTION)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((pad, GRID_HEADER // 2), "OCR target, prompt", fill="black", font=head, anchor="lm")
+    geneval = "correct" in scored["base"][0]
+    draw.text((pad, GRID_HEADER // 2), "tag, prompt" if geneval else "OCR target, prompt", fill="black", font=head,
+              anchor="lm")
     for c, label in enumerate(columns.values()):
         draw.text((GRID_LABEL_W + c * tile + tile // 2, GRID_HEADER // 2), label, fill="black", font=head, anchor="mm")
     for i in range(rows):
         y = GRID_HEADER + i * (tile + GRID_CAPTION)
-        target = fit_lines(f'"{ocr_target(prompts[i])}"', target_font, GRID_LABEL_W - 2 * pad, 2)
+        label = scored["base"][i * n]["tag"] if geneval else f'"{ocr_target(prompts[i])}"'
+        target = fit_lines(label, target_font, GRID_LABEL_W - 2 * pad, 2)
         prompt = fit_lines(prompts[i], prompt_font, GRID_LABEL_W - 2 * pad, 6)
         draw.multiline_text((pad, y + pad), "\n".join(target), fill="black", font=target_font)
         draw.multiline_text((pad, y + pad + 22 * len(target)), "\n".join(prompt), fill=(90, 90, 90), font=prompt_font)
         for c, name in enumerate(columns):
             x = GRID_LABEL_W + c * tile
-            grid.paste(Image.open(images_dir / name / image_name(i, 0)).convert("RGB").resize((tile, tile)), (x, y))
-            draw.text((x + 6, y + tile + 3), f"OCR {rewards[name][i * n]:.2f}", fill="black", font=target_font)
+            image = Image.open(images_dir / name / image_name(i, 0)).convert("RGB")
+            grid.paste(image.resize((tile, tile)), (x, y))
+            draw_detections(draw, x, y, tile / image.width, scored[name][i * n].get("detections", []))
+            text = fit_lines(caption(scored[name][i * n]), prompt_font, tile - 12, 1)[0]
+            draw.text((x + 6, y + tile + 3), text, fill="black", font=prompt_font if geneval else target_font)
     grid.save(path)
 
 def draw_trend(path, points):
-    """The OCR reward and (when judged) the corrected score against the training step, as a PNG; returns the figure."""
+    """The task's figure (OCR reward, GenEval score) and (when judged) the corrected score against the training step,
+    as a PNG; returns the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display, and pyplot's global state untouched
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(7.2, 4.4), dpi=100, layout="tight")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label, key in (("OCR reward", "ocr_reward"), ("corrected score", "corrected_score")):
+    task = ("GenEval score", "geneval_score") if "geneval_score" in points[0] else ("OCR reward", "ocr_reward")
+    for label, key in (task, ("corrected score", "corrected_score")):
         xy = [(p["step"], p[key]) for p in points if p[key] is not None]
         if xy:
             ax.plot(*zip(*xy), marker="o", label=label)
@@ -417,7 +470,7 @@ def main(argv=None):
     """The whole evaluation: python eval.py ARGS, or eval.main([ARGS...]); returns the report dict."""
     args = parse_args(argv)
     check_args(args)
-    prompts = gdro.read_prompts(args.prompts, "ocr", args.max_prompts)
+    prompts = gdro.read_prompts(args.prompts, args.reward, args.max_prompts)
     check_out(args.out)
     checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
     # every set of images: the base, each checkpoint (the trend), the LoRA; all from the same seeds
@@ -438,20 +491,20 @@ def main(argv=None):
         check_fits(pipe.transformer, sets[name], found)
     out, images_dir = Path(args.out), Path(args.out) / "images"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**vars(args), "family": family}, indent=2))
-    ocr = load_ocr()
-    rewards, nan, twins = {}, {}, {}
+    (out / "config.json").write_text(json.dumps({**vars(args), "family": family.name}, indent=2))
+    scorer = load_scorer(args, out)
+    scored, nan, twins = {}, {}, {}
     for name, folder in sets.items():
-        twin = next((m for m in rewards if folder and sets[m] and same_weights(sets[m], folder)), None)
+        twin = next((m for m in scored if folder and sets[m] and same_weights(sets[m], folder)), None)
         if twin:  # the final LoRA is the last checkpoint: same weights, same seeds, same images; reuse them
-            twins[name], rewards[name], nan[name] = twin, rewards[twin], nan[twin]
+            twins[name], scored[name], nan[name] = twin, scored[twin], nan[twin]
             shutil.copytree(images_dir / twin, images_dir / name, dirs_exist_ok=True)
             continue
         set_lora(pipe, folder, args.lora_scale)
-        rewards[name], nan[name] = generate_set(pipe, family, prompts, args, images_dir / name, ocr,
-                                                f"generate + OCR {name}")
+        scored[name], nan[name] = generate_set(pipe, family, prompts, args, images_dir / name, scorer,
+                                               f"generate + {args.reward} {name}")
         if nan[name]:
-            print(f"warning: {name}: {nan[name]} of {len(rewards[name])} images have NaN or inf latents and score 0 "
+            print(f"warning: {name}: {nan[name]} of {len(scored[name])} images have NaN or inf latents and score 0 "
                   "(nan_images in the report); look at the weights, --lora-scale and --guidance")
 
     # the judge comes after the generator is freed, so each of them fits the GPU in turn
@@ -467,21 +520,25 @@ def main(argv=None):
                 judge_set(model, processor, images_dir / name, prompts, args, f"judge {name}")
     scores = {name: None if a is None else [parse_judge(x) for x in a] for name, a in answers.items()}
 
-    entries = {name: {**summarize(rewards[name], scores[name]), "nan_images": nan[name]} for name in sets}
+    task = "geneval" if args.reward == "geneval" else "ocr"
+    entries = {name: {**summarize([s["reward"] for s in scored[name]], scores[name],
+                                  scored[name] if task == "geneval" else None), "nan_images": nan[name]}
+               for name in sets}
     report = {k: v for k, v in entries.items() if not k.startswith("step_")}  # the base and each LoRA
     (out / "report.json").write_text(json.dumps(report, indent=2))
     n = args.images_per_prompt
     with open(out / "scores.jsonl", "w") as f:
         for name in sets:
-            for k, r in enumerate(rewards[name]):
+            for k, s in enumerate(scored[name]):
                 i, j = divmod(k, n)
+                task_scores = s if task == "geneval" else {"ocr_reward": s["reward"]}
                 f.write(json.dumps({"set": name, "prompt_index": i, "seed": gdro.image_seed(args.seed, i, j, n),
-                                    "prompt": prompts[i], "image": f"images/{name}/{image_name(i, j)}", "ocr_reward": r,
+                                    "prompt": prompts[i], "image": f"images/{name}/{image_name(i, j)}", **task_scores,
                                     "judge": None if scores[name] is None else scores[name][k],
                                     "judge_answer": None if answers[name] is None else answers[name][k]}) + "\n")
     print_table(entries)
     columns = {name: column_label(name, twins) for name in grid_columns(sets, twins)}
-    draw_grid(out / "grid.png", images_dir, columns, rewards, prompts, n)
+    draw_grid(out / "grid.png", images_dir, columns, scored, prompts, n)
     if checkpoints:  # the reward-hacking trend: the base model is step 0
         trend = [{"step": 0, "name": "base", **entries["base"]}]
         trend += [{"step": s, "name": f"step_{s:06d}", **entries[f"step_{s:06d}"]} for s in checkpoints]

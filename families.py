@@ -50,7 +50,7 @@ class QwenImage:
     negative prompt " " (true_cfg_scale; the pipeline rescales the combination per token); a 3-D VAE of one frame
     normalised per channel; packed 2x2 patches; the transformer takes t itself and predicts v."""
     name, pipeline, hub_names = "qwen-image", "QwenImagePipeline", ("qwen-image",)
-    guidance, steps, resolution = 4.0, 10, 1328  # true_cfg_scale 4; 1328 px is its 1:1 size
+    guidance, steps = 4.0, 10  # true_cfg_scale 4; its usual side is 1328 px (1:1)
     scheduler = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
                      max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
     packed = True
@@ -106,7 +106,7 @@ class Flux2:
     normalised by its BatchNorm statistics AFTER packing; the transformer takes t itself and predicts v. Its
     sampler's shift depends on the step count too (compute_empirical_mu), not on the config's base/max shift."""
     name, pipeline, hub_names = "flux2", "Flux2Pipeline", ("flux.2",)
-    guidance, steps, resolution = 4.0, 10, 1024
+    guidance, steps = 4.0, 10
     scheduler = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                      max_image_seq_len=4096, time_shift_type="exponential")
     packed = True
@@ -186,7 +186,7 @@ class ZImage:
     FLUX.1's VAE and its normalisation; latents as the VAE's grid. The transformer takes lists, the time 1 - t, and
     predicts x0 - eps = -v. CFG is v_c + g (v_c - v_u) with the empty prompt: g = 0 (Turbo) is none."""
     name, pipeline, hub_names = "z-image", "ZImagePipeline", ("z-image",)
-    guidance, steps, resolution = 0.0, 8, 1024  # Z-Image-Turbo: step-distilled, no CFG
+    guidance, steps = 0.0, 8  # Z-Image-Turbo: step-distilled, no CFG
     scheduler = dict(shift=3.0)
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # one attention per block, over image and text tokens
     text_length = 512  # the pipeline's max_sequence_length
@@ -435,20 +435,64 @@ def build_tiny_pipeline(record, seed=0):
 
 
 # --tiny shrinks the run for a CPU (flags given explicitly win)
+COCO_DETECTOR_NAMES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}  # cfg's
+
+
+def tiny_geneval_reward(folder):
+    """--tiny --reward geneval: reward_geneval's GenevalReward on save_tiny_geneval_models' random models (folder)."""
+    import reward_geneval
+    detector, clip = save_tiny_geneval_models(folder, reward_geneval.COCO_CLASSES)
+    return reward_geneval.GenevalReward(detector, clip, side=64)  # the tiny detector's own input side
+
+
+def save_tiny_geneval_models(folder, classes):
+    """--tiny --reward geneval: a random Mask2Former (a tiny Swin, COCO's 80 labels as detector configs name them) and
+    a random CLIP (a character vocabulary), saved with save_pretrained in folder/detector and folder/clip like a
+    user's local copies; returns their two folders. classes: GenEval's 80 names (reward_geneval.COCO_CLASSES)."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
+                              Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    labels = dict(enumerate(COCO_DETECTOR_NAMES.get(c, c) for c in classes))
+    config = Mask2FormerConfig(backbone_config=swin, num_queries=8, hidden_dim=32, mask_feature_size=32,
+                               feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=32, encoder_feedforward_dim=32, num_labels=len(labels), id2label=labels)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(root / "detector")
+    Mask2FormerImageProcessor().save_pretrained(root / "detector")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz-":  # every character, alone and word-final: no merges needed
+        vocab.update({c: len(vocab), c + "</w>": len(vocab) + 1})
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    clip = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2, bos_token_id=0, eos_token_id=1,
+                                       pad_token_id=1),
+                      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(clip).save_pretrained(root / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    return str(root / "detector"), str(root / "clip")
+
+
 TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, groups_per_step=2,
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
 
 
 def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=()):
-    """--tiny shrinks the run for CPU (settings but those in skip) and says what it shrank; every flag given
-    explicitly still wins."""
-    if args.tiny:
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        shrunk = {k: v for k, v in settings.items() if k not in skip and "--" + k.replace("_", "-") not in given}
-        vars(args).update(shrunk)
-        if shrunk and os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
-            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
-    return args
+    """--tiny shrinks the run for CPU (settings but those in skip); every flag given explicitly still wins. Returns
+    what it shrank, for the caller to say."""
+    if not args.tiny:
+        return {}
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    shrunk = {k: v for k, v in settings.items() if k not in skip and "--" + k.replace("_", "-") not in given}
+    vars(args).update(shrunk)
+    return shrunk
 
 # ============================================================================= your own images (--from-images)
 
@@ -472,40 +516,46 @@ def encode_images(pipe, record, images, resolution, batch=8):
                       for j in range(0, len(squares), batch)])
 
 
-def read_image_folder(folder, group_size):
-    """--from-images: DIR/metadata.jsonl (Hugging Face "imagefolder": one JSON object per image with file_name,
-    prompt, reward) -> (prompts, groups): each prompt's images in order of first appearance, as [(file, reward)].
-    Every line and image is checked before any model loads: a fault is a ValueError naming the line (gdro.py prints
-    it as one line); prompts with fewer than group_size images are skipped."""
+MAX_REWARD = 1e6  # |reward| bound: the loss divides rewards by --tau, and a softmax of 1e308 / 0.05 is NaN
+
+
+def read_image_folder(folder, lines, group_size):
+    """--from-images: DIR/metadata.jsonl's lines [(line number, text)] (Hugging Face "imagefolder": one JSON object
+    per image with file_name, prompt, reward; gdro.py reads the text as strictly as a prompts file) -> (prompts,
+    groups, skipped): each prompt's images in order of first appearance, as [(file, reward)]; prompts with fewer than
+    group_size images are skipped and counted. Every line and image is checked (each image decoded whole) before any
+    model loads: a fault is a ValueError naming the line."""
     from PIL import Image
-    meta, groups = Path(folder) / "metadata.jsonl", {}
-    if not meta.is_file():
-        raise ValueError(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    for n, line in enumerate(meta.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    folder, groups, seen = Path(folder).resolve(), {}, {}
+    meta = folder / "metadata.jsonl"
+    for n, line in lines:
         try:
             row = json.loads(line)
-            file, prompt, reward = Path(folder) / row["file_name"], row["prompt"], float(row["reward"])
+            name, prompt, reward = row["file_name"], row["prompt"], row["reward"]
+            assert isinstance(name, str) and name, "file_name must be a non-empty string"
             assert isinstance(prompt, str) and prompt.strip(), "prompt must be a non-empty string"
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
+            assert isinstance(reward, numbers.Real) and not isinstance(reward, bool), "reward must be a number"
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
             raise ValueError(f"{meta} line {n}: malformed ({type(e).__name__}: {e}); expected "
-                           '{"file_name": ..., "prompt": ..., "reward": <number>}')
-        if not math.isfinite(reward):
-            raise ValueError(f"{meta} line {n}: the reward {reward} is not a finite number")
+                             '{"file_name": ..., "prompt": ..., "reward": <number>}')
+        if not (math.isfinite(reward) and abs(reward) <= MAX_REWARD):
+            raise ValueError(f"{meta} line {n}: the reward {reward} is not a finite number of at most {MAX_REWARD:g}")
+        file = (folder / name).resolve()
+        if not file.is_relative_to(folder):
+            raise ValueError(f"{meta} line {n}: file_name {name!r} is outside {folder}")
+        if file in seen:
+            raise ValueError(f"{meta} line {n}: file_name {name!r} is listed already, on line {seen[file]}")
+        seen[file] = n
         try:
             with Image.open(file) as im:
-                im.verify()
+                im.load()  # decodes the pixels: verify() alone passes a truncated JPEG
         except Exception as e:
-            raise ValueError(f"{meta} line {n}: cannot read image {file} ({type(e).__name__})")
-        groups.setdefault(prompt.strip(), []).append((file, reward))
+            raise ValueError(f"{meta} line {n}: cannot read image {file} ({type(e).__name__}: {e})")
+        groups.setdefault(prompt.strip(), []).append((file, float(reward)))
     kept = {p: g for p, g in groups.items() if len(g) >= group_size}
     if not kept:
         raise ValueError(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
-    if len(kept) < len(groups) and os.environ.get("RANK", "0") == "0":
-        print(f"--from-images: skipped {len(groups) - len(kept)} of {len(groups)} prompts with fewer than "
-              f"--group-size {group_size} images")
-    return list(kept), list(kept.values())
+    return list(kept), list(kept.values()), len(groups) - len(kept)
 
 
 # ============================================================================= extras
@@ -551,6 +601,32 @@ def quantize(transformer, kind, model, device):
         quantized = cls.from_pretrained(model or tmp, subfolder=model and "transformer",
                                         quantization_config=config, torch_dtype=dtype)
     return quantized.to(device) if kind == "int8" else quantized  # bitsandbytes puts it on the GPU itself
+
+
+WANDB_OFFLINE = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no account or network
+
+
+def check_report_to(kind, timeout_s=5.0):
+    """--report-to's settings, checked with the other flags (before the cache is built): None if usable, else what is
+    wrong. W&B online needs credentials (WANDB_API_KEY, or `wandb login`'s netrc entry) and its server within reach;
+    offline (WANDB_MODE=offline) needs neither."""
+    if kind != "wandb" or os.environ.get("WANDB_MODE", "").lower() in WANDB_OFFLINE:
+        return None
+    import netrc
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        with contextlib.suppress(OSError, netrc.NetrcParseError):  # no ~/.netrc, or an unreadable one
+            key = (netrc.netrc().authenticators(host) or (None, None, None))[2]
+    if not key:
+        return f"wandb has no credentials for {host}: run `wandb login`, or set WANDB_MODE=offline (no network needed)"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as e:
+        return f"cannot reach {host} ({e}); set WANDB_MODE=offline to log to the run folder instead"
+    return None
 
 
 @contextlib.contextmanager

@@ -24,8 +24,8 @@ Exit codes: 2 = a refused input (also a folder in use, a damaged checkpoint), 1 
 the cache build or training (finished work kept), 130 = a Ctrl-C anywhere else (nothing half-written), 0 = done.
 Equation numbers "Eq. N" are the paper's; "(m.N)" is item N of the method table in the README.
 """
-import argparse, contextlib, errno, fcntl, functools, gc, hashlib, importlib.util, io, json, math, numbers, os, runpy
-import shutil, signal, sys, threading, time, traceback
+import argparse, contextlib, dataclasses, errno, functools, gc, hashlib, importlib.util, io, json, math, numbers, os
+import runpy, shutil, signal, sys, threading, time, traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 RESOLUTION_FACTOR = 16  # every family: the VAE downsamples 8x and the transformer takes 2x2 patches
 PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
-# --dry-run's estimates, 512 px, bf16, one H200 (torch 2.11, code before commit fd8d746): seconds of a prompt's rollout
-# group (16 images, 10 Euler steps), of a k = 6 group's step with checkpointing; its GiB (bench.py --architectures)
+# --dry-run's estimates, 512 px, bf16, one H200 (docs/cost.md says when and how they were measured): seconds of a
+# prompt's rollout group (16 images, 10 Euler steps), of a k = 6 group's step with checkpointing; its GiB (bench.py)
 MEASURED = {"stabilityai/stable-diffusion-3.5-medium": dict(rollout_16x10=3.39, group_step=0.46,
                                                             gib={"none": 7.1, "int8": 5.0, "nf4": 4.1}),
             "black-forest-labs/FLUX.1-dev": dict(rollout_16x10=9.00, group_step=1.70,
@@ -57,9 +57,13 @@ def image_seed(seed, i, j, n):
     return seed + i * n + j
 
 def add_model_flags(p):
-    """The flags gdro.py and eval.py share: the model, the prompts used, how it draws (settle_model fills defaults)."""
+    """The flags gdro.py and eval.py share: the model, the reward, the prompts used, how it draws (settle_model fills
+    defaults)."""
     arg, d = p.add_argument, " (default: %(default)s)"
     arg("--model", default="stabilityai/stable-diffusion-3.5-medium", help="hub id or local folder of a pipeline" + d)
+    arg("--reward", default="ocr", help="ocr, geneval (reward_*.py) or FILE.py:FUNCTION, fn(images, prompts)" + d)
+    arg("--geneval-detector", help="--reward geneval's Mask2Former: hub id or local folder (default: GenEval's)")
+    arg("--geneval-clip", help="--reward geneval's CLIP that names colours: hub id or folder (default: ViT-L/14)")
     arg("--tiny", action="store_true", help="tiny random model of the same classes (families.py); shrinks the run")
     arg("--family", help="sd3, flux or a family of families.py: --tiny's (sd3), or one the model's name does not say")
     arg("--max-prompts", type=int, help="use only the first N prompts (default: all)")
@@ -73,7 +77,6 @@ def parse_args(argv=None):
     arg("--from-images", metavar="DIR", help="cache DIR/metadata.jsonl's images and rewards instead of sampling")
     arg("--out", default="runs/gdro", help="output folder: cache/, checkpoints/, lora/, metrics.jsonl" + d)
     add_model_flags(p)
-    arg("--reward", default="ocr", help="'ocr' (reward_ocr.py) or FILE.py:FUNCTION, fn(images, prompts) -> floats" + d)
     arg("--dry-run", action="store_true", help="print the plan (cache, coverage, expected GPU time) as JSON and exit")
     # phase 1: rollout cache
     arg("--images-per-prompt", type=int, default=16, help="images the frozen base draws per prompt, once" + d)
@@ -106,8 +109,17 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.tiny:  # a run shrunk for a CPU; an image folder samples nothing
-        companion("--tiny").shrink_if_tiny(args, argv, skip=("images_per_prompt", "steps") if args.from_images else ())
+        skip = ("images_per_prompt", "steps") if args.from_images else ()
+        shrunk = companion("--tiny").shrink_if_tiny(args, argv, skip=skip)
+        if shrunk and is_main_process():
+            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+    if args.grad_checkpointing is None:
+        args.grad_checkpointing = torch.cuda.is_available()  # it trades a second forward for memory a GPU lacks
     return args
+
+def flag_value(args, flag):
+    """The value of a flag ("--max-steps" is args.max_steps): refusals name the flag and what it was set to."""
+    return getattr(args, flag.removeprefix("--").replace("-", "_"))
 
 def companion(feature, module="families"):
     """families.py (more families, --tiny's pipelines, image folders, extras) or reward_ocr.py, for a feature."""
@@ -209,7 +221,7 @@ class Family:
     """A model family's record (docs/models.md): pipeline, names, defaults, schedule, LoRA targets, packed latents or
     not; prompt encoding, sampler inputs, the velocity call (v = eps - x0), the shift of t, the VAE; shared defaults."""
     name, pipeline, hub_names = None, None, ()
-    guidance, steps, resolution, scheduler, packed = None, 10, 1024, {}, False
+    guidance, steps, scheduler, packed = None, 10, {}, False
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     pack, unpack = staticmethod(pack_latents), staticmethod(unpack_latents)
 
@@ -290,6 +302,7 @@ def load_more_families():
     return FAMILIES
 
 def family_record(name):
+    """The record of a family's name (sd3, flux, or one of families.py's)."""
     if name not in FAMILIES and name not in load_more_families():
         more = "" if importlib.util.find_spec("families") else " (families.py beside gdro.py adds four more)"
         raise BadInput(f"--family {name}: not a supported family; supported: {supported()}{more}")
@@ -330,7 +343,7 @@ def settle_model(args):
     return args
 
 def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.float32):
-    """(pipe, family) of `model` (hub id or local folder), or --tiny's random one of `family` (families.py)."""
+    """(pipe, its family's record) of `model` (hub id or local folder), or --tiny's random one of family `family`."""
     from diffusers import DiffusionPipeline
     if tiny:
         pipe = companion("--tiny").build_tiny_pipeline(family_record(family))
@@ -338,6 +351,9 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
         try:
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except (OSError, ValueError) as e:
+            if type(e).__name__ == "GatedRepoError":  # huggingface_hub's: the model's licence is not accepted yet
+                raise BadInput(f"--model {model} is gated: accept its licence at https://huggingface.co/{model} "
+                               "with your account, then log in here with `hf auth login`")
             raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
     found = family_name(pipeline=type(pipe).__name__)
     if found is None:
@@ -347,25 +363,25 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
     if torch.device(device).type == "cpu" and not tiny and is_main_process():
         print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), found  # from_pretrained already cast to dtype; the tiny model stays fp32
+    return pipe.to(device), FAMILIES[found]  # from_pretrained already cast to dtype; the tiny model stays fp32
+
+# The functions below take the family's record (load_pipeline's, or family_record(name)).
 
 def schedule_mu(family, scheduler_config, latent_shape, steps):
     """mu of the shift of t (sample_t) for a cached latent of latent_shape drawn in `steps` steps (FLUX.2's)."""
-    f = family_record(family)
-    tokens = latent_shape[0] if f.packed else latent_shape[-2] * latent_shape[-1] // 4
-    return f.shift_mu(scheduler_config, tokens, steps)
+    tokens = latent_shape[0] if family.packed else latent_shape[-2] * latent_shape[-1] // 4
+    return family.shift_mu(scheduler_config, tokens, steps)
 
 @torch.no_grad()
 def encode_prompt(pipe, family, prompt):
     """(cond, uncond) of one prompt, batch 1: cond is cached for training, uncond ({} without CFG) rollouts use."""
-    return family_record(family).encode_prompt(pipe, prompt)
+    return family.encode_prompt(pipe, prompt)
 
 @torch.no_grad()
-def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
+def generate(pipe, family, cond, uncond, seeds, steps, guidance, resolution):
     """Latents (cache layout) from the pipeline's sampler, one CPU generator per image: its seed alone decides it."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rows = lambda c: {k: v.expand(len(seeds), *v.shape[1:]) for k, v in c.items()}  # one row per image
-    family = family_record(family_name(pipeline=type(pipe).__name__))
     latents = pipe(**family.sampler_inputs(rows(cond), rows(uncond), guidance), generator=generators, height=resolution,
                    width=resolution, num_inference_steps=steps, output_type="latent").images
     return family.sampler_latents(pipe, latents)
@@ -373,7 +389,7 @@ def generate(pipe, cond, uncond, seeds, steps, guidance, resolution):
 @torch.no_grad()
 def decode(pipe, family, latents):
     """Latents in the transformer's layout -> list of PIL images."""
-    return pipe.image_processor.postprocess(family_record(family).decode_latents(pipe, latents), output_type="pil")
+    return pipe.image_processor.postprocess(family.decode_latents(pipe, latents), output_type="pil")
 
 # ============================================================================= 4. phase 1: the offline rollout cache
 # OUT/cache/manifest.json says how the cache was made; OUT/cache/prompt_NNNNNN.safetensors holds one prompt's group:
@@ -386,7 +402,7 @@ def cache_manifest(args, cache_dir):
         source = {"source": "images", "images": str(Path(args.from_images).resolve()), "group_size": args.group_size,
                   "metadata_sha256": file_sha256(Path(args.from_images) / "metadata.jsonl")}
     else:
-        reward_file = args.reward.rpartition(":")[0] or Path(__file__).with_name("reward_ocr.py")  # "ocr": that file
+        reward_file = args.reward.rpartition(":")[0] or Path(__file__).with_name(f"reward_{args.reward}.py")
         source = {"source": "rollouts", "images_per_prompt": args.images_per_prompt, "steps": args.steps,
                   "sampler": args.sampler, "guidance": args.guidance, "reward": args.reward,
                   "reward_sha256": file_sha256(reward_file), "seed": args.seed}
@@ -404,14 +420,20 @@ def cache_manifest(args, cache_dir):
                            f"{cache_dir} to rebuild it")
     return manifest
 
-def load_reward(spec):
-    """'ocr' -> reward_ocr.OcrReward(); 'FILE.py:FUNCTION' -> that function. Either is fn(images, prompts)."""
+def load_reward(spec, geneval_detector=None, geneval_clip=None, tiny_in=None):
+    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward() with that detector and CLIP (hub
+    ids or folders; None: GenEval's; with tiny_in and neither given, tiny random ones of the same classes saved
+    there, as --tiny's pipeline); 'FILE.py:FUNCTION' -> that function. Each is fn(images, prompts)."""
     if spec == "ocr":
         return companion("--reward ocr", "reward_ocr").OcrReward()
+    if spec == "geneval" and tiny_in and not (geneval_detector or geneval_clip):
+        return companion("--tiny").tiny_geneval_reward(tiny_in)
+    if spec == "geneval":
+        return companion("--reward geneval", "reward_geneval").GenevalReward(geneval_detector, geneval_clip)
     path, _, name = spec.rpartition(":")
     try:
         fn = runpy.run_path(path).get(name)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a reward file that calls sys.exit() is at fault too
         raise BadInput(f"--reward {spec}: importing {path} failed ({type(e).__name__}: {e})")
     if not callable(fn):
         raise BadInput(f"--reward {spec}: {path} has no function {name!r}")
@@ -424,7 +446,7 @@ def score(reward_fn, spec, images, prompt, i):
              "it is: after editing it, delete the cache folder or use another --out)")
     try:
         returned = list(reward_fn(images, [prompt] * n))
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a reward would end the run with no word
         raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); {rerun}\n"
                          + "".join(traceback.format_exception(e)[1:]))
     real = all(isinstance(r, numbers.Real) or (torch.is_tensor(r) and r.numel() == 1) for r in returned)
@@ -451,11 +473,11 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = None
         for i in progress(my_missing_shards(cache_dir, len(prompts)), "rollout cache", "prompt"):
-            if stop:  # a first Ctrl-C or SIGTERM: what is generated gets scored and written below, then we stop
+            if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated is scored and written below, then stop
                 break
             cond, uncond = encode_prompt(pipe, family, prompts[i])
             seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
-            x0 = torch.cat([generate(pipe, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
+            x0 = torch.cat([generate(pipe, family, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
                                      args.resolution) for j in range(0, n, batch)])
             images = decode(pipe, family, x0)
             if scoring is not None:
@@ -463,7 +485,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
             scoring = scorer.submit(score_and_save, i, x0, seeds, cond, images)
         if scoring is not None:
             scoring.result()
-    if stop:
+    if stop.is_set():
         raise cache_interrupted(cache_dir, prompts)
     pipe.scheduler = base_scheduler
     barrier()
@@ -473,7 +495,7 @@ def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
     encode_images = companion("--from-images").encode_images
     for i in progress(my_missing_shards(cache_dir, len(prompts)), "encode images", "prompt"):
         cond, _ = encode_prompt(pipe, family, prompts[i])
-        x0 = encode_images(pipe, family_record(family), [file for file, _ in groups[i]], args.resolution)
+        x0 = encode_images(pipe, family, [file for file, _ in groups[i]], args.resolution)
         write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor([r for _, r in groups[i]]),
                                                **{k: v[0] for k, v in cond.items()}},
                     files=json.dumps([f.name for f, _ in groups[i]]))
@@ -511,24 +533,38 @@ def epoch_order(seed, epoch, n_prompts):
     """The prompts in the order epoch `epoch` visits them: every prompt once before any prompt twice."""
     return torch.randperm(n_prompts, generator=keyed_generator(seed, "epoch", epoch)).tolist()
 
-def training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device):
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every training step shares and nothing changes: made once, in main, after the cache is complete."""
+    args: argparse.Namespace  # the settled flags
+    family: Family
+    pipeline_class: type  # the LoRA is saved in this pipeline's format
+    scheduler_config: dict  # the model's schedule: the shift of t (schedule_mu)
+    cache_dir: Path
+    sizes: list  # [P] images cached per prompt
+    device: torch.device
+
+def training_batch(run, groups):
     """Groups g -> x0 [B,k,...], cond, rewards [B,k], t [B], eps [B,...]: k images of prompt epoch_order[g mod P]."""
-    rows, conds = [], []
+    args, P, rows, conds = run.args, len(run.sizes), [], []
     for g in groups:
         gen = keyed_generator(args.seed, "group", g)
-        i = epoch_order(args.seed, g // len(sizes), len(sizes))[g % len(sizes)]
-        shard = read_shard(cache_dir, i)
-        images = torch.randperm(sizes[i], generator=gen)[:args.group_size]
+        i = epoch_order(args.seed, g // P, P)[g % P]
+        shard = read_shard(run.cache_dir, i)
+        images = torch.randperm(run.sizes[i], generator=gen)[:args.group_size]
         x0 = shard.pop("x0")[images].float()
-        mu = schedule_mu(family, scheduler_config, x0.shape[1:], args.steps)  # the shift the rollouts' sampler used
+        mu = schedule_mu(run.family, run.scheduler_config, x0.shape[1:], args.steps)  # the rollouts' sampler's shift
         rows.append({"x0": x0, "rewards": shard.pop("rewards")[images].float(),
                      "eps": torch.randn(x0.shape[1:], generator=gen), "t": sample_t(1, mu, gen, args.uniform_t)[0]})
         conds.append({k: v for k, v in shard.items() if k != "seeds"})  # what is left: the prompt's conditioning
-    stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]).to(device) for k in dicts[0]}
+    stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]).to(run.device) for k in dicts[0]}
     return {**stack(rows), "cond": stack(conds)}
 
+STATS = ("loss", "groups", "strict", "hits", "err_policy", "err_ref")  # group_stats' sums, in this order
+
 def group_stats(loss, err_policy, err_ref, rewards):
-    """Sums for the log: [loss, groups, groups with a strict best, of those ranked right, err_policy, err_ref]."""
+    """The log's sums over B groups, a [6] tensor in STATS' order: the loss times B, B, the groups with a strict best
+    image, those of them whose implicit reward ranks it first (rank_acc), the mean velocity errors summed."""
     s = -(err_policy - err_ref).detach()
     best = rewards.max(1, keepdim=True).values
     strict = (rewards == best).sum(1) == 1
@@ -539,8 +575,8 @@ def group_stats(loss, err_policy, err_ref, rewards):
 
 @contextlib.contextmanager
 def training_context(transformer):
-    """The step's forward and backward: any attention but cuDNN's (its backward gave NaN or failed on an H200, torch
-    2.11); LoRA inputs kept in bf16, not cast to fp32 and back (16 % of a FLUX.1 block's memory, docs/cost.md)."""
+    """The step's forward and backward: any attention but cuDNN's (its backward gave NaN or failed on an H200,
+    docs/cost.md); LoRA inputs kept in bf16, not cast to fp32 and back (16 % of a FLUX.1 block's memory)."""
     from peft.helpers import disable_input_dtype_casting
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), \
@@ -563,37 +599,41 @@ def add_lora(transformer, targets, args):
         companion("--compile").compile_transformer(transformer)
     return params
 
-def train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device):
-    """Step `step`'s forwards and backwards, this process's groups in micro-batches: the gradient of their mean."""
-    rank, world = rank_and_world()
+def train_step(model, run, step):
+    """Step `step`'s forwards and backwards, this process's groups in micro-batches: the gradient of the mean over
+    the step's --groups-per-step groups; returns group_stats' sums over this process's groups."""
+    args, (rank, world) = run.args, rank_and_world()
     transformer, G, M = getattr(model, "module", model), args.groups_per_step, args.micro_batch
     guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
-    velocity_fn = functools.partial(family_record(family).velocity, guidance=guidance)
+    velocity_fn = functools.partial(run.family.velocity, guidance=guidance)
     mine = range(step * G + rank * G // world, step * G + (rank + 1) * G // world)
     micro_batches = [mine[m:m + M] for m in range(0, len(mine), M)]
-    stats = torch.zeros(6, device=device)
+    stats = torch.zeros(len(STATS), device=run.device)
     for m, groups in enumerate(micro_batches):
-        b = training_batch(cache_dir, sizes, groups, args, family, scheduler_config, device)
+        b = training_batch(run, groups)
         sync = model.no_sync() if world > 1 and m < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync, training_context(transformer):
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast("cuda", torch.bfloat16, enabled=run.device.type == "cuda"):
                 err_policy, err_ref = velocity_errors(velocity_fn, model, b["x0"], b["cond"], b["t"], b["eps"])
             loss = gdro_loss(err_policy, err_ref, b["rewards"], args.beta, args.tau, args.gamma, args.normalize_rewards)
+            # the micro-batch's share of the step's G groups; x world because DDP averages the processes' gradients
             (loss * len(groups) * world / G).backward()
         stats += group_stats(loss, err_policy, err_ref, b["rewards"])
     return stats
 
 def log_line(window, step, args, t0):
-    """A line of metrics.jsonl: the --log-every window's steps (group_stats' sums and grad norm) pooled."""
-    loss, n, strict, hits, ep, er = map(sum, zip(*[row[:6] for row in window]))
-    return {"step": step, "loss": loss / n, "rank_acc": hits / strict if strict else None,
-            "tied_groups": 1 - strict / n, "grad_norm": torch.stack([row[6] for row in window]).mean().item(),
-            "err_policy": ep / n, "err_ref": er / n, "lr": args.lr, "time_s": round(time.time() - t0, 2)}
+    """A line of metrics.jsonl: the --log-every window's steps (each a dict of STATS' sums and grad_norm) pooled."""
+    total = {k: sum(row[k] for row in window) for k in STATS}
+    n, strict = total["groups"], total["strict"]
+    return {"step": step, "loss": total["loss"] / n, "rank_acc": total["hits"] / strict if strict else None,
+            "tied_groups": 1 - strict / n, "grad_norm": torch.stack([row["grad_norm"] for row in window]).mean().item(),
+            "err_policy": total["err_policy"] / n, "err_ref": total["err_ref"] / n, "lr": args.lr,
+            "time_s": round(time.time() - t0, 2)}
 
-def train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device):
+def train(transformer, run):
     """Phase 2: GDRO on the cache. Only the LoRA trains; the reference is the adapter switched off."""
-    rank, world = rank_and_world()
-    params = add_lora(transformer, family_record(family).lora_targets, args)
+    args, (rank, world) = run.args, rank_and_world()
+    params = add_lora(transformer, run.family.lora_targets, args)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     start, last_ckpt = start_or_resume(args, transformer, optimizer)
     DDP = torch.nn.parallel.DistributedDataParallel  # under torchrun: it averages the LoRA's gradients
@@ -603,18 +643,19 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
     with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker(args, start) as report:
         try:
             for step in bar:
-                stats = train_step(model, family, scheduler_config, cache_dir, sizes, step, args, device)
-                stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=device)])
+                sums = train_step(model, run, step)
+                shared = torch.cat([sums, torch.tensor([float(stop.is_set())], device=run.device)])
                 if world > 1:
-                    dist.all_reduce(stats)  # the log's sums, and whether any process was asked to stop
-                *sums, stop_now = stats.tolist()  # the one host-device sync per step
-                if not math.isfinite(sums[0]):
+                    dist.all_reduce(shared)  # the log's sums, and whether any process was asked to stop
+                *sums, stop_now = shared.tolist()  # the one host-device sync per step
+                stats = dict(zip(STATS, sums))
+                if not math.isfinite(stats["loss"]):
                     raise SystemExit(f"error: non-finite loss at step {step}; last good checkpoint: {last_ckpt}")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
-                window.append((*sums, grad_norm))
+                window.append({**stats, "grad_norm": grad_norm})
                 if done % args.log_every == 0 or done == args.max_steps:
                     line, window = log_line(window, done, args, t0), []
                     if rank == 0:
@@ -623,9 +664,9 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
                                         refresh=False)  # shown at the next redraw: a log file gets no extra line
                         append_line(out / "metrics.jsonl", json.dumps(line))
                         report(line)
-                stop_now = stop_now if world > 1 else bool(stop)  # alone, a Ctrl-C up to here counts
+                stop_now = stop_now if world > 1 else stop.is_set()  # alone, a Ctrl-C up to here counts
                 if rank == 0 and (done % args.save_every == 0 or done == args.max_steps or stop_now):
-                    last_ckpt = save_checkpoint(ckpt_dir, done, pipeline_class, transformer, optimizer)
+                    last_ckpt = save_checkpoint(ckpt_dir, done, run.pipeline_class, transformer, optimizer)
                 if stop_now:
                     barrier()
                     raise SystemExit(f"interrupted after step {done}; saved {ckpt_dir / f'step_{done:06d}'}; "
@@ -633,7 +674,7 @@ def train(transformer, family, pipeline_class, scheduler_config, cache_dir, size
         except KeyboardInterrupt:  # a second signal: the step in flight is discarded
             raise SystemExit(f"interrupted during step {step + 1}, which was discarded; last checkpoint: {last_ckpt}")
     if rank == 0:
-        save_lora(pipeline_class, transformer, out / "lora")
+        save_lora(run.pipeline_class, transformer, out / "lora")
     barrier()
     return out / "lora"
 
@@ -647,9 +688,8 @@ class BadInput(SystemExit):
         self.args = (message,)  # str(e) is the message; e.code stays 2
 
 def cli(main):
-    """How every script of the project ends (gdro.py, eval.py, the experiments): a refused input is one line and exit
-    code 2; a failure, SystemExit("error: ..."): one line, exit 1, finished work kept; a Ctrl-C that reached here:
-    exit 130 (nothing half-written)."""
+    """How every script of the project ends: a refused input, one line and exit code 2; a failure (SystemExit("error:
+    ...")), one line and exit 1, finished work kept; a Ctrl-C that reached here, exit 130."""
     try:
         main()
     except BadInput as e:
@@ -677,7 +717,8 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def is_main_process():
-    return rank_and_world()[0] == 0
+    """Rank 0; before the process group starts, torchrun's RANK says it (the settings print once)."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
 
 def barrier():
     if dist.is_initialized():
@@ -703,12 +744,12 @@ def tracker(args, start):
 
 @contextlib.contextmanager
 def stop_when_done(doing):
-    """A first Ctrl-C, SIGTERM or SIGUSR1 marks the yielded list (finish, save, stop); a second interrupts at once."""
-    stop = []
+    """A first Ctrl-C, SIGTERM or SIGUSR1 sets the yielded Event (finish, save, stop); a second interrupts at once."""
+    stop = threading.Event()
     def handler(signum, _):
-        if stop:
+        if stop.is_set():
             raise KeyboardInterrupt
-        stop.append(True)
+        stop.set()
         if is_main_process():
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{name}: {doing}, then stopping (Ctrl-C again to stop at once)", file=sys.stderr)
@@ -749,29 +790,31 @@ def append_line(path, line):
     except OSError as e:
         raise write_failed(path, e)
 
-HELD_LOCKS = {}  # OUT -> its open lock file, held for the life of the process
-
 def lock_out(out, create=True):
-    """One run per --out: a flock on OUT/.lock (create=False: only if OUT exists), dropped however the process ends."""
-    holder, key = None, str(Path(out).resolve())
-    if is_main_process() and key not in HELD_LOCKS and (create or Path(out).is_dir()):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        f = open(Path(out) / ".lock", "a+")
+    """One run per --out: a lock on OUT/.lock (create=False: only if OUT exists), held while the returned file is open
+    and dropped however the process ends. Returns that file (True on the other processes), or None if not taken."""
+    lock, holder = None, None
+    if is_main_process() and (create or Path(out).is_dir()):
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            f.truncate(0)
-            print(os.getpid(), file=f, flush=True)
-            HELD_LOCKS[key] = f
+            import fcntl  # imported here, so that the method's block imports on any OS
+        except ImportError:
+            raise BadInput("--out: a run folder's lock needs fcntl (Linux, macOS); on Windows, run gdro.py in WSL")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(out) / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            print(os.getpid(), file=lock, flush=True)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-    if dist.is_initialized():
-        shared = [holder]
+            lock.seek(0)
+            holder, lock = lock.read().strip() or "unknown", lock.close()
+    if dist.is_initialized():  # every process learns whether rank 0 took it
+        shared = [(holder, lock is not None)]
         dist.broadcast_object_list(shared, src=0)
-        holder = shared[0]
+        holder, lock = shared[0][0], lock or shared[0][1] or None
     if holder is not None:
         raise BadInput(f"--out {out} is in use by another run (PID {holder}); wait for it to end, or use another --out")
+    return lock
 
 def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -799,24 +842,29 @@ def damaged_file(folder, names):
 
 # ------------------------------------------------------------------------------ input files: each line checked
 
-def read_prompts(path, reward, max_prompts=None):
-    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
+def read_lines(path, flag, what="one prompt per line"):
+    """[(line number, stripped text)] of a text file's non-blank lines: UTF-8 (a byte order mark is dropped), no NUL
+    byte; refused in one line naming the flag, the file and the line at fault."""
     path = Path(path)
     if not path.is_file():
-        raise BadInput(f"--prompts {path} is a folder; expected a text file with one prompt per line" if path.is_dir()
-                       else f"--prompts {path}: file not found")
+        raise BadInput(f"{flag} {path} is a folder; expected a text file with {what}" if path.is_dir()
+                       else f"{flag} {path}: file not found")
     try:
         data = path.read_bytes()
         text = data.decode("utf-8")
     except OSError as e:
-        raise BadInput(f"--prompts {path}: cannot read it ({e.strerror})")
+        raise BadInput(f"{flag} {path}: cannot read it ({e.strerror})")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise BadInput(f"--prompts {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8")
+        raise BadInput(f"{flag} {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8")
     if "\x00" in text:
         line = text[:text.index("\x00")].count("\n") + 1
-        raise BadInput(f"--prompts {path} is binary, not text (line {line} holds a NUL byte)")
-    lines = [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()][:max_prompts]
+        raise BadInput(f"{flag} {path} is binary, not text (line {line} holds a NUL byte)")
+    return [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()]
+
+def read_prompts(path, reward, max_prompts=None):
+    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
+    lines = read_lines(path, "--prompts")[:max_prompts]
     if not lines:
         raise BadInput(f"--prompts {path} has no prompts")
     if reward == "ocr":
@@ -824,6 +872,11 @@ def read_prompts(path, reward, max_prompts=None):
         bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
         if bad:
             raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
+    if reward == "geneval":  # GenEval reads a prompt's objects, counts, colours and places from its fixed grammar
+        bad = companion("--reward geneval", "reward_geneval").check_prompts([prompt for _, prompt in lines])
+        if bad:
+            raise BadInput(f"--prompts {path}: line {lines[bad[0][0]][0]} is not a GenEval prompt ({bad[0][1]})"
+                           + (f"; {len(bad) - 1} more lines too" if len(bad) > 1 else ""))
     return [prompt for _, prompt in lines]
 
 # ------------------------------------------------------------------------------ cache shards (section 4's layout)
@@ -832,23 +885,33 @@ def shard_path(cache_dir, i):
     return Path(cache_dir) / f"prompt_{i:06d}.safetensors"
 
 def write_shard(cache_dir, i, prompt, tensors, **metadata):
-    """The header records the prompt and the SHA-256 of the tensors (after the length and header) read_shard checks."""
+    """A safetensors file whose header records the prompt and the SHA-256 of the tensors' bytes (what follows the
+    header): serialised once, then the header rewritten with the hash (the tensors' offsets do not change)."""
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tensors, metadata = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, {"prompt": prompt, **metadata}
-    data = safetensors_bytes(tensors, metadata=metadata)
-    metadata["sha256"] = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
-    write_atomic(shard_path(cache_dir, i), safetensors_bytes(tensors, metadata=metadata))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = safetensors_bytes(tensors, metadata={"prompt": prompt, **metadata})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:header_end])
+    header["__metadata__"]["sha256"] = hashlib.sha256(data[header_end:]).hexdigest()
+    header = json.dumps(header, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+    write_atomic(shard_path(cache_dir, i), len(header).to_bytes(8, "little") + header + data[header_end:])
+
+VERIFIED_SHARDS = set()  # (path, size, mtime) of shards whose hash read_shard checked in this process
 
 def read_shard(cache_dir, i):
-    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors, checked against its recorded SHA-256."""
+    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors. The first read of a shard in a process
+    checks its recorded SHA-256 (7 ms for a 10 MB SD3.5 shard: once per shard, not at every visit of a group)."""
     path = shard_path(cache_dir, i)
-    data = path.read_bytes()
+    data, stat = path.read_bytes(), path.stat()
     header_end = 8 + int.from_bytes(data[:8], "little")  # a readable header: check_cache read it before training
     recorded = json.loads(data[8:header_end]).get("__metadata__", {}).get("sha256")
-    if recorded and hashlib.sha256(data[header_end:]).hexdigest() != recorded:
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if recorded and key not in VERIFIED_SHARDS and hashlib.sha256(data[header_end:]).hexdigest() != recorded:
         raise SystemExit(f"error: cache shard {path} is damaged (its tensors differ from the SHA-256 written with "
                          "them); delete it and rerun the same command (with --resume once training has started) to "
                          "regenerate it")
+    VERIFIED_SHARDS.add(key)
     return safetensors_load(data)
 
 def check_cache(cache_dir, prompts):
@@ -940,14 +1003,15 @@ def start_or_resume(args, transformer, optimizer):
 # ------------------------------------------------------------------------------ the run folder
 
 def check_out(out, args):
-    """--out: a writable folder (or none yet) in no other run's use; a run in it continues only with --resume."""
+    """--out: a writable folder (or none yet) in no other run's use; a run in it continues only with --resume.
+    Returns lock_out's lock when OUT exists already (else main takes it once the other checks pass)."""
     parent = next(p for p in [out, *out.parents] if p.exists())
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"--out {out}: {parent} is " + ("not a writable folder" if parent.is_dir() else
                                                        "a file, not a folder"))
-    lock_out(out, create=False)  # a run in OUT already: say so before anything else
+    lock = lock_out(out, create=False)  # a run in OUT already: say so before anything else
     found = checkpoints(out / "checkpoints")
     if args.resume and not found:
         raise BadInput(f"--resume: {out / 'checkpoints'} holds no complete checkpoint; drop --resume to start "
@@ -961,6 +1025,7 @@ def check_out(out, args):
                 "without --resume to train from the start (the cache is kept)")
         raise BadInput(f"checkpoint file {damaged} is damaged (not what its {SHA256_FILE} recorded when it was "
                        f"saved); delete {found[-1]} and rerun {then}")
+    return lock
 
 # config.json records every setting; these do not shape what is learned (how long, how often to log and save, how
 # fast), and these cannot change on --resume (the checkpoint is of that model's layers)
@@ -978,7 +1043,7 @@ def run_config(args, out, world):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInput(f"--resume: unreadable {path} ({e}); it records the first run's settings")
     changes = {k: [first.get(k), v] for k, v in config.items() if k not in NOT_SHAPING and first.get(k) != v}
-    listed = ", ".join(f"{'--' + k.replace('_', '-') if k in vars(args) else k} {a} -> {b}"
+    listed = ", ".join(f"{'--' + k.replace('_', '-') if k in vars(args) else k} {a} -> {b}"  # flag_value's inverse
                        for k, (a, b) in changes.items())
     if changes.keys() & CANNOT_CHANGE:
         raise BadInput(f"--resume with {listed}: a checkpoint cannot continue on another model, family, resolution or "
@@ -1007,43 +1072,53 @@ def check_args(args, world):
               f"at least 1 and a multiple of the {world} processes"),
              ("--lr", finite(args.lr) and args.lr > 0, "finite and > 0"),
              ("--max-grad-norm", finite(args.max_grad_norm) and args.max_grad_norm > 0, "finite and > 0"),
-             *[(f, getattr(args, f[2:].replace("-", "_")) >= 1, "at least 1")
+             *[(f, flag_value(args, f) >= 1, "at least 1")
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
-             *[(f, getattr(args, f[2:].replace("-", "_")) >= 0, ">= 0") for f in ("--max-steps", "--seed")],
+             *[(f, flag_value(args, f) >= 0, ">= 0") for f in ("--max-steps", "--seed")],
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
              ("--quantize", args.quantize != "nf4" or args.dry_run or torch.cuda.is_available(), "int8 without CUDA"),
              ("--quantize-rollouts", not args.quantize_rollouts or args.quantize != "none", "with --quantize int8/nf4")]
     for flag, ok, must in rules:
         if not ok:
-            raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {must}")
+            raise BadInput(f"{flag} {flag_value(args, flag)}: must be {must}")
     for flag, package in [("--quantize", QUANTIZE[args.quantize]), ("--report-to", args.report_to),
                           ("--sampler", args.sampler != "euler" and "diffusers")]:  # families.py's extras
         needed = package not in (None, "none", False) and companion(flag) and not args.dry_run  # a plan: no package
         if needed and not importlib.util.find_spec(package):
-            raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} needs {package}: pip install {package}")
+            raise BadInput(f"{flag} {flag_value(args, flag)} needs {package}: pip install {package}")
+    problem = args.report_to != "none" and not args.dry_run and companion("--report-to").check_report_to(args.report_to)
+    if problem:
+        raise BadInput(f"--report-to {args.report_to}: {problem}")
     if (args.prompts is None) == (args.from_images is None):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
     if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise BadInput("--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here")
     path, _, name = args.reward.rpartition(":")
-    if args.reward != "ocr" and not args.from_images and not (path.endswith(".py") and name and os.path.isfile(path)):
-        raise BadInput(f"--reward {args.reward!r}: expected 'ocr' or an existing FILE.py:FUNCTION")
+    if args.reward not in ("ocr", "geneval") and not args.from_images and not (path.endswith(".py") and name and
+                                                                               os.path.isfile(path)):
+        raise BadInput(f"--reward {args.reward!r}: expected ocr, geneval or an existing FILE.py:FUNCTION")
 
 def read_inputs(args):
     """(prompts, the image folder's groups or None, each prompt's group size), every line checked."""
     if not args.from_images:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
         return prompts, None, [args.images_per_prompt] * len(prompts)
+    read_image_folder, meta = companion("--from-images").read_image_folder, Path(args.from_images) / "metadata.jsonl"
+    if not meta.is_file():
+        raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
     try:
-        found = companion("--from-images").read_image_folder(args.from_images, args.group_size)
+        prompts, groups, skipped = read_image_folder(meta.parent, read_lines(meta, "--from-images"), args.group_size)
     except ValueError as e:  # a line or an image at fault, named
         raise BadInput(str(e))
-    prompts, groups = (x[:args.max_prompts] for x in found)
+    if skipped and is_main_process():
+        print(f"--from-images: skipped {skipped} of {len(prompts) + skipped} prompts with fewer than --group-size "
+              f"{args.group_size} images")
+    prompts, groups = prompts[:args.max_prompts], groups[:args.max_prompts]
     return prompts, groups, [len(g) for g in groups]
 
 def main(argv=None):
     """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
-    args = settle_model(parse_args(argv))
+    args = settle_model(parse_args(argv))  # the settings, complete; nothing changes them after this line
     device = init_distributed()
     rank, world = rank_and_world()
     check_args(args, world)
@@ -1059,13 +1134,13 @@ def main(argv=None):
     if args.dry_run:
         return None
     out, cache_dir = Path(args.out), Path(args.out) / "cache"
-    check_out(out, args)
+    lock = check_out(out, args)
     manifest = cache_manifest(args, cache_dir)
     cache_complete = all(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
-    reward_fn = None if cache_complete or args.from_images else load_reward(args.reward)
-    args.grad_checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
+    reward_fn = None if cache_complete or args.from_images else load_reward(
+        args.reward, args.geneval_detector, args.geneval_clip, args.tiny and out / "tiny_geneval")
     config = run_config(args, out, world)
-    lock_out(out)
+    lock = lock or lock_out(out)  # held until main returns
     if rank == 0:  # the manifest and config describe the run on disk
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(cache_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -1090,13 +1165,14 @@ def main(argv=None):
         print(f"cache: {len(prompts)} prompts, {sum(sizes)} images, mean reward {mean_reward:.4f}")
 
     # training needs only the transformer: release the text encoders and the VAE
-    transformer, pipeline_class, scheduler_config = pipe.transformer, type(pipe), dict(pipe.scheduler.config)
+    run = Run(args, family, type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, device)
+    transformer = pipe.transformer
     del pipe
     if args.quantize != "none" and not args.quantize_rollouts:  # the cache is the base's own; training's base is not
         transformer = companion("--quantize").quantize(transformer, args.quantize, model, device)
     gc.collect()
     torch.cuda.empty_cache()  # a no-op unless CUDA is in use
-    lora_dir = train(transformer, family, pipeline_class, scheduler_config, cache_dir, sizes, args, device)
+    lora_dir = train(transformer, run)
     if rank == 0:
         print(f"LoRA saved to {lora_dir} (load with pipe.load_lora_weights({str(lora_dir)!r}))")
     return lora_dir

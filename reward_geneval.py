@@ -273,10 +273,12 @@ class GenevalReward:
     detector / clip: hub ids or local folders (a Mask2Former for COCO instances, a CLIP); loaded once, fp16 on CUDA;
     batch: images per detector forward; side: the detector's input's shortest side (COCO's ratio to the longest)."""
 
-    def __init__(self, detector=DEFAULT_DETECTOR, clip=DEFAULT_CLIP, device=None, batch=8, side=DETECTOR_SIZE[0]):
+    def __init__(self, detector=None, clip=None, device=None, batch=8, side=DETECTOR_SIZE[0]):
         import torch
         from transformers import CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation
         from transformers import Mask2FormerImageProcessor
+
+        detector, clip = detector or DEFAULT_DETECTOR, clip or DEFAULT_CLIP  # None: GenEval's own
 
         if device is None:  # this process's GPU (under torchrun, each process has its own)
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"

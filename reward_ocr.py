@@ -180,17 +180,22 @@ def _natural_key(name):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
+class Refused(Exception):
+    """A bad input of the command line: main prints it as one line, exit code 2 (gdro.py's convention; this file
+    stays free of gdro so that gdro.py can import it)."""
+
+
 def _read_prompts(path):
     """Prompt lines of a file, each checked to hold a quoted target; errors name the line."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: prompt file not found: {path}")
+        raise Refused(f"prompt file not found: {path}")
     with open(path, encoding="utf-8") as f:
         lines = f.read().rstrip("\n").split("\n")
     for i, line in enumerate(lines, 1):
         try:
             ocr_target(line)
         except ValueError:
-            raise SystemExit(f"error: {path} line {i}: no quoted target text: {line!r}") from None
+            raise Refused(f"{path} line {i}: no quoted target text: {line!r}") from None
     return lines
 
 
@@ -213,11 +218,11 @@ def main(argv=None):
         if args.image or not args.prompts:
             parser.error("--dir needs --prompts FILE and no positional arguments")
         if not os.path.isdir(args.dir):
-            raise SystemExit(f"error: image folder not found: {args.dir}")
+            raise Refused(f"image folder not found: {args.dir}")
         prompts = _read_prompts(args.prompts)
         files = sorted((f for f in os.listdir(args.dir) if f.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
         if len(files) != len(prompts):
-            raise SystemExit(f"error: {args.dir} has {len(files)} images but {args.prompts} has "
+            raise Refused(f"{args.dir} has {len(files)} images but {args.prompts} has "
                              f"{len(prompts)} prompt lines")
         from tqdm import tqdm
 
@@ -228,24 +233,28 @@ def main(argv=None):
                 image = Image.open(path)
                 image.load()
             except OSError as e:
-                raise SystemExit(f"error: cannot read image {path}: {e}")
+                raise Refused(f"cannot read image {path}: {e}")
             scores.extend(reward([image], [prompt]))
         print(f"mean OCR reward over {len(scores)} images: {sum(scores) / len(scores):.4f}")
     else:
         if not (args.image and args.prompt):
             parser.error("give IMAGE and PROMPT, or --dir FOLDER --prompts FILE")
         if not os.path.isfile(args.image):
-            raise SystemExit(f"error: image not found: {args.image}")
+            raise Refused(f"image not found: {args.image}")
         try:
             target = ocr_target(args.prompt)
             image = Image.open(args.image)
             image.load()
         except (ValueError, OSError) as e:
-            raise SystemExit(f"error: {e}")
+            raise Refused(f"{e}")
         text = OcrReward(args.device).read(image)
         print(f"recognised: {text!r}")
         print(f"target: {target!r}  score: {ocr_score(text, target):.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -109,12 +109,13 @@ def test_stabiliser_is_the_best_images_flow_matching_error():
 
 def test_training_noise_levels_follow_the_schedulers_shift():
     gen = torch.Generator().manual_seed(0)
-    sd3 = gdro.schedule_mu("sd3", gdro.SD3.scheduler, (16, 16, 16), None)  # a fixed shift of 3: mu = log 3
+    sd3 = gdro.schedule_mu(gdro.family_record("sd3"), gdro.SD3.scheduler, (16, 16, 16), None)  # shift 3: mu = log 3
     t = gdro.sample_t(20000, sd3, gen)  # logit-normal median 0.5 -> 3*0.5/(1+2*0.5)
     assert 0 < t.min() and t.max() < 1
     assert t.median().item() == pytest.approx(0.75, abs=0.01)
     flux = gdro.Flux.scheduler
-    t_small, t_large = (gdro.sample_t(20000, gdro.schedule_mu("flux", flux, (n, 64), None), gen).median().item()
+    mu = lambda n: gdro.schedule_mu(gdro.family_record("flux"), flux, (n, 64), None)
+    t_small, t_large = (gdro.sample_t(20000, mu(n), gen).median().item()
                         for n in (256, 4096))  # packed latents of n tokens
     assert t_small == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1), abs=0.01)  # FLUX: more noise at high res
     assert t_large == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1), abs=0.01)
@@ -182,10 +183,10 @@ def test_training_velocity_is_the_velocity_the_sampler_follows():
             seen.setdefault("x1", kwargs["hidden_states"])
 
         pipe.transformer.register_forward_pre_hook(keep_first_input, with_kwargs=True)
-        guidance = 1.0 if fam == "sd3" else 3.5  # SD3 without CFG, so the step is one transformer call
-        x0 = gdro.generate(pipe, cond, uncond, [11], 1, guidance, 64)
+        guidance = 1.0 if fam.name == "sd3" else 3.5  # SD3 without CFG, so the step is one transformer call
+        x0 = gdro.generate(pipe, fam, cond, uncond, [11], 1, guidance, 64)
         with torch.no_grad():
-            v = gdro.family_record(fam).velocity(pipe.transformer, seen["x1"], torch.ones(1), cond, guidance)
+            v = fam.velocity(pipe.transformer, seen["x1"], torch.ones(1), cond, guidance)
         torch.testing.assert_close(x0, seen["x1"] - v, rtol=1e-4, atol=1e-4)
 
 def method_block():
@@ -241,10 +242,10 @@ def test_every_prompt_is_trained_once_before_any_prompt_twice():
 def test_a_steps_groups_are_the_same_however_they_are_split_into_micro_batches(tmp_path):
     cache_dir, prompts = fake_cache(tmp_path)
     sizes, _ = gdro.check_cache(cache_dir, prompts)
-    args, config = train_args(tmp_path), gdro.family_record("sd3").scheduler
-    whole = gdro.training_batch(cache_dir, sizes, range(8, 12), args, "sd3", config, "cpu")
-    halves = [gdro.training_batch(cache_dir, sizes, r, args, "sd3", config, "cpu")
-              for r in (range(8, 10), range(10, 12))]
+    sd3 = gdro.family_record("sd3")
+    run = gdro.Run(train_args(tmp_path), sd3, None, sd3.scheduler, cache_dir, sizes, torch.device("cpu"))
+    whole = gdro.training_batch(run, range(8, 12))
+    halves = [gdro.training_batch(run, r) for r in (range(8, 10), range(10, 12))]
     for key in ("x0", "rewards", "t", "eps"):
         torch.testing.assert_close(whole[key], torch.cat([h[key] for h in halves]), rtol=0, atol=0)
     assert whole["x0"].shape[:2] == (4, 6) and len(set(whole["t"].tolist())) == 4  # one t per group
@@ -260,8 +261,9 @@ def test_gradient_accumulation_over_micro_batches_gives_the_one_pass_update(tmp_
         args = train_args(tmp_path / micro, "--groups-per-step", "4", "--micro-batch", micro, "--max-steps", "2",
                           "--lora-rank", "4", "--lr", "1e-2", "--log-every", "1")
         args.guidance = 3.5
-        lora = gdro.train(pipe.transformer, family, type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, args,
-                          torch.device("cpu"))
+        run = gdro.Run(args, gdro.family_record(family), type(pipe), dict(pipe.scheduler.config), cache_dir, sizes,
+                       torch.device("cpu"))
+        lora = gdro.train(pipe.transformer, run)
         loras.append(load_file(lora / gdro.LORA_FILE))
         lines = (tmp_path / micro / "metrics.jsonl").read_text().splitlines()
         grad_norms.append([json.loads(line)["grad_norm"] for line in lines])
@@ -289,8 +291,8 @@ def test_training_step_runs_forward_and_backward_without_cudnn_attention_or_lora
     args = train_args(tmp_path / "run", "--groups-per-step", "1", "--max-steps", "1")
     args.guidance = 3.5
     assert torch.backends.cuda.cudnn_sdp_enabled()  # PyTorch's default, outside training
-    gdro.train(pipe.transformer, "flux", type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, args,
-               torch.device("cpu"))
+    gdro.train(pipe.transformer, gdro.Run(args, gdro.family_record("flux"), type(pipe), dict(pipe.scheduler.config),
+                                          cache_dir, sizes, torch.device("cpu")))
     # policy forward + reference forward + the policy's recomputation during backward, for every attention module
     assert len(seen) == 3 * len(attention)
     assert not any(cudnn or cast for cudnn, cast in seen), seen
@@ -411,9 +413,9 @@ def test_tiny_run_writes_a_lora_that_loads_into_a_fresh_pipeline_and_changes_it(
     assert [l["step"] for l in lines] == [5, 10, 15, 20] and all(math.isfinite(l["loss"]) for l in lines)
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     cond, uncond = gdro.encode_prompt(pipe, fam, 'a sign that reads "Hi"')
-    before = gdro.generate(pipe, cond, uncond, [123], 4, gdro.family_record(fam).guidance, 64)
+    before = gdro.generate(pipe, fam, cond, uncond, [123], 4, fam.guidance, 64)
     pipe.load_lora_weights(str(lora_dir))
-    after = gdro.generate(pipe, cond, uncond, [123], 4, gdro.family_record(fam).guidance, 64)
+    after = gdro.generate(pipe, fam, cond, uncond, [123], 4, fam.guidance, 64)
     assert not torch.allclose(before, after, atol=1e-5)
 
 

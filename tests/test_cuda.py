@@ -72,8 +72,9 @@ def test_tiny_run_on_cuda_logs_finite_losses_and_its_lora_changes_a_fresh_pipeli
     assert lines and all(math.isfinite(l["loss"]) and math.isfinite(l["grad_norm"]) for l in lines), lines
     assert json.loads((out / "config.json").read_text())["grad_checkpointing"] is True  # the CUDA default
     pipe, _ = gdro.load_pipeline("", tiny=True, family=family, device=DEVICE)
-    cond, uncond = gdro.encode_prompt(pipe, family, PROMPTS[0])
-    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 4, gdro.family_record(family).guidance, 64)
+    cond, uncond = gdro.encode_prompt(pipe, gdro.family_record(family), PROMPTS[0])
+    sample = lambda: gdro.generate(pipe, gdro.family_record(family), cond, uncond, [123], 4,
+                                   gdro.family_record(family).guidance, 64)
     before = sample()
     pipe.load_lora_weights(str(lora))
     change = (sample() - before).abs().max().item()
@@ -112,7 +113,8 @@ def real_cache(request, workdir):
     args = bench.rollout_args(real["family"], run["images"], run["steps"], run["resolution"])
     bench.free_memory(DEVICE)
     t0 = time.perf_counter()
-    gdro.build_cache(pipe, real["family"], [bench.PROMPT], bench.brightness, workdir / f"cache_{name}", args)
+    gdro.build_cache(pipe, gdro.family_record(real["family"]), [bench.PROMPT], bench.brightness,
+                     workdir / f"cache_{name}", args)
     torch.cuda.synchronize()
     seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
     del pipe

@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODULES = ("gdro", "families", "eval", "reward_ocr", "experiments.run", "experiments.text_model",
-           "experiments.toy_reward", "experiments.bench", "experiments.flow_grpo", "experiments.compare")
+MODULES = ("gdro", "families", "eval", "reward_ocr", "reward_geneval", "experiments.run", "experiments.text_model",
+           "experiments.toy_reward", "experiments.bench", "experiments.flow_grpo", "experiments.compare",
+           "experiments.geneval_prompts")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # A backticked span that is a name, a dotted name, or either called: `name`, `mod.name`, `name(...)`,

@@ -35,8 +35,8 @@ HUB_IDS = {"stabilityai/stable-diffusion-3.5-large": "sd3", "black-forest-labs/F
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     """(family, its tiny pipeline, the prompt's cached conditioning): built once per family for the module."""
-    pipe, family = gdro.load_pipeline("", tiny=True, family=request.param)
-    return family, pipe, gdro.encode_prompt(pipe, family, PROMPT)[0]
+    pipe, record = gdro.load_pipeline("", tiny=True, family=request.param)
+    return request.param, pipe, gdro.encode_prompt(pipe, record, PROMPT)[0]
 
 
 def embedded_guidance(pipe, family):
@@ -77,12 +77,12 @@ def test_the_family_velocity_equals_the_velocity_inside_the_pipelines_own_denois
 
 def test_cached_latents_of_a_rollout_decode_to_the_pipelines_own_image(tiny):
     family, pipe, cond = tiny
-    _, uncond = gdro.encode_prompt(pipe, family, PROMPT)
+    _, uncond = gdro.encode_prompt(pipe, gdro.family_record(family), PROMPT)
     guidance = gdro.family_record(family).guidance
-    latents = gdro.generate(pipe, cond, uncond, [7], 2, guidance, RES)
+    latents = gdro.generate(pipe, gdro.family_record(family), cond, uncond, [7], 2, guidance, RES)
     image = pipe(**gdro.family_record(family).sampler_inputs(cond, uncond, guidance), height=RES, width=RES,
                  num_inference_steps=2, generator=[torch.Generator().manual_seed(7)], output_type="np").images[0]
-    (decoded,) = gdro.decode(pipe, family, latents)
+    (decoded,) = gdro.decode(pipe, gdro.family_record(family), latents)
     diff = np.abs(np.asarray(decoded, dtype=np.int16) - np.round(image * 255).astype(np.int16))
     assert decoded.size == (RES, RES) and diff.max() <= 1  # uint8 rounding
 
@@ -134,7 +134,7 @@ def test_training_t_is_shifted_as_the_familys_own_scheduler_shifts_it(family):
     from diffusers import FlowMatchEulerDiscreteScheduler
     config = gdro.family_record(family).scheduler
     shape = (4096, 64) if gdro.family_record(family).packed else (16, 128, 128)  # 1024 px: 4096 image tokens
-    mu = gdro.schedule_mu(family, config, shape, 28)
+    mu = gdro.schedule_mu(gdro.family_record(family), config, shape, 28)
     scheduler = FlowMatchEulerDiscreteScheduler(**{**config, "shift_terminal": None})  # that stretch is inference's
     scheduler.set_timesteps(sigmas=[0.3, 0.7], mu=mu if config.get("use_dynamic_shifting") else None)
     u = torch.tensor([0.3, 0.7])
@@ -144,7 +144,8 @@ def test_training_t_is_shifted_as_the_familys_own_scheduler_shifts_it(family):
 def test_flux2s_shift_follows_the_step_count_as_its_pipeline_sets_it():
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
     config = gdro.family_record("flux2").scheduler
-    mus = [gdro.schedule_mu("flux2", config, (1024, 128), steps) for steps in (4, 50)]  # 512 px: 1024 tokens
+    flux2 = gdro.family_record("flux2")
+    mus = [gdro.schedule_mu(flux2, config, (1024, 128), steps) for steps in (4, 50)]  # 512 px: 1024 tokens
     assert mus == [compute_empirical_mu(1024, 4), compute_empirical_mu(1024, 50)] and mus[0] != mus[1]
 
 # ----------------------------------------------------------------------------- the family of a model
@@ -198,8 +199,9 @@ def workdir(tmp_path_factory):
 
 def lora_changes_a_fresh_pipeline(family, lora_dir):
     pipe, _ = gdro.load_pipeline("", tiny=True, family=family)
-    cond, uncond = gdro.encode_prompt(pipe, family, PROMPT)
-    sample = lambda: gdro.generate(pipe, cond, uncond, [123], 2, gdro.family_record(family).guidance, RES)
+    cond, uncond = gdro.encode_prompt(pipe, gdro.family_record(family), PROMPT)
+    record = gdro.family_record(family)
+    sample = lambda: gdro.generate(pipe, record, cond, uncond, [123], 2, record.guidance, RES)
     before = sample()
     pipe.load_lora_weights(str(lora_dir))
     return (sample() - before).abs().max().item()

@@ -4,6 +4,7 @@ encoded with the model's own VAE into an ordinary cache shard, and training runs
 
 Run: pytest -q tests/test_from_images.py   (-m "not slow": the input checks and the encoding, seconds)
 """
+import io
 import json
 
 import numpy as np
@@ -44,11 +45,11 @@ def vae_reference(pipe, image):
 def test_encoded_latent_is_the_vaes_mean_with_the_models_shift_and_scaling(family):
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     images = [random_image(0), random_image(1)]
-    x0 = families.encode_images(pipe, gdro.family_record(fam), images, RES)
+    x0 = families.encode_images(pipe, fam, images, RES)
     expected = torch.cat([vae_reference(pipe, im) for im in images])
-    got = gdro.unpack_latents(x0) if fam == "flux" else x0  # FLUX's cache holds the transformer's packed layout
+    got = gdro.unpack_latents(x0) if fam.name == "flux" else x0  # FLUX's cache holds the transformer's packed layout
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    again = families.encode_images(pipe, gdro.family_record(fam), images, RES)
+    again = families.encode_images(pipe, fam, images, RES)
     torch.testing.assert_close(again, x0, rtol=0, atol=0)  # the mean: no noise
 
 
@@ -68,7 +69,7 @@ def test_decoding_an_encoded_image_gives_the_vaes_own_reconstruction(family):
     # VAE's quality (a tiny random VAE reconstructs nothing, a real one nearly everything)
     pipe, fam = gdro.load_pipeline("", tiny=True, family=family)
     image = random_image(2)
-    (decoded,) = gdro.decode(pipe, fam, families.encode_images(pipe, gdro.family_record(fam), [image], RES))
+    (decoded,) = gdro.decode(pipe, fam, families.encode_images(pipe, fam, [image], RES))
     with torch.no_grad():
         z = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mean
         (expected,) = pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pil")
@@ -81,7 +82,7 @@ def test_images_are_resized_to_the_resolution_and_centre_cropped():
     wide = random_image(3, size=(2 * RES, RES))  # short side already RES: only the crop applies
     centre = wide.crop((RES // 2, 0, RES // 2 + RES, RES))
     small = random_image(4, size=(RES // 2, RES // 2))  # upscaled, bicubic
-    got = families.encode_images(pipe, gdro.family_record(fam), [wide, small], RES)
+    got = families.encode_images(pipe, fam, [wide, small], RES)
     expected = torch.cat([vae_reference(pipe, centre), vae_reference(pipe, small.resize((RES, RES), Image.BICUBIC))])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -116,7 +117,13 @@ BAD_LINES = {  # line 4 of metadata.jsonl (after two good lines and a blank one)
     "empty prompt": ('{"file_name": "p0_0.png", "prompt": " ", "reward": 0.5}', "malformed"),
     "not an object": ('["p0_0.png", "a red sign", 0.5]', "malformed"),
     "NaN reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": NaN}', "not a finite number"),
-    "infinite reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": "-inf"}', "not a finite number"),
+    "infinite reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": -Infinity}', "not a finite"),
+    "huge reward": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": 1e300}', "not a finite number"),
+    "reward as a string": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": "0.5"}', "malformed"),
+    "reward as a boolean": ('{"file_name": "p0_0.png", "prompt": "a red sign", "reward": true}', "malformed"),
+    "file outside the folder": ('{"file_name": "../p0_0.png", "prompt": "a red sign", "reward": 0.5}', "outside"),
+    "file listed twice": ('{"file_name": "p0_1.png", "prompt": "a red sign", "reward": 0.5}', "listed already"),
+    "truncated JPEG": ('{"file_name": "cut.jpg", "prompt": "a red sign", "reward": 0.5}', "cannot read image"),
     "missing image": ('{"file_name": "gone.png", "prompt": "a red sign", "reward": 0.5}', "cannot read image"),
     "unreadable image": ('{"file_name": "broken.png", "prompt": "a red sign", "reward": 0.5}', "cannot read image"),
 }
@@ -126,6 +133,9 @@ BAD_LINES = {  # line 4 of metadata.jsonl (after two good lines and a blank one)
 def test_a_bad_metadata_line_is_refused_with_its_line_number_before_any_model_loads(tmp_path, no_model, case):
     rows = small_folder(tmp_path, {"a red sign": 2})
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(jpeg, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])  # its header whole, data cut
     line, words = BAD_LINES[case]
     write_metadata(tmp_path, [*rows, "", line])
     with pytest.raises(gdro.BadInput, match=rf"metadata.jsonl line 4: .*{words}"):
@@ -140,6 +150,14 @@ def test_tiny_shrinks_only_what_an_image_folder_run_uses(capsys):
     assert args.resolution == families.TINY_RUN["resolution"] and args.max_steps == families.TINY_RUN["max_steps"]
     said = capsys.readouterr().out.strip().removeprefix("--tiny: ").split(", ")  # what --tiny says it shrank
     assert "resolution=64" in said and not any(s.startswith(("images_per_prompt=", "steps=")) for s in said), said
+
+
+def test_metadata_that_is_not_utf8_is_refused_naming_the_line(tmp_path, no_model):
+    rows = small_folder(tmp_path, {"a red sign": 2})
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode() + '{"prompt": "caf\u00e9"}\n'.encode("latin-1")
+    (tmp_path / "metadata.jsonl").write_bytes(text)
+    with pytest.raises(gdro.BadInput, match=r"metadata.jsonl is not UTF-8 text \(line 3"):
+        gdro.main(["--from-images", str(tmp_path), "--tiny", "--out", str(tmp_path / "out"), "--group-size", "2"])
 
 
 def test_a_folder_without_metadata_is_refused(tmp_path, no_model):
@@ -170,8 +188,8 @@ def image_folder(folder, family):
     rows = []
     for p, (prompt, n) in enumerate(PROMPTS.items()):
         cond, uncond = gdro.encode_prompt(pipe, fam, prompt)
-        seeds, guidance = [100 * p + j for j in range(n)], gdro.family_record(fam).guidance
-        x0 = gdro.generate(pipe, cond, uncond, seeds, 2, guidance, RES)
+        seeds, guidance = [100 * p + j for j in range(n)], fam.guidance
+        x0 = gdro.generate(pipe, fam, cond, uncond, seeds, 2, guidance, RES)
         for j, image in enumerate(gdro.decode(pipe, fam, x0)):
             image.save(folder / f"{p}_{j}.png")
             rows.append({"file_name": f"{p}_{j}.png", "prompt": prompt,
@@ -197,16 +215,16 @@ def test_training_from_an_image_folder_gives_a_lora_that_loads_and_changes_the_m
         shard = load_file(gdro.shard_path(tmp_path / "out" / "cache", i))
         mine = [r for r in rows if r["prompt"] == prompt]
         images = [Image.open(tmp_path / "images" / r["file_name"]) for r in mine]
-        encoded = families.encode_images(pipe, gdro.family_record(fam), images, RES)
+        encoded = families.encode_images(pipe, fam, images, RES)
         torch.testing.assert_close(shard["x0"], encoded, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(shard["rewards"], torch.tensor([r["reward"] for r in mine]))
         assert "seeds" not in shard and {"prompt_embeds", "pooled_prompt_embeds"} <= set(shard)
     assert json.loads((tmp_path / "out" / "cache" / "manifest.json").read_text())["source"] == "images"
     # the LoRA loads into a fresh pipeline and changes what it draws
     cond, uncond = gdro.encode_prompt(pipe, fam, 'a sign that reads "Hi"')
-    before = gdro.generate(pipe, cond, uncond, [7], 2, gdro.family_record(fam).guidance, RES)
+    before = gdro.generate(pipe, fam, cond, uncond, [7], 2, fam.guidance, RES)
     pipe.load_lora_weights(str(lora_dir))
-    after = gdro.generate(pipe, cond, uncond, [7], 2, gdro.family_record(fam).guidance, RES)
+    after = gdro.generate(pipe, fam, cond, uncond, [7], 2, fam.guidance, RES)
     assert not torch.allclose(before, after, atol=1e-5)
 
 

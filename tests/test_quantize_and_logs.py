@@ -122,8 +122,9 @@ def test_an_int8_run_lowers_the_gdro_loss_on_the_groups_it_trained_on(straight, 
     _, int8 = int8_transformer_with_lora(args)
     prompts = gdro.read_prompts(workdir / "prompts.txt", args.reward, args.max_prompts)
     sizes, _ = gdro.check_cache(straight.out / "cache", prompts)
-    batch = gdro.training_batch(straight.out / "cache", sizes, range(STEPS * args.groups_per_step), args, "sd3",
-                                gdro.SD3.scheduler, torch.device("cpu"))
+    run = gdro.Run(args, gdro.family_record("sd3"), None, gdro.SD3.scheduler, straight.out / "cache", sizes,
+                   torch.device("cpu"))
+    batch = gdro.training_batch(run, range(STEPS * args.groups_per_step))
 
     def loss():
         with torch.no_grad():
@@ -142,7 +143,7 @@ def test_an_int8_runs_lora_loads_whole_into_the_unquantized_pipeline_and_changes
     pipe, family = gdro.load_pipeline("", tiny=True, family="sd3")
     assert all(type(p.data) is torch.Tensor for p in pipe.transformer.parameters())  # plain fp32, no torchao
     cond, uncond = gdro.encode_prompt(pipe, family, 'a sign that reads "Hi"')
-    draw = lambda: gdro.generate(pipe, cond, uncond, [123], 4, gdro.SD3.guidance, 64)
+    draw = lambda: gdro.generate(pipe, family, cond, uncond, [123], 4, gdro.SD3.guidance, 64)
     before = draw()
     pipe.load_lora_weights(str(straight.out / "lora"))
     saved = load_file(straight.out / "lora" / gdro.LORA_FILE)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import families
+import gdro
 import reward_geneval as rg
 from experiments import geneval_prompts
 
@@ -286,36 +288,9 @@ def test_colour_crop_pastes_the_mask_on_grey_and_crops_to_the_box():
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
-    """(detector, clip): a random Mask2Former (tiny Swin) and a random CLIP (a 56-token vocabulary), saved with
-    save_pretrained as a user's local copies would be."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
-                              Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
-    root = tmp_path_factory.mktemp("geneval_models")
-    torch.manual_seed(0)
-    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=swin, num_queries=8, hidden_dim=32, mask_feature_size=32,
-                               feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
-                               dim_feedforward=32, encoder_feedforward_dim=32, num_labels=80,
-                               id2label=dict(enumerate(COCO_DETECTOR_NAMES)))
-    Mask2FormerForUniversalSegmentation(config).save_pretrained(root / "detector")
-    Mask2FormerImageProcessor().save_pretrained(root / "detector")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz-":  # every character, alone and word-final: no merges needed
-        vocab.update({c: len(vocab), c + "</w>": len(vocab) + 1})
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-    clip = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                       num_hidden_layers=1, num_attention_heads=2, bos_token_id=0, eos_token_id=1,
-                                       pad_token_id=1),
-                      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
-    CLIPModel(clip).save_pretrained(root / "clip")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
-    return str(root / "detector"), str(root / "clip")
+    """(detector, clip): a random Mask2Former (tiny Swin) and a random CLIP (a character vocabulary), saved with
+    save_pretrained as a user's local copies would be (what --tiny --reward geneval uses)."""
+    return families.save_tiny_geneval_models(tmp_path_factory.mktemp("geneval_models"), rg.COCO_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -393,3 +368,43 @@ def test_cli_scores_a_folder_per_tag_with_local_models(tiny_folders, tmp_path, c
              "--geneval-clip", tiny_folders[1], "--device", "cpu"])
     out = capsys.readouterr().out
     assert "single_object 0.000, counting 0.000; GenEval score (mean of 2 tags) 0.0000" in out
+
+
+# ---- --reward geneval in gdro.py and eval.py ----
+
+ONE_PER_TAG = ["a photo of a bench", "a photo of a dog and a cat", "a photo of three apples", "a photo of a red car",
+               "a photo of a dog left of a cat", "a photo of a red car and a blue bus"]  # in TAGS' order
+
+
+def test_a_prompts_file_outside_genevals_grammar_is_refused_naming_the_line_before_anything_loads(tmp_path):
+    (tmp_path / "p.txt").write_text("a photo of a dog\n\na photo of a dogg\n")
+    with pytest.raises(gdro.BadInput, match=r"p.txt: line 3 is not a GenEval prompt .*dogg"):
+        gdro.main(["--prompts", str(tmp_path / "p.txt"), "--reward", "geneval", "--dry-run"])
+
+
+@pytest.mark.slow
+def test_a_tiny_gdro_run_with_the_geneval_reward_trains_and_writes_its_lora(tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(ONE_PER_TAG[:4]) + "\n")
+    lora = gdro.main(["--prompts", str(tmp_path / "p.txt"), "--tiny", "--reward", "geneval", "--beta", "6",
+                      "--gamma", "1.0", "--out", str(tmp_path / "run"), "--max-steps", "4", "--log-every", "2"])
+    assert (lora / gdro.LORA_FILE).is_file()
+    manifest = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())
+    assert manifest["reward"] == "geneval" and manifest["reward_sha256"] == gdro.file_sha256(HERE / "reward_geneval.py")
+    rewards = gdro.read_shard(tmp_path / "run" / "cache", 0)["rewards"]
+    assert len(rewards) == 8 and all(0 <= r <= 1 for r in rewards.tolist())
+
+
+@pytest.mark.slow
+def test_eval_with_the_geneval_reward_reports_each_tag_and_the_score_as_their_mean(tmp_path, capsys):
+    import eval as evaluate
+    (tmp_path / "p.txt").write_text("\n".join(ONE_PER_TAG) + "\n")
+    report = evaluate.main(["--prompts", str(tmp_path / "p.txt"), "--tiny", "--reward", "geneval", "--judge", "none",
+                            "--out", str(tmp_path / "eval"), "--images-per-prompt", "2", "--max-prompts", "6"])
+    base = report["base"]
+    assert list(base["tag_accuracy"]) == list(rg.TAGS) and base["n_images"] == 12
+    assert base["geneval_score"] == pytest.approx(sum(base["tag_accuracy"].values()) / 6)
+    table = capsys.readouterr().out
+    assert "GenEval" in table and "color_att" in table
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert {r["tag"] for r in rows} == set(rg.TAGS) and all({"correct", "failed", "detections"} <= set(r) for r in rows)
+    assert Image.open(tmp_path / "eval" / "grid.png").size[0] > 256
