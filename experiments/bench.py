@@ -133,8 +133,8 @@ def train(transformer, family, cache_dir, sizes, args, device):
     """gdro.train as gdro.main calls it."""
     import diffusers  # here, not at the top: a refused flag answers before diffusers' long import
     record = gdro.family_record(family)
-    return gdro.train(transformer, family, getattr(diffusers, record.pipeline), record.scheduler, cache_dir, sizes,
-                      args, device)
+    run = gdro.Run(args, record, getattr(diffusers, record.pipeline), record.scheduler, cache_dir, sizes, device)
+    return gdro.train(transformer, run)
 
 
 def random_cache(spec, folder, n=REAL_RUN["images"], seed=0):
@@ -196,14 +196,14 @@ def timed_training(transformer, family, cache_dir, sizes, args, device, bare_wor
     """gdro.train's loop timed step by step; with bare_work each step's last micro-batch's transformer work after it,
     so that the two alternate. ([(seconds of a step, of the bare work before it or None)], warm-up left out; loss)."""
     record = gdro.family_record(family)
+    run = gdro.Run(args, record, None, record.scheduler, cache_dir, sizes, device)  # what gdro.train_step reads
     params = gdro.add_lora(transformer, record.lora_targets, args)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     guidance = args.guidance if getattr(transformer.config, "guidance_embeds", False) else None
     full, bare = [], []
     for step in range(args.max_steps):
         t0 = stamp(device)
-        loss, groups, *_ = gdro.train_step(transformer, family, record.scheduler, cache_dir, sizes, step, args,
-                                           device).tolist()  # the host sync gdro.train makes
+        loss, groups, *_ = gdro.train_step(transformer, run, step).tolist()  # the host sync gdro.train makes
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -211,7 +211,7 @@ def timed_training(transformer, family, cache_dir, sizes, args, device, bare_wor
         if bare_work:
             G, M = args.groups_per_step, args.micro_batch
             last = range(step * G + (G - 1) // M * M, (step + 1) * G)  # the step's last micro-batch
-            batch = gdro.training_batch(cache_dir, sizes, last, args, family, record.scheduler, device)
+            batch = gdro.training_batch(run, last)
             t0 = stamp(device)
             transformer_work(transformer, family, batch, guidance, device)
             bare.append(stamp(device) - t0)
@@ -315,14 +315,15 @@ def markdown_table(header, rows, align):
 def distance_to_reference(family, prompts, seeds, reference_steps):
     """distance(sampler, steps): the relative RMS distance of its latents, on the family's tiny model, to Euler's
     reference_steps solution from the same noises; cached: the reference is solved once."""
-    pipe = families.build_tiny_pipeline(gdro.family_record(family))
+    record = gdro.family_record(family)
+    pipe = families.build_tiny_pipeline(record)
     pipe.set_progress_bar_config(disable=True)
-    config, guidance = dict(pipe.scheduler.config), gdro.family_record(family).guidance
-    encoded = [gdro.encode_prompt(pipe, family, prompt) for prompt in prompts]
+    config, guidance = dict(pipe.scheduler.config), record.guidance
+    encoded = [gdro.encode_prompt(pipe, record, prompt) for prompt in prompts]
 
     def solve(sampler, n):
         pipe.scheduler = families.make_scheduler(gdro.SAMPLERS[sampler], config)
-        return torch.cat([gdro.generate(pipe, cond, uncond, seeds, n, guidance, families.TINY_RUN["resolution"])
+        return torch.cat([gdro.generate(pipe, record, cond, uncond, seeds, n, guidance, families.TINY_RUN["resolution"])
                           for cond, uncond in encoded])
 
     reference = solve("euler", reference_steps)
@@ -408,7 +409,8 @@ def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
             for name, count in ((f"warmup_{tag}", 2), (tag, steps)):  # untimed first: kernels, autotuning, compiling
                 args = rollout_args(family, n, count, side, sampler)
                 t0 = stamp(device)
-                gdro.build_cache(pipe, family, [prompt], brightness, work / f"{name}_{sampler}_{count}", args)
+                gdro.build_cache(pipe, gdro.family_record(family), [prompt], brightness,
+                                 work / f"{name}_{sampler}_{count}", args)
                 found[tag][sampler] = round(stamp(device) - t0, 4)
             print(f"  rollout {tag} {sampler}, {steps} steps: {found[tag][sampler]:.3f} s ({n} images, {side} px)")
         if tag == "eager":  # Euler's images by a bare pipeline call, the same seeds: what build_cache adds to it

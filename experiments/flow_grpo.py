@@ -91,9 +91,9 @@ def guided_velocity(velocity, transformer, x, sigma, cond, uncond, guidance):
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def initial_noise(family, transformer, n, resolution, generator):
-    """x at sigma = 1 in the transformer's layout (FLUX's packed tokens, or the VAE's grid)."""
-    record, side = gdro.family_record(family), resolution // 8
+def initial_noise(record, transformer, n, resolution, generator):
+    """x at sigma = 1 in the transformer's layout (FLUX's packed tokens, or the VAE's grid); record: the family's."""
+    side = resolution // 8
     channels = transformer.config.in_channels // (4 if record.packed else 1)
     z = torch.randn(n, channels, side, side, generator=generator)
     return record.pack(z) if record.packed else z
@@ -148,8 +148,8 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
     # the family and the model's own resolution as gdro.py settles them
     model_args = gdro.settle_model(argparse.Namespace(model=str(model), tiny=tiny, family=family, guidance=None,
                                                       resolution=resolution))
-    pipe, family = gdro.load_pipeline(model, tiny, model_args.family)
-    record, transformer, resolution = gdro.family_record(family), pipe.transformer, model_args.resolution
+    pipe, record = gdro.load_pipeline(model, tiny, model_args.family)
+    transformer, resolution = pipe.transformer, model_args.resolution
     velocity = record.velocity  # a guidance-distilled model (FLUX.1) takes its guidance in the call, no CFG
     if getattr(transformer.config, "guidance_embeds", False):
         velocity = functools.partial(record.velocity, guidance=s["guidance"])
@@ -157,9 +157,9 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
     params = gdro.add_lora(transformer, record.lora_targets, lora)
     optimizer = torch.optim.AdamW(params, lr=s["lr"])
     rows = lambda c: {k: v.expand(G, *v.shape[1:]) for k, v in c.items()}  # one row per image of a group
-    encoded = [[rows(c) for c in gdro.encode_prompt(pipe, family, p)] for p in prompts]
-    config, latent_shape = dict(pipe.scheduler.config), initial_noise(family, transformer, 1, resolution, None).shape
-    sig = sigmas(config, s["steps"], gdro.schedule_mu(family, config, latent_shape[1:], s["steps"]))
+    encoded = [[rows(c) for c in gdro.encode_prompt(pipe, record, p)] for p in prompts]
+    config, latent_shape = dict(pipe.scheduler.config), initial_noise(record, transformer, 1, resolution, None).shape
+    sig = sigmas(config, s["steps"], gdro.schedule_mu(record, config, latent_shape[1:], s["steps"]))
     cat = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
     out.mkdir(parents=True, exist_ok=True)
     t0, images = time.time(), 0
@@ -172,10 +172,10 @@ def train(model, prompts, reward_fn, out, settings, max_steps, tiny=False, famil
         trajectories, rewards = [], []  # per prompt: (states, log_probs) of its G images, their rewards
         for i in chosen:
             gen = gdro.keyed_generator(seed, "rollout", step, i)
-            x = initial_noise(family, transformer, G, resolution, gen)
+            x = initial_noise(record, transformer, G, resolution, gen)
             trajectories.append(rollout(velocity, transformer, *encoded[i], x, sig, s, gen))
             with torch.no_grad():
-                pil = gdro.decode(pipe, family, trajectories[-1][0][-1])
+                pil = gdro.decode(pipe, record, trajectories[-1][0][-1])
             rewards += [float(r) for r in reward_fn(pil, [prompts[i]] * G)]
         images += len(rewards)
         adv = advantages(rewards, G, s["adv_clip_max"])

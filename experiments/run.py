@@ -100,12 +100,12 @@ def train(out, settings, cache_from=None):
 def fresh_samples(pipe, prompt_list, n_seeds, settings):
     """Latents [P, S, ...], rewards [P, S] and conditioning of fresh images from the held-out seeds."""
     seeds = list(range(EVAL_SEED, EVAL_SEED + n_seeds))
-    res, latents, rewards, conds = settings["resolution"], [], [], []
+    res, latents, rewards, conds, sd3 = settings["resolution"], [], [], [], gdro.family_record("sd3")
     for p in prompt_list:
-        cond, uncond = gdro.encode_prompt(pipe, "sd3", p)
-        x0 = gdro.generate(pipe, cond, uncond, seeds, settings["steps"], gdro.SD3.guidance, res)
+        cond, uncond = gdro.encode_prompt(pipe, sd3, p)
+        x0 = gdro.generate(pipe, sd3, cond, uncond, seeds, settings["steps"], gdro.SD3.guidance, res)
         latents.append(x0)
-        rewards.append(toy_reward.colour_reward(gdro.decode(pipe, "sd3", x0), [p] * n_seeds))
+        rewards.append(toy_reward.colour_reward(gdro.decode(pipe, sd3, x0), [p] * n_seeds))
         conds.append(cond)
     return torch.stack(latents), np.array(rewards), conds
 
@@ -132,7 +132,7 @@ def rank_accuracy(pipe, latents, rewards, conds, k=6, draws=4, seed=0):
             x0, r = x_all[None, g * k:(g + 1) * k], torch.tensor(r_all[g * k:(g + 1) * k])
             for _ in range(draws):
                 eps = torch.randn((1, *x0.shape[2:]), generator=gen)
-                t = gdro.sample_t(1, gdro.schedule_mu("sd3", config, x0.shape[2:], None), gen)
+                t = gdro.sample_t(1, gdro.schedule_mu(gdro.family_record("sd3"), config, x0.shape[2:], None), gen)
                 err_policy, err_ref = gdro.velocity_errors(gdro.SD3().velocity, pipe.transformer, x0, cond, t, eps)
                 s = -(err_policy - err_ref)[0]
                 if (r == r.max()).sum() == 1:  # tied implicit rewards (an untrained LoRA: all 0) count as a share

@@ -139,7 +139,7 @@ def train_text_transformer(pipe, x0, cond, uncond, r, state_file):
         drop = torch.rand(r["batch"], generator=gen) < r["uncond"]  # empty prompts teach the unconditional velocity
         c = {k: torch.where(drop.view(-1, *[1] * (cond[k].dim() - 1)), uncond[k], cond[k][i]) for k in cond}
         x, eps = x0[i, j], torch.randn(x0[i, j].shape, generator=gen)
-        t = gdro.sample_t(r["batch"], gdro.schedule_mu("sd3", config, x.shape[1:], None), gen)
+        t = gdro.sample_t(r["batch"], gdro.schedule_mu(gdro.family_record("sd3"), config, x.shape[1:], None), gen)
         t_ = t.view(-1, 1, 1, 1)
         v_model = gdro.SD3().velocity(transformer, (1 - t_) * x + t_ * eps, t, c)
         loss = (v_model - (eps - x)).pow(2).mean()
@@ -224,9 +224,10 @@ def build_text_model(folder, recipe=None):
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
     x0 = ((z - vae.config.shift_factor) * vae.config.scaling_factor).view(len(train_strings), r["variants"],
                                                                            *z.shape[1:])
-    conds = [gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(s))[0] for s in train_strings]
+    sd3 = gdro.family_record("sd3")
+    conds = [gdro.encode_prompt(pipe, sd3, TEXT_PROMPT.format(s))[0] for s in train_strings]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-    _, uncond = gdro.encode_prompt(pipe, "sd3", TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
+    _, uncond = gdro.encode_prompt(pipe, sd3, TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
     train_text_transformer(pipe, x0, cond, uncond, r, work / "transformer_state.pt")
     pipe.save_pretrained(folder)
     write_text_prompts(folder, r)

@@ -165,7 +165,7 @@ def test_small_configs_keep_the_real_conditioning_shapes_and_only_shrink_the_mod
         small = bench.architecture(name, small=True)
         assert small["family"] == real["family"] and small["text_encoders"] == real["text_encoders"]
         pipe = bench.build_pipeline(small, torch.device("cpu"), torch.float32)
-        cond, _ = gdro.encode_prompt(pipe, real["family"], 'a sign that reads "Hi"')
+        cond, _ = gdro.encode_prompt(pipe, gdro.family_record(real["family"]), 'a sign that reads "Hi"')
         assert {k: tuple(v.shape[1:]) for k, v in cond.items()} == {
             k: real["shapes"][k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
         assert sum(p.numel() for p in pipe.transformer.parameters()) < 1e8

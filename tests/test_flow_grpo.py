@@ -49,10 +49,10 @@ def tiny_policy():
 def test_at_lora_init_the_ratio_is_exactly_one_and_the_kl_exactly_zero():
     pipe, s = tiny_policy(), {**flow_grpo.FLOW_GRPO, "steps": 3}
     cond, uncond = (({k: v.expand(2, *v.shape[1:]) for k, v in c.items()})
-                    for c in gdro.encode_prompt(pipe, "sd3", "red sky"))
+                    for c in gdro.encode_prompt(pipe, gdro.family_record("sd3"), "red sky"))
     sig = flow_grpo.sigmas(dict(pipe.scheduler.config), s["steps"])
     gen = torch.Generator().manual_seed(0)
-    x = flow_grpo.initial_noise("sd3", pipe.transformer, 2, 32, gen)
+    x = flow_grpo.initial_noise(gdro.family_record("sd3"), pipe.transformer, 2, 32, gen)
     states, log_probs = flow_grpo.rollout(gdro.SD3().velocity, pipe.transformer, cond, uncond, x, sig, s, gen)
     for j in range(2):
         loss, ratio, kl = flow_grpo.policy_loss(gdro.SD3().velocity, pipe.transformer, states, log_probs,
@@ -69,10 +69,10 @@ def test_the_kl_is_flow_grpos_form_dt_times_the_gaussian_kl_of_the_two_transitio
             if "lora_B" in name:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     cond, uncond = ({k: v.expand(2, *v.shape[1:]) for k, v in c.items()}
-                    for c in gdro.encode_prompt(pipe, "sd3", "red sky"))
+                    for c in gdro.encode_prompt(pipe, gdro.family_record("sd3"), "red sky"))
     sig = flow_grpo.sigmas(dict(pipe.scheduler.config), s["steps"])
     gen, velocity = torch.Generator().manual_seed(0), gdro.SD3().velocity
-    x = flow_grpo.initial_noise("sd3", pipe.transformer, 2, 32, gen)
+    x = flow_grpo.initial_noise(gdro.family_record("sd3"), pipe.transformer, 2, 32, gen)
     states, log_probs = flow_grpo.rollout(velocity, pipe.transformer, cond, uncond, x, sig, s, gen)
     j = 1
     _, kl = flow_grpo.policy_loss(velocity, pipe.transformer, states, log_probs, torch.ones(2), cond, uncond, sig,
@@ -99,9 +99,9 @@ def test_the_cfg_training_gradient_is_guidance_times_the_conditional_branchs_as_
         for name, param in pipe.transformer.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    cond, uncond = gdro.encode_prompt(pipe, "sd3", "red sky")
+    cond, uncond = gdro.encode_prompt(pipe, gdro.family_record("sd3"), "red sky")
     gen, velocity = torch.Generator().manual_seed(0), gdro.SD3().velocity
-    x = flow_grpo.initial_noise("sd3", pipe.transformer, 1, 32, gen)
+    x = flow_grpo.initial_noise(gdro.family_record("sd3"), pipe.transformer, 1, 32, gen)
     weights = torch.randn(x.shape, generator=gen)  # a fixed direction: the gradient of <weights, v>
     lora = [p for p in pipe.transformer.parameters() if p.requires_grad]
     grad = lambda v: torch.autograd.grad((weights * v).sum(), lora)
@@ -121,12 +121,12 @@ def sde_colour_rewards(pipe, prompts, resolution, s, n=128, seed=1000):
     rewards, sig = [], flow_grpo.sigmas(dict(pipe.scheduler.config), s["steps"])
     for p in prompts:
         rows = lambda c: {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}  # one row per image
-        cond, uncond = (rows(c) for c in gdro.encode_prompt(pipe, "sd3", p))
+        cond, uncond = (rows(c) for c in gdro.encode_prompt(pipe, gdro.family_record("sd3"), p))
         gen = torch.Generator().manual_seed(seed)
-        x = flow_grpo.initial_noise("sd3", pipe.transformer, n, resolution, gen)
+        x = flow_grpo.initial_noise(gdro.family_record("sd3"), pipe.transformer, n, resolution, gen)
         states, _ = flow_grpo.rollout(gdro.SD3().velocity, pipe.transformer, cond, uncond, x, sig, s, gen)
         with torch.no_grad():
-            rewards += toy_reward.colour_reward(gdro.decode(pipe, "sd3", states[-1]), [p] * n)
+            rewards += toy_reward.colour_reward(gdro.decode(pipe, gdro.family_record("sd3"), states[-1]), [p] * n)
     return torch.tensor(rewards)
 
 
