@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    help="LoRA folder(s) to compare with the base model (gdro.py's OUT/lora)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 reproduces the base images exactly")
     p.add_argument("--checkpoints", default=None, help="gdro.py's OUT/checkpoints: evaluate every step_* for the trend")
+    p.add_argument("--images", metavar="DIR", help="score images made elsewhere instead of drawing any (no model "
+                                                   "loads): --images-per-prompt files per prompt line, in name order")
     p.add_argument("--out", default="runs/eval",
                    help="output folder: report.json, scores.jsonl, images/, grid.png, trend.*")
     gdro.add_model_flags(p)
@@ -161,6 +163,29 @@ def check_fits(transformer, folder, layers):
         raise gdro.BadInput(f"LoRA {folder}: {len(misfits)} of its {len(layers)} layers fit no layer of this "
                             f"transformer, e.g. {name} ({why}); a LoRA of another model or family?")
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+def image_files(args, n_prompts):
+    """--images: its image files in natural name order ("2.png" before "10.png"), --images-per-prompt per prompt
+    line; each decoded now, so that a bad one is refused before any scoring."""
+    folder = Path(args.images)
+    if args.lora or args.checkpoints:
+        raise gdro.BadInput("--images scores a folder of images; --lora and --checkpoints draw new ones: give one")
+    if not folder.is_dir():
+        raise gdro.BadInput(f"--images {folder}: not a folder")
+    key = lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)]
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=key)
+    if len(files) != n_prompts * args.images_per_prompt:
+        raise gdro.BadInput(f"--images {folder} holds {len(files)} images; {n_prompts} prompt lines x "
+                            f"--images-per-prompt {args.images_per_prompt} expected")
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im.load()
+        except Exception as e:
+            raise gdro.BadInput(f"--images: cannot read {file} ({type(e).__name__}: {e})")
+    return files
+
 def check_judge(name):
     """Resolve the judge's config now (cheap), so a bad --judge fails before the images are generated."""
     if not Path(name).is_dir() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # not a hub id
@@ -217,6 +242,17 @@ def same_weights(a, b):
     """Do two LoRA folders hold the same tensors? (gdro.py's last checkpoint is its final LoRA.)"""
     x, y = load_file(Path(a) / gdro.LORA_FILE), load_file(Path(b) / gdro.LORA_FILE)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+def collect_set(files, prompts, args, folder, scorer):
+    """--images: the given files as image j of prompt i (folder/PPPP_J.png, as generate_set names them), scored."""
+    n, scored = args.images_per_prompt, []
+    folder.mkdir(parents=True, exist_ok=True)
+    for b in gdro.progress(range(0, len(files), args.batch), f"{args.reward} images", "batch"):
+        images = [Image.open(f).convert("RGB") for f in files[b:b + args.batch]]
+        for k, image in enumerate(images, b):
+            image.save(folder / image_name(*divmod(k, n)))
+        scored += scorer(images, [prompts[k // n] for k in range(b, b + len(images))])
+    return scored
 
 def nan_images(latents):
     """How many images of a batch have a NaN or inf in their latents (NaN weights, a huge --lora-scale): they decode
@@ -370,7 +406,7 @@ def grid_columns(sets, twins):
     if "lora" in sets and newest is not None and same(newest) == same("lora"):
         newest = None
     several = [name for name in sets if re.fullmatch(r"lora\d+", name)]  # eval.py --lora A B ...: lora1, lora2, ...
-    return [name for name in ("base", newest, "lora") if name in sets] + several
+    return [name for name in ("base", newest, "lora", "images") if name in sets] + several
 
 def column_label(name, twins):
     """A column's header: 'base', 'step 300', 'LoRA', or 'LoRA = step 300' when the LoRA is that checkpoint."""
@@ -420,14 +456,15 @@ def draw_grid(path, images_dir, columns, scored, prompts, n, rows=8):
     rows, tile, pad = min(rows, len(prompts)), GRID_TILE, 8
     grid = Image.new("RGB", (GRID_LABEL_W + tile * len(columns), GRID_HEADER + rows * (tile + GRID_CAPTION)), "white")
     draw = ImageDraw.Draw(grid)
-    geneval = "correct" in scored["base"][0]
+    first = scored[next(iter(columns))]  # every set scored the same prompts
+    geneval = "correct" in first[0]
     draw.text((pad, GRID_HEADER // 2), "tag, prompt" if geneval else "OCR target, prompt", fill="black", font=head,
               anchor="lm")
     for c, label in enumerate(columns.values()):
         draw.text((GRID_LABEL_W + c * tile + tile // 2, GRID_HEADER // 2), label, fill="black", font=head, anchor="mm")
     for i in range(rows):
         y = GRID_HEADER + i * (tile + GRID_CAPTION)
-        label = scored["base"][i * n]["tag"] if geneval else f'"{ocr_target(prompts[i])}"'
+        label = first[i * n]["tag"] if geneval else f'"{ocr_target(prompts[i])}"'
         target = fit_lines(label, target_font, GRID_LABEL_W - 2 * pad, 2)
         prompt = fit_lines(prompts[i], prompt_font, GRID_LABEL_W - 2 * pad, 6)
         draw.multiline_text((pad, y + pad), "\n".join(target), fill="black", font=target_font)
@@ -466,22 +503,9 @@ def draw_trend(path, points):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
-    """The whole evaluation: python eval.py ARGS, or eval.main([ARGS...]); returns the report dict."""
-    args = parse_args(argv)
-    check_args(args)
-    prompts = gdro.read_prompts(args.prompts, args.reward, args.max_prompts)
-    check_out(args.out)
-    checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
-    # every set of images: the base, each checkpoint (the trend), the LoRA; all from the same seeds
-    sets = {"base": None, **{f"step_{s:06d}": d for s, d in checkpoints.items()}}
-    loras = args.lora or []  # one is "lora"; several (say, ablations) are lora1, lora2, ... in the given order
-    sets.update({"lora" if len(loras) == 1 else f"lora{i + 1}": Path(f) for i, f in enumerate(loras)})
-    layers = {name: lora_layers(folder) for name, folder in sets.items() if folder}
-    if args.judge != "none":
-        check_judge(args.judge)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def draw_sets(args, sets, layers, prompts, out, device):
+    """Each set's images drawn from the same seeds (generate_set) and scored: (scored, nan, twins) by set name; the
+    generator is freed at the end, so that the judge fits the GPU after it."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe, family = gdro.load_pipeline(args.model, args.tiny, args.family, device, dtype)
     if args.quantize != "none":  # the base and each LoRA on the quantized weights
@@ -489,7 +513,7 @@ def main(argv=None):
         pipe.transformer = quantize(pipe.transformer, args.quantize, None if args.tiny else args.model, device)
     for name, found in layers.items():  # a LoRA that does not fit this model fails now, not after the base images
         check_fits(pipe.transformer, sets[name], found)
-    out, images_dir = Path(args.out), Path(args.out) / "images"
+    images_dir = out / "images"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**vars(args), "family": family.name}, indent=2))
     scorer = load_scorer(args, out)
@@ -507,11 +531,37 @@ def main(argv=None):
             print(f"warning: {name}: {nan[name]} of {len(scored[name])} images have NaN or inf latents and score 0 "
                   "(nan_images in the report); look at the weights, --lora-scale and --guidance")
 
-    # the judge comes after the generator is freed, so each of them fits the GPU in turn
     del pipe
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+    return scored, nan, twins
+
+def main(argv=None):
+    """The whole evaluation: python eval.py ARGS, or eval.main([ARGS...]); returns the report dict."""
+    args = parse_args(argv)
+    check_args(args)
+    prompts = gdro.read_prompts(args.prompts, args.reward, args.max_prompts)
+    check_out(args.out)
+    files = image_files(args, len(prompts)) if args.images else None
+    checkpoints = find_checkpoints(args.checkpoints) if args.checkpoints else {}
+    # every set of images: the base, each checkpoint (the trend), the LoRA; all from the same seeds (or --images')
+    sets = {"images": None} if files else {"base": None, **{f"step_{s:06d}": d for s, d in checkpoints.items()}}
+    loras = args.lora or []  # one is "lora"; several (say, ablations) are lora1, lora2, ... in the given order
+    sets.update({"lora" if len(loras) == 1 else f"lora{i + 1}": Path(f) for i, f in enumerate(loras)})
+    layers = {name: lora_layers(folder) for name, folder in sets.items() if folder}
+    if args.judge != "none":
+        check_judge(args.judge)
+
+    out, images_dir = Path(args.out), Path(args.out) / "images"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if files:
+        out.mkdir(parents=True, exist_ok=True)
+        scorer = load_scorer(args, out)
+        scored = {"images": collect_set(files, prompts, args, images_dir / "images", scorer)}
+        nan, twins = {"images": 0}, {}  # files are pixels already: none is NaN
+    else:
+        scored, nan, twins = draw_sets(args, sets, layers, prompts, out, device)
     answers = {name: None for name in sets}
     if args.judge != "none":
         model, processor = load_judge(args.judge, device)

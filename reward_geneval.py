@@ -23,7 +23,6 @@ and the training reward: the mean of the prompt's checks, with partial credit, w
 
 import argparse
 import math
-import os
 import re
 
 from PIL import Image
@@ -56,7 +55,6 @@ GREY = (153, 153, 153)  # #999: the background GenEval pastes each object's mask
 DETECTOR_SIZE = (800, 1333)  # COCO's test resize (shortest, longest side): GenEval's mmdet config resizes so
 # COCO names some detectors' configs use, as GenEval writes them
 DETECTOR_ALIASES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _PREFIX = "a photo of "
 _POSITION = re.compile(rf"(.+) ({'|'.join(POSITIONS)}) (.+)")
@@ -380,58 +378,27 @@ def _to_pil(image):
 
 # ----------------------------------------------------------------------------- command line
 
-def _natural_key(name):
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score images with GenEval's rules (Mask2Former + CLIP).")
-    parser.add_argument("image", nargs="?", help="one image file to score")
-    parser.add_argument("prompt", nargs="?", help="its GenEval prompt")
-    parser.add_argument("--dir", help="image folder: k images per prompt line, in name order")
-    parser.add_argument("--prompts", help="prompt file, one GenEval prompt per line (for --dir)")
+    """Score one image: python reward_geneval.py IMAGE PROMPT (a folder: eval.py --images DIR --reward geneval)."""
+    parser = argparse.ArgumentParser(description="Score one image with GenEval's rules (Mask2Former + CLIP); a folder "
+                                                 "against a prompts file: eval.py --images DIR --reward geneval.")
+    parser.add_argument("image", help="the image file")
+    parser.add_argument("prompt", help="its GenEval prompt")
     parser.add_argument(FLAGS["detector"], default=DEFAULT_DETECTOR, help="Mask2Former hub id or folder (%(default)s)")
     parser.add_argument(FLAGS["clip"], default=DEFAULT_CLIP, help="CLIP hub id or folder (%(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     refuse = lambda message: parser.exit(2, f"error: {message}\n")  # bad input: one line, exit 2
-
-    if args.dir:
-        if args.image or not args.prompts:
-            refuse("--dir needs --prompts FILE and no positional arguments")
-        if not (os.path.isdir(args.dir) and os.path.isfile(args.prompts)):
-            refuse(f"not found: {args.dir if not os.path.isdir(args.dir) else args.prompts}")
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        files = sorted((f for f in os.listdir(args.dir) if f.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
-        paths = [os.path.join(args.dir, f) for f in files]
-    elif args.image and args.prompt:
-        prompts, paths = [args.prompt], [args.image]
-    else:
-        refuse("give IMAGE and PROMPT, or --dir FOLDER --prompts FILE")
-    if bad := check_prompts(prompts):
-        refuse(f"prompt {bad[0][0] + 1} is not GenEval's: {bad[0][1]}")
-    if not prompts or not paths or len(paths) % len(prompts):
-        refuse(f"{len(paths)} images for {len(prompts)} prompts; expected k images per prompt")
-    if missing := [p for p in paths if not os.path.isfile(p)]:
-        refuse(f"image not found: {missing[0]}")
-    k, verdicts = len(paths) // len(prompts), []
-    reward = GenevalReward(args.geneval_detector, args.geneval_clip, args.device)
-    for i, prompt in enumerate(prompts):  # a prompt's images at a time: memory stays flat
-        try:
-            images = [Image.open(p).convert("RGB") for p in paths[i * k:(i + 1) * k]]
-        except OSError as e:
-            refuse(f"cannot read an image: {e}")
-        verdicts += reward.evaluate(images, [prompt] * k)
-    for v in verdicts if len(verdicts) == 1 else []:
-        for d in v["detections"]:
-            print(f"{d['label']:<18} {d['score']:.3f}  box {[round(x) for x in d['box']]}  {d['color'] or ''}")
-        print(f"correct: {v['correct']}  reward: {v['reward']:.4f}  {v['failed']}")
-    by_tag = {t: [v["correct"] for v in verdicts if v["tag"] == t] for t in TAGS}
-    scores = [sum(hits) / len(hits) for hits in by_tag.values() if hits]
-    print(", ".join(f"{t} {sum(h) / len(h):.3f}" for t, h in by_tag.items() if h) + f"; GenEval score (mean of "
-          f"{len(scores)} tags) {sum(scores) / len(scores):.4f}; mean reward "
-          f"{sum(v['reward'] for v in verdicts) / len(verdicts):.4f}")
+    if bad := check_prompts([args.prompt]):
+        refuse(f"the prompt is not GenEval's: {bad[0][1]}")
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except OSError as e:
+        refuse(f"cannot read image {args.image}: {e}")
+    [verdict] = GenevalReward(args.geneval_detector, args.geneval_clip, args.device).evaluate([image], [args.prompt])
+    for d in verdict["detections"]:
+        print(f"{d['label']:<18} {d['score']:.3f}  box {[round(x) for x in d['box']]}  {d['color'] or ''}")
+    print(f"correct: {verdict['correct']}  reward: {verdict['reward']:.4f}  {verdict['failed']}")
 
 
 if __name__ == "__main__":

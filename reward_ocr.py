@@ -25,7 +25,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Opening quote, shortest text, closing quote; straight or curly quotes in any mix.
 _QUOTED = re.compile(r'["\u201c](.*?)["\u201d]', re.DOTALL)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def ocr_target(prompt):
@@ -175,81 +174,30 @@ def selfcheck(prompts, n=50, reward=None):
     return sum(matched) / len(matched), sum(mismatched) / len(mismatched)
 
 
-def _natural_key(name):
-    # "img2.png" before "img10.png": digit runs compare as numbers (zero-padded names sort as usual).
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
-
-
 class Refused(Exception):
-    """A bad input of the command line: main prints it as one line, exit code 2 (gdro.py's convention; this file
-    stays free of gdro so that gdro.py can import it)."""
-
-
-def _read_prompts(path):
-    """Prompt lines of a file, each checked to hold a quoted target; errors name the line."""
-    if not os.path.isfile(path):
-        raise Refused(f"prompt file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().rstrip("\n").split("\n")
-    for i, line in enumerate(lines, 1):
-        try:
-            ocr_target(line)
-        except ValueError:
-            raise Refused(f"{path} line {i}: no quoted target text: {line!r}") from None
-    return lines
+    """A bad input of the command line: printed as one line, exit code 2 (gdro.py's convention; this file stays free
+    of gdro, so that gdro.py can import it)."""
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score images with the OCR reward (EasyOCR).")
-    parser.add_argument("image", nargs="?", help="one image file to score")
-    parser.add_argument("prompt", nargs="?", help="its prompt, with the target text in double quotes")
-    parser.add_argument("--dir", help="image folder; files sorted by name, one per prompt line")
-    parser.add_argument("--prompts", help="prompt file, one prompt per line (for --dir, --selfcheck)")
-    parser.add_argument("--selfcheck", type=int, metavar="N", help="score clean renderings of N prompts' targets")
+    """Score one image: python reward_ocr.py IMAGE PROMPT (a folder of images: eval.py --images DIR)."""
+    parser = argparse.ArgumentParser(description="Score one image with the OCR reward (EasyOCR); a folder of images "
+                                                 "against a prompts file: eval.py --images DIR --prompts FILE.")
+    parser.add_argument("image", help="the image file")
+    parser.add_argument("prompt", help="its prompt, with the target text in double quotes")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-
-    if args.selfcheck:
-        if not args.prompts:
-            parser.error("--selfcheck needs --prompts FILE")
-        matched, mismatched = selfcheck(_read_prompts(args.prompts), args.selfcheck, OcrReward(args.device))
-        print(f"own targets: {matched:.4f}  rotated targets: {mismatched:.4f}")
-    elif args.dir:
-        if args.image or not args.prompts:
-            parser.error("--dir needs --prompts FILE and no positional arguments")
-        if not os.path.isdir(args.dir):
-            raise Refused(f"image folder not found: {args.dir}")
-        prompts = _read_prompts(args.prompts)
-        files = sorted((f for f in os.listdir(args.dir) if f.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
-        if len(files) != len(prompts):
-            raise Refused(f"{args.dir} has {len(files)} images but {args.prompts} has "
-                             f"{len(prompts)} prompt lines")
-        from tqdm import tqdm
-
-        reward, scores = OcrReward(args.device), []
-        for name, prompt in zip(tqdm(files, desc="OCR"), prompts):
-            path = os.path.join(args.dir, name)
-            try:
-                image = Image.open(path)
-                image.load()
-            except OSError as e:
-                raise Refused(f"cannot read image {path}: {e}")
-            scores.extend(reward([image], [prompt]))
-        print(f"mean OCR reward over {len(scores)} images: {sum(scores) / len(scores):.4f}")
-    else:
-        if not (args.image and args.prompt):
-            parser.error("give IMAGE and PROMPT, or --dir FOLDER --prompts FILE")
-        if not os.path.isfile(args.image):
-            raise Refused(f"image not found: {args.image}")
-        try:
-            target = ocr_target(args.prompt)
-            image = Image.open(args.image)
-            image.load()
-        except (ValueError, OSError) as e:
-            raise Refused(f"{e}")
-        text = OcrReward(args.device).read(image)
-        print(f"recognised: {text!r}")
-        print(f"target: {target!r}  score: {ocr_score(text, target):.4f}")
+    if not os.path.isfile(args.image):
+        raise Refused(f"image not found: {args.image}")
+    try:
+        target = ocr_target(args.prompt)
+        image = Image.open(args.image)
+        image.load()
+    except (ValueError, OSError) as e:
+        raise Refused(str(e))
+    text = OcrReward(args.device).read(image)
+    print(f"recognised: {text!r}")
+    print(f"target: {target!r}  score: {ocr_score(text, target):.4f}")
 
 
 if __name__ == "__main__":

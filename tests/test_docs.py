@@ -29,7 +29,8 @@ NOT_PROJECT_NAMES = {
     # metrics.jsonl keys (gdro.train writes them)
     "rank_acc", "tied_groups", "grad_norm", "err_policy", "err_ref", "time_s",
     # eval.py's report.json and scores.jsonl keys
-    "ocr_reward", "ocr_exact", "n_images", "prompt_index", "judge_answer",
+    "ocr_reward", "ocr_exact", "n_images", "prompt_index", "judge_answer", "tag_accuracy", "geneval_score",
+    "nan_images",
     # experiments/run.py --ocr's results.json keys
     "base_ocr", "gdro_ocr", "base_exact", "gdro_exact", "gain_se", "model_dir", "train_prompts", "heldout_prompts",
     # experiments/bench.py's JSON keys (figures, not functions)
@@ -42,6 +43,8 @@ NOT_PROJECT_NAMES = {
     "x_t", "q_i", "v_model", "err_theta", "r_corr",
     # torchrun's environment variables
     "WORLD_SIZE", "LOCAL_RANK",
+    # W&B's environment variable (families.check_report_to reads it)
+    "WANDB_API_KEY",
     # errno names (simulated full disk and permission errors)
     "ENOSPC", "EACCES",
     # diffusers, transformers, peft and torch APIs

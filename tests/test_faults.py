@@ -712,3 +712,47 @@ def test_a_damaged_cache_shard_stops_training_in_one_line_naming_it_and_regenera
     rerun = gdro_cli(out)  # stopped in step 1, before a checkpoint: the same command, no --resume
     assert rerun.code == 0, rerun.err
     assert_same_run(out, reference)
+
+# ----------------------------------------------------------------------------- the newer surfaces: trackers, rewards, hub
+
+def test_wandb_online_without_credentials_is_refused_with_the_flags_before_the_cache(prompts, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no `wandb login` either
+    out = tmp_path / "run"
+    line = refused(["--prompts", str(prompts), *BASE, "--out", str(out), "--report-to", "wandb"])
+    assert line.startswith("--report-to wandb: ") and "WANDB_MODE=offline" in line and "wandb login" in line
+    assert not out.exists()
+
+
+def test_wandb_online_with_an_unreachable_server_is_refused_in_seconds_not_after_a_hang(prompts, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://no-such-host.invalid")
+    started = time.time()
+    line = refused(["--prompts", str(prompts), *BASE, "--out", str(tmp_path / "run"), "--report-to", "wandb"])
+    assert "cannot reach no-such-host.invalid" in line and "WANDB_MODE=offline" in line
+    assert time.time() - started < 30
+
+
+def test_a_reward_that_calls_sys_exit_stops_the_run_saying_so(prompts, tmp_path):
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("import sys\n\ndef reward(images, prompts):\n    sys.exit(3)\n")
+    with pytest.raises(SystemExit) as e:
+        gdro.main(["--prompts", str(prompts), *BASE, "--out", str(tmp_path / "run"), "--reward", f"{reward}:reward"])
+    first = str(e.value.code).splitlines()[0]
+    assert first.startswith("error: the reward") and "SystemExit: 3" in first and "prompt 1" in first
+
+
+def test_a_gated_hub_model_is_refused_naming_its_page_and_the_login(prompts, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):  # the hub's error, made without an HTTP response
+        error = GatedRepoError.__new__(GatedRepoError)
+        OSError.__init__(error, "401 Client Error. Access to model stabilityai/stable-diffusion-3.5-medium is restricted")
+        raise error
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", gated)
+    line = refused(["--prompts", str(prompts), "--reward", REWARD, "--out", str(tmp_path / "run")])
+    assert "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium" in line and "hf auth login" in line

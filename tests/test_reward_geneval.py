@@ -351,23 +351,27 @@ def test_missing_weights_stop_in_one_line_naming_the_source_and_the_flag(tmp_pat
     assert "\n" not in message and absent in message and "--geneval-detector" in message
 
 
-def test_cli_refuses_a_bad_prompts_file_in_one_line_with_exit_2(tmp_path, capsys):
-    (tmp_path / "p.txt").write_text("a photo of a dog\na photo of a dogg\n")
+def test_cli_refuses_a_prompt_outside_the_grammar_in_one_line_with_exit_2(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     with pytest.raises(SystemExit) as stop:
-        rg.main(["--dir", str(tmp_path), "--prompts", str(tmp_path / "p.txt")])
+        rg.main([str(tmp_path / "0.png"), "a photo of a dogg"])
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "\n" not in err and "prompt 2" in err and "dogg" in err
+    assert stop.value.code == 2 and "\n" not in err and "dogg" in err
 
 
 @pytest.mark.slow
-def test_cli_scores_a_folder_per_tag_with_local_models(tiny_folders, tmp_path, capsys):
+def test_eval_scores_a_folder_per_tag_with_local_models(tiny_folders, tmp_path, capsys):
+    import eval as evaluate
     (tmp_path / "p.txt").write_text("a photo of a dog\na photo of two cats\n")
+    (tmp_path / "images").mkdir()
     for i in range(4):  # two images per prompt, in name order
-        Image.new("RGB", (48, 48), (i * 60, 90, 90)).save(tmp_path / f"{i}.png")
-    rg.main(["--dir", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--geneval-detector", tiny_folders[0],
-             "--geneval-clip", tiny_folders[1], "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert "single_object 0.000, counting 0.000; GenEval score (mean of 2 tags) 0.0000" in out
+        Image.new("RGB", (48, 48), (i * 60, 90, 90)).save(tmp_path / "images" / f"{i}.png")
+    report = evaluate.main(["--images", str(tmp_path / "images"), "--prompts", str(tmp_path / "p.txt"),
+                            "--reward", "geneval", "--geneval-detector", tiny_folders[0], "--geneval-clip",
+                            tiny_folders[1], "--images-per-prompt", "2", "--judge", "none", "--out", str(tmp_path / "e")])
+    tags = report["images"]["tag_accuracy"]
+    assert tags["single_object"] == 0.0 and tags["counting"] == 0.0 and tags["colors"] is None
+    assert report["images"]["geneval_score"] == 0.0 and "GenEval" in capsys.readouterr().out
 
 
 # ---- --reward geneval in gdro.py and eval.py ----

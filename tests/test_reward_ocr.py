@@ -86,7 +86,7 @@ def test_recognised_text_is_all_pieces_joined_without_separator(ocr):
 
 @pytest.mark.slow
 def test_clean_renderings_of_test_targets_score_high_and_mismatched_targets_low(ocr):
-    # The benchmark-size check (n=50) is `python reward_ocr.py --selfcheck 50 --prompts ocr_test.txt`;
+    # The benchmark-size check is selfcheck(prompts, n=50);
     # 5 images keep this test fast.
     matched, mismatched = selfcheck(prompt_lines("ocr_test.txt"), n=5, reward=ocr)
     assert matched >= 0.9
@@ -162,32 +162,40 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_eval(*args):
+    return subprocess.run([sys.executable, str(HERE / "eval.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE)
+
+
 @pytest.mark.slow
-def test_cli_dir_mode_prints_the_mean_over_images_sorted_by_name(tmp_path):
-    # Natural order: "2.png" pairs with prompt line 1, "10.png" with line 2.
-    render("Fresh Bread").save(tmp_path / "2.png")
-    blank().save(tmp_path / "10.png")
+def test_eval_scores_a_folder_of_images_in_natural_name_order(tmp_path):
+    # A folder of images made elsewhere, scored without a model: "2.png" pairs with prompt line 1, "10.png" with 2
+    import eval as evaluate
+    (tmp_path / "images").mkdir()
+    render("Fresh Bread").save(tmp_path / "images" / "2.png")
+    blank().save(tmp_path / "images" / "10.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('A sign that reads "Fresh Bread"\nA sign that reads "Open Late"\n')
-    result = run_cli("--dir", tmp_path, "--prompts", prompts)
-    assert result.returncode == 0, result.stderr
-    assert "mean OCR reward over 2 images: 0.5000" in result.stdout
+    report = evaluate.main(["--images", str(tmp_path / "images"), "--prompts", str(prompts), "--judge", "none",
+                            "--out", str(tmp_path / "eval")])
+    assert report["images"]["ocr_reward"] == pytest.approx(0.5) and report["images"]["n_images"] == 2
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing image", "count mismatch", "prompt line without quotes"])
-def test_cli_bad_input_exits_nonzero_with_one_line_error_and_no_traceback(tmp_path, case):
+def test_bad_input_exits_2_with_one_line_error_and_no_traceback(tmp_path, case):
     blank().save(tmp_path / "0.png")
     prompts = tmp_path / "prompts.txt"
+    folder = ["--images", tmp_path, "--prompts", prompts, "--judge", "none", "--out", tmp_path / "eval"]
     if case == "missing image":
         result, expected = run_cli(tmp_path / "nope.png", 'A sign "Hi there"'), "nope.png"
     elif case == "count mismatch":
         prompts.write_text('A sign "One"\nA sign "Two"\n')
-        result, expected = run_cli("--dir", tmp_path, "--prompts", prompts), "2 prompt lines"
+        result, expected = run_eval(*folder), "2 prompt lines"
     else:
         prompts.write_text("A sign with no target\n")
-        result, expected = run_cli("--dir", tmp_path, "--prompts", prompts), "line 1"
-    assert result.returncode != 0
+        result, expected = run_eval(*folder), "line(s) 1"
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert expected in result.stderr

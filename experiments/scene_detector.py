@@ -1,0 +1,86 @@
+"""A plain detector for the scene model's images (experiments/scene_model.py), and GenEval's reward on it.
+
+The scene model draws a few COCO classes as flat shapes of flat colours on a plain background, so a detector needs
+no learning: the background is the image's median colour, an object is a connected component of the pixels far from
+it, its class the shape prototype nearest to its mask's shape (how much of its box it fills, its width over its
+height, where its mass sits between its top and bottom), its score how close it is to that prototype, and its colour
+the nearest of GenEval's ten to its most saturated pixels. Its detections are score_detections' dicts (label,
+score, box in pixels, color), so reward_geneval's rules score them as they score Mask2Former's and CLIP's:
+
+    scene_reward(images, prompts) -> list[float]      # gdro.py --reward experiments/scene_detector.py:scene_reward
+    scene_evaluate(images, prompts) -> list[dict]     # reward_geneval.explain's verdict of each image
+"""
+import math
+
+import numpy as np
+from PIL import Image
+
+import reward_geneval
+
+# The classes, each drawn as one shape; prototypes of (fill of its box, log of width / height, the mask's centroid
+# between its top and bottom), measured on renders passed through the scene model's VAE (docs/experiments.md)
+SHAPES = {"clock": "circle", "tv": "square", "kite": "triangle", "bus": "bar"}
+PROTOTYPES = {"clock": (0.79, 0.0, 0.50), "tv": (0.97, 0.0, 0.50), "kite": (0.55, 0.10, 0.60), "bus": (0.95, 1.06, 0.50)}
+SPREAD = (0.05, 0.25, 0.04)  # how far each feature of a clean render strays from its prototype (the distance's units)
+# GenEval's ten colours as the renderer paints them; the detector names the nearest (white is the background's)
+RGB = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 210, 20), "green": (30, 160, 50),
+       "blue": (30, 70, 220), "purple": (140, 50, 190), "pink": (245, 140, 190), "brown": (120, 70, 30),
+       "black": (25, 25, 25), "white": (250, 250, 250)}
+FOREGROUND = 100  # a pixel is an object's when a channel differs from the background by more (about half a colour's)
+MIN_AREA = 24     # smaller components are specks, not objects (the smallest render covers about 90 pixels)
+
+
+def features(mask):
+    """(fill, log aspect, centroid height) of one component's bool mask, and its box [x0, y0, x1, y1] (pixel edges)."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    w, h = x1 - x0, y1 - y0
+    return (len(ys) / (w * h), math.log(w / h), (ys.mean() + 0.5 - y0) / h), [float(x0), float(y0), float(x1),
+                                                                              float(y1)]
+
+
+def classify(feature):
+    """(the nearest prototype's class, score in (0, 1]): exp(-d^2 / 8) of the distance d in SPREAD units, so that a
+    shape within 1 unit of its prototype scores above 0.88 and one 3 units away (a merged blob, a smear) below 0.33."""
+    dist = {c: math.sqrt(sum(((f - p) / s) ** 2 for f, p, s in zip(feature, proto, SPREAD)))
+            for c, proto in PROTOTYPES.items()}
+    label = min(dist, key=dist.get)
+    return label, math.exp(-dist[label] ** 2 / 8)
+
+
+def colour_name(pixels):
+    """The nearest of GenEval's ten colours (RGB Euclidean) to the mean of [N, 3] pixels."""
+    mean = pixels.mean(0)
+    return min(RGB, key=lambda c: sum((m - v) ** 2 for m, v in zip(mean, RGB[c])))
+
+
+def detect(image):
+    """One image's detections: dicts with "label" (a class of SHAPES), "score", "box" (pixels) and "color"."""
+    from scipy import ndimage
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    background = np.median(pixels.reshape(-1, 3), axis=0)  # a plain background covers most of every scene
+    deviation = np.abs(pixels - background).max(-1)
+    labels, n = ndimage.label(deviation > FOREGROUND)  # 4-connected: shapes that only touch at a corner stay two
+    found = []
+    for k in range(1, n + 1):
+        mask = labels == k
+        if mask.sum() < MIN_AREA:
+            continue
+        feature, box = features(mask)
+        label, score = classify(feature)
+        # the colour from the component's inner half: its edge pixels are blended with the background
+        inner = mask & (deviation >= np.median(deviation[mask]))
+        found.append({"label": label, "score": score, "box": box, "color": colour_name(pixels[inner])})
+    return found
+
+
+def scene_evaluate(images, prompts):
+    """reward_geneval.explain's verdict of each image on its prompt: correct, reward, tag, failed, detections."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    return [reward_geneval.explain(p, detect(im)) for im, p in zip(images, prompts)]
+
+
+def scene_reward(images, prompts):
+    """GenEval's training reward of each image (gdro.py and eval.py: --reward experiments/scene_detector.py:scene_reward)."""
+    return [v["reward"] for v in scene_evaluate(images, prompts)]
