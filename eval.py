@@ -17,7 +17,6 @@ the judge's answer), OUT/images/SET/PPPP_J.png, OUT/grid.png (labelled columns: 
 with --checkpoints also OUT/trend.json and trend.png. Every input is checked before a model loads: a refused one
 stops with one line and exit code 2; a failure after that, one line and exit code 1.
 """
-import argparse
 import functools
 import gc
 import json
@@ -41,7 +40,7 @@ from reward_ocr import ocr_target
 TINY_EVAL = ("resolution", "max_prompts", "steps")  # what --tiny shrinks here, to families.TINY_RUN's values
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a GDRO LoRA: the task's score, judge scores, corrected score.")
+    p = gdro.Parser(description="Evaluate a GDRO LoRA: the task's score, judge scores, corrected score.")
     p.add_argument("--prompts", required=True,
                    help="test prompt file, one prompt per line (OCR: target text in double quotes; GenEval's grammar)")
     p.add_argument("--lora", nargs="+", default=None,

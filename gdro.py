@@ -70,8 +70,13 @@ def add_model_flags(p):
     arg("--resolution", type=int, help=f"image side, a multiple of {RESOLUTION_FACTOR} (default: 512, or the model's)")
     arg("--guidance", type=float, help="CFG or distilled guidance (default: the family's, e.g. 4.5 SD3, 3.5 FLUX.1)")
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals (an unknown flag, a value of the wrong type) are one line and exit 2, as BadInput's."""
+    def error(self, message):
+        raise BadInput(f"{message} (see --help)")
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GDRO: offline group-level reward post-training of a LoRA.")
+    p = Parser(description="GDRO: offline group-level reward post-training of a LoRA.")
     arg, d = p.add_argument, " (default: %(default)s)"
     arg("--prompts", help="text file, one prompt per line (UTF-8)")
     arg("--from-images", metavar="DIR", help="cache DIR/metadata.jsonl's images and rewards instead of sampling")

@@ -3,17 +3,13 @@ repository root as modules: python -m experiments.run, python -m experiments.tex
 
 What they share is how they refuse input, gdro.py's way: every flag checked before a model loads or long work
 starts, a refusal is gdro.BadInput (one line naming the flag and what it accepts, exit 2; gdro.cli prints it)."""
-import argparse
 import math
 from pathlib import Path
 
 import gdro
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose refusals (an unknown flag, a value of the wrong type) are one line, as gdro.BadInput's."""
-    def error(self, message):
-        raise gdro.BadInput(f"{message} (see --help)")
+from gdro import Parser  # argparse whose refusals are one line, exit 2: every script's
 
 
 # What a value may be: (test, what it accepts), for check and key_values

@@ -17,7 +17,6 @@ seeds). The lines are shuffled together, so that any first N lines (--max-prompt
     python -m experiments.geneval_prompts              # writes geneval.txt and geneval_test.txt (seconds)
     python -m experiments.geneval_prompts --check      # the two files are what the recipe makes
 """
-import argparse
 import itertools
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def prompt_sets():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write GenEval's test prompts and the training prompts (GenEval's recipe).")
+    p = gdro.Parser(description="Write GenEval's test prompts and the training prompts (GenEval's recipe).")
     p.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
     args = p.parse_args(argv)
     for split, lines in prompt_sets().items():
