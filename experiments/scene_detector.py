@@ -17,11 +17,14 @@ from PIL import Image
 
 import reward_geneval
 
-# The classes, each drawn as one shape; prototypes of (fill of its box, log of width / height, the mask's centroid
-# between its top and bottom), measured on renders passed through the scene model's VAE (docs/experiments.md)
+# The classes, each drawn as one shape. A mask's shape is three features: how much of its box it fills, the log of
+# its width over its height, and where its mass sits between its top (0) and bottom (1). PROTOTYPES: their medians,
+# SPREAD: their standard deviations, both over renders passed through the scene model's VAE (2 of each prompt)
 SHAPES = {"clock": "circle", "tv": "square", "kite": "triangle", "bus": "bar"}
-PROTOTYPES = {"clock": (0.79, 0.0, 0.50), "tv": (0.97, 0.0, 0.50), "kite": (0.55, 0.10, 0.60), "bus": (0.95, 1.06, 0.50)}
-SPREAD = (0.05, 0.25, 0.04)  # how far each feature of a clean render strays from its prototype (the distance's units)
+PROTOTYPES = {"clock": (0.79, 0.0, 0.505), "tv": (0.96, 0.0, 0.50), "kite": (0.595, 0.12, 0.627),
+              "bus": (0.967, 1.02, 0.50)}
+SPREAD = (0.035, 0.05, 0.015)
+TYPICAL = 4.0  # a render's shape lies within 4 spreads of its prototype (3.4 holds 99 % of them)
 # GenEval's ten colours as the renderer paints them; the detector names the nearest (white is the background's)
 RGB = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 210, 20), "green": (30, 160, 50),
        "blue": (30, 70, 220), "purple": (140, 50, 190), "pink": (245, 140, 190), "brown": (120, 70, 30),
@@ -40,12 +43,14 @@ def features(mask):
 
 
 def classify(feature):
-    """(the nearest prototype's class, score in (0, 1]): exp(-d^2 / 8) of the distance d in SPREAD units, so that a
-    shape within 1 unit of its prototype scores above 0.88 and one 3 units away (a merged blob, a smear) below 0.33."""
+    """(the nearest prototype's class, its score): the class's share of the prototypes' Gaussian likelihoods (in
+    SPREAD units; near 1 unless the shape lies between two classes, 0.5 halfway) times how typical the shape is
+    (1 within TYPICAL spreads of the prototype, falling as a Gaussian beyond: a merged blob or a smear scores low)."""
     dist = {c: math.sqrt(sum(((f - p) / s) ** 2 for f, p, s in zip(feature, proto, SPREAD)))
             for c, proto in PROTOTYPES.items()}
     label = min(dist, key=dist.get)
-    return label, math.exp(-dist[label] ** 2 / 8)
+    share = 1 / sum(math.exp((dist[label] ** 2 - d ** 2) / 2) for d in dist.values())
+    return label, share * math.exp(-max(0.0, dist[label] - TYPICAL) ** 2 / 2)
 
 
 def colour_name(pixels):
@@ -82,5 +87,5 @@ def scene_evaluate(images, prompts):
 
 
 def scene_reward(images, prompts):
-    """GenEval's training reward of each image (gdro.py and eval.py: --reward experiments/scene_detector.py:scene_reward)."""
+    """GenEval's reward of each image (gdro.py / eval.py --reward experiments/scene_detector.py:scene_reward)."""
     return [v["reward"] for v in scene_evaluate(images, prompts)]

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 import experiments
 import gdro
 import reward_geneval
-from experiments import scene_detector, text_model
+from experiments import text_model
 from experiments.scene_detector import RGB, SHAPES, detect, scene_evaluate, scene_reward  # noqa: F401 (the reward)
 from families import char_text_configs, char_tokenizers, eval_mode
 
@@ -234,7 +234,7 @@ def train_prompts(r):
 
 
 def training_renders(r):
-    """(prompts, images): `variants` correct renders of each training prompt, prompt by prompt, from the recipe's seed."""
+    """(prompts, images): `variants` correct renders of each training prompt, prompt by prompt, from the seed."""
     rng, prompts = random.Random(r["seed"]), train_prompts(r)
     images = [render_scene(p, rng)[0] for p in gdro.progress(prompts, "scene model: render", "prompt")
               for _ in range(r["variants"])]
