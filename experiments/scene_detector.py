@@ -18,12 +18,14 @@ from PIL import Image
 import reward_geneval
 
 # The classes, each drawn as one shape. A mask's shape is three features: how much of its box it fills, the log of
-# its width over its height, and where its mass sits between its top (0) and bottom (1). PROTOTYPES: their medians,
-# SPREAD: their standard deviations, both over renders passed through the scene model's VAE (2 of each prompt)
+# its width over its height, and where its mass sits between its top (0) and bottom (1). Each class's PROTOTYPE: the
+# features' medians, and its SPREAD: their standard deviations, over renders passed through the scene model's VAE
+# (2 of each prompt; a bar is 2 latent pixels high, so its features vary most)
 SHAPES = {"clock": "circle", "tv": "square", "kite": "triangle", "bus": "bar"}
 PROTOTYPES = {"clock": (0.79, 0.0, 0.505), "tv": (0.96, 0.0, 0.50), "kite": (0.595, 0.12, 0.627),
               "bus": (0.967, 1.02, 0.50)}
-SPREAD = (0.035, 0.05, 0.015)
+SPREAD = {"clock": (0.03, 0.037, 0.013), "tv": (0.034, 0.045, 0.011), "kite": (0.031, 0.04, 0.017),
+          "bus": (0.042, 0.059, 0.018)}
 TYPICAL = 4.0  # a render's shape lies within 4 spreads of its prototype (3.4 holds 99 % of them)
 # GenEval's ten colours as the renderer paints them; the detector names the nearest (white is the background's)
 RGB = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 210, 20), "green": (30, 160, 50),
@@ -46,7 +48,7 @@ def classify(feature):
     """(the nearest prototype's class, its score): the class's share of the prototypes' Gaussian likelihoods (in
     SPREAD units; near 1 unless the shape lies between two classes, 0.5 halfway) times how typical the shape is
     (1 within TYPICAL spreads of the prototype, falling as a Gaussian beyond: a merged blob or a smear scores low)."""
-    dist = {c: math.sqrt(sum(((f - p) / s) ** 2 for f, p, s in zip(feature, proto, SPREAD)))
+    dist = {c: math.sqrt(sum(((f - p) / s) ** 2 for f, p, s in zip(feature, proto, SPREAD[c])))
             for c, proto in PROTOTYPES.items()}
     label = min(dist, key=dist.get)
     share = 1 / sum(math.exp((dist[label] ** 2 - d ** 2) / 2) for d in dist.values())
