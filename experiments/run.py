@@ -19,8 +19,6 @@ improving every colour means the LoRA reads the colour word in the prompt.
 
 Results go to OUT/results.json (main) and OUT/ablations.json + OUT/ablations.md (docs/experiments.md).
 """
-import contextlib
-import io
 import json
 import multiprocessing
 import os
@@ -427,13 +425,13 @@ def check_gdro_flags(flag, argv):
     """gdro.py's own checks (its parser, check_args) of the flags a run will pass it, before anything runs: a refusal
     names `flag`, where they were set."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()) as err:  # argparse's usage block: only its last line is said
-            args = gdro.settle_model(gdro.parse_args(argv))
-        gdro.check_args(args, 1)
+        args = gdro.parse_args(argv)
+    except gdro.BadInput as e:  # gdro.py's parser: an unknown flag, a value of the wrong type
+        raise gdro.BadInput(f"{flag}: gdro.py {e}")
+    try:
+        gdro.check_args(gdro.settle_model(args), 1)
     except gdro.BadInput as e:
         raise gdro.BadInput(f"{flag}: {e}")
-    except SystemExit:
-        raise gdro.BadInput(f"{flag}: gdro.py " + err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1])
 
 
 def gdro_flags(items):
