@@ -219,7 +219,7 @@ def detector_accuracy(vae, per_prompt=4, seed=12345):
 
 def model_record(recipe):
     """What scene_model.json records of a build: a folder holding another record holds another model."""
-    return {"recipe": {**SCENE_RECIPE, **(recipe or {})}, "classes": SHAPES, "colours": SCENE_COLOURS,
+    return {"recipe": {**SCENE_RECIPE, **(recipe or {})}, "classes": SHAPES, "colours": list(SCENE_COLOURS),
             "resolution": SCENE_RESOLUTION, "splits": SCENE_SPLITS}
 
 
@@ -293,14 +293,17 @@ def build_scene_model(folder, recipe=None):
     conds = [gdro.encode_prompt(pipe, sd3, p)[0] for p in prompts]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
     _, uncond = gdro.encode_prompt(pipe, sd3, prompts[0])  # the empty prompt, as CFG uses
-    t_transformer = time.time()
-    text_model.train_text_transformer(pipe, x0, cond, uncond, r, work / "transformer_state.pt")
+    state, t_transformer = work / "transformer_state.pt", time.time()
+    resumed = torch.load(state, weights_only=True)["step"] if state.exists() else 0  # an interrupted build's steps
+    text_model.train_text_transformer(pipe, x0, cond, uncond, r, state)
     t_transformer = time.time() - t_transformer
     pipe.save_pretrained(folder)
     write_scene_prompts(folder, r)
+    # this process's figures: a resumed build's earlier stages and steps are not in them
     timing = {"build_seconds": round(time.time() - t0), "vae_seconds": round(t_vae),
-              "transformer_seconds": round(t_transformer), "torch_threads": torch.get_num_threads(),
-              "transformer_steps_per_s": round(r["steps"] / max(t_transformer, 1e-9), 2)}
+              "transformer_seconds": round(t_transformer), "transformer_steps": r["steps"] - resumed,
+              "transformer_steps_per_s": round((r["steps"] - resumed) / max(t_transformer, 1e-9), 3),
+              "torch_threads": torch.get_num_threads()}
     done.write_text(json.dumps({"record": record, **timing}, indent=2))
     shutil.rmtree(work)  # the stages' checkpoints: the model is whole now
     return folder
