@@ -1,5 +1,6 @@
 """Every script keeps gdro.py's promise: `--help` works, and a bad input is refused before anything loads, in one line
-on stderr (exit code 2, no traceback). Seconds: each refusal happens before any model is built."""
+on stderr (exit code 2, no traceback). Marked slow: each is a new Python process (2 s of imports); every refusal
+happens before any model is built."""
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def run(command, args):
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_each_script_answers_help(script):
     command, _, _ = SCRIPTS[script]
@@ -31,6 +33,7 @@ def test_each_script_answers_help(script):
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr[-500:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_each_script_refuses_a_bad_input_in_one_line_with_exit_code_2(script):
     command, bad, word = SCRIPTS[script]

@@ -90,6 +90,7 @@ def one_line_refusal(code, out, err, words):
     assert "Traceback" not in out + err, out + err
 
 
+@pytest.mark.slow
 def test_each_experiments_script_answers_help_and_refuses_a_bad_flag_in_one_line_from_the_command_line(tmp_path):
     """Through python -m and its __main__ (gdro.cli), a second or two each: the import of torch is most of it."""
     bad = {"run": (["--eval-seeds", 0], "--eval-seeds 0"),
