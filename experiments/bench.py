@@ -133,8 +133,8 @@ def train(transformer, family, cache_dir, sizes, args, device):
     """gdro.train as gdro.main calls it."""
     import diffusers  # here, not at the top: a refused flag answers before diffusers' long import
     record = gdro.family_record(family)
-    run = gdro.Run(args, record, getattr(diffusers, record.pipeline), record.scheduler, cache_dir, sizes, device)
-    return gdro.train(transformer, run)
+    return gdro.train(transformer, gdro.Run(args, record, getattr(diffusers, record.pipeline), record.scheduler,
+                                            cache_dir, sizes, device))
 
 
 def random_cache(spec, folder, n=REAL_RUN["images"], seed=0):
@@ -315,9 +315,7 @@ def markdown_table(header, rows, align):
 def distance_to_reference(family, prompts, seeds, reference_steps):
     """distance(sampler, steps): the relative RMS distance of its latents, on the family's tiny model, to Euler's
     reference_steps solution from the same noises; cached: the reference is solved once."""
-    record = gdro.family_record(family)
-    pipe = families.build_tiny_pipeline(record)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, record = gdro.load_pipeline(None, tiny=True, family=family)  # its progress bar off, as gdro.py's
     config, guidance = dict(pipe.scheduler.config), record.guidance
     encoded = [gdro.encode_prompt(pipe, record, prompt) for prompt in prompts]
 
@@ -398,6 +396,7 @@ def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
     """Seconds per prompt group through gdro.build_cache for each sampler at its steps_for, eager and (CUDA) compiled
     as --compile does, and of a bare pipeline call making Euler's images. (those, Euler's cache folder)"""
     found, n, side = {"steps": steps_for, "eager": None, "compiled": None}, run["images"], run["resolution"]
+    record = gdro.family_record(family)
     for tag in ("eager", "compiled"):
         if tag == "compiled":
             if device.type != "cuda":
@@ -409,8 +408,7 @@ def measure_rollouts(pipe, family, prompt, run, steps_for, work, device):
             for name, count in ((f"warmup_{tag}", 2), (tag, steps)):  # untimed first: kernels, autotuning, compiling
                 args = rollout_args(family, n, count, side, sampler)
                 t0 = stamp(device)
-                gdro.build_cache(pipe, gdro.family_record(family), [prompt], brightness,
-                                 work / f"{name}_{sampler}_{count}", args)
+                gdro.build_cache(pipe, record, [prompt], brightness, work / f"{name}_{sampler}_{count}", args)
                 found[tag][sampler] = round(stamp(device) - t0, 4)
             print(f"  rollout {tag} {sampler}, {steps} steps: {found[tag][sampler]:.3f} s ({n} images, {side} px)")
         if tag == "eager":  # Euler's images by a bare pipeline call, the same seeds: what build_cache adds to it
