@@ -7,12 +7,14 @@
   like gdro.SD3 and gdro.Flux. Adding a family is one record in RECORDS and its tiny pipeline in TINY_BUILDERS.
 - build_tiny_pipeline(record): a tiny RANDOM pipeline of a family's diffusers classes, text encoders and tokenizers
   included, built from configs with no download (--tiny, the tests, the benchmark). It draws noise: it proves the
-  plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to.
+  plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to. With --reward geneval, --tiny's random
+  Mask2Former and CLIP of the real classes (tiny_geneval_reward).
 - read_image_folder, encode_images: --from-images' metadata.jsonl and images, every line checked; the images
   resized, cropped and encoded with the family's VAE step.
-- make_scheduler, compile_transformer, quantize, report_to: --sampler's multistep solvers, --compile's blocks,
-  --quantize's frozen base with int8 or NF4 weights, --report-to's TensorBoard or W&B log; their packages (torchao,
-  bitsandbytes, tensorboard, wandb) imported only here, when asked for.
+- make_scheduler, compile_transformer, quantize, check_report_to, report_to: --sampler's multistep solvers,
+  --compile's blocks, --quantize's frozen base with int8 or NF4 weights, --report-to's settings (checked with the
+  other flags) and its TensorBoard or W&B log; their packages (torchao, bitsandbytes, tensorboard, wandb) imported
+  only here, when asked for.
 """
 import contextlib
 import json
