@@ -158,3 +158,18 @@ def test_gdro_trains_on_the_toy_scene_model_with_the_scene_reward(scene_model, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "cache" / "manifest.json").read_text())["resolution"] == 64
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_paired_gains_per_tag_and_the_geneval_scores_se_from_pooled_prompt_spread():
+    from experiments import scene_gdro
+    verdict = lambda tag, correct: {"tag": tag, "correct": correct, "reward": float(correct)}
+    # prompt 0 single_object, prompts 1-2 colors; two images each, the same seeds for base and LoRA
+    base = {0: [verdict("single_object", 0)] * 2, 1: [verdict("colors", 0)] * 2,
+            2: [verdict("colors", 1), verdict("colors", 0)]}
+    lora = {0: [verdict("single_object", 1)] * 2, 1: [verdict("colors", 1), verdict("colors", 0)],
+            2: [verdict("colors", 1)] * 2}
+    r = scene_gdro.paired_gain({"base": base, "lora": lora}, "lora")
+    assert r["base"]["geneval_score"] == 0.125 and r["lora"]["geneval_score"] == 0.875  # (0 + 1/4) / 2, (1 + 3/4) / 2
+    assert r["tags"]["colors"] == {"gain": 0.5, "se": 0.0, "prompts": 2} and r["tags"]["single_object"]["gain"] == 1
+    assert r["geneval_gain"] == 0.75 and r["geneval_gain_se"] == 0.0  # no spread within any tag
+    assert r["prompts_improved"] == 1.0 and abs(r["reward_gain"] - 2 / 3) < 1e-12  # per prompt: 1, 1/2, 1/2
