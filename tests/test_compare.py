@@ -210,7 +210,7 @@ SMOKE = ["train_prompts=2", "gdro_steps=4", "save_every=1", "val_strings=2", "va
          "steps=2"]
 
 
-@pytest.mark.slow
+@pytest.mark.experiment
 def test_a_smoke_run_end_to_end_on_the_toy_text_model(tmp_path, capsys):
     """Every stage for real at a toy scale: the cache, GDRO and beta = 0 at two learning rates, Flow-GRPO to 2C,
     every grid checkpoint on val and training strings, the chosen on held-out strings, the rule; about a minute or

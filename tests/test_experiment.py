@@ -128,7 +128,7 @@ def bad_inputs():
         ("flow_grpo", [*flow, "--set", "speed=2"], "--set speed=2: expected KEY=VALUE"),
         ("flow_grpo", [*flow, "--model", "docs"], "--model docs: a folder without model_index.json"),
         ("flow_grpo", [*flow, "--out", "TMP/flow_run"], "holds a run already"),
-        ("compare", ["--out", "TMP/c", "--model-dir", "TMP/none"], "python -m experiments.text_model --recipe binding"),
+        ("compare", ["--out", "TMP/c", "--model-dir", "TMP/none"], "python -m experiments.text_model --recipe mode"),
         ("compare", ["--out", "TMP/c", "--scale", "gdro_steps=many"], "--scale gdro_steps=many: gdro_steps takes int"),
         ("compare", ["--out", "TMP/c", "--scale", "save_every=-1"], "--scale save_every=-1: must be at least 1"),
         ("compare", ["--out", "TMP/c", "--scale", "heldout_strings=500"], "heldout_strings=500: must be at most 100"),
