@@ -179,12 +179,44 @@ def model_record(recipe):
             "resolution": TEXT_RESOLUTION, "splits": TEXT_SPLITS}
 
 
+def pretrain_sd3(vae, pixels, prompts, r, resolution, state_file):
+    """A StableDiffusion3Pipeline of r's sizes with the character-level text encoders (frozen at random init) around a
+    trained VAE, its transformer pretrained on the pixels [P * variants, 3, H, W] of the prompts (r["variants"] each)
+    with the rectified-flow loss; the VAE's latent normalisation set from them. (The text model's and the scene
+    model's shared stage: their renders differ, not how a pipeline learns to draw them.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    clip_tok, t5_tok = char_tokenizers(r["clip_length"], r["t5_length"])
+    clip, t5 = char_text_configs(clip_tok, t5_tok)
+    torch.manual_seed(r["seed"])
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=resolution // 4, patch_size=2, in_channels=4,
+            out_channels=4, num_layers=r["layers"], attention_head_dim=r["head_dim"], num_attention_heads=r["heads"],
+            joint_attention_dim=t5.d_model, caption_projection_dim=r["heads"] * r["head_dim"],
+            pooled_projection_dim=2 * clip.projection_dim, pos_embed_max_size=resolution // 8),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=r["shift"]), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
+    eval_mode(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    # the latent normalisation SD3's pipeline applies: (z - shift) * scale has unit variance over the renders
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
+    x0 = ((z - vae.config.shift_factor) * vae.config.scaling_factor).view(len(prompts), r["variants"], *z.shape[1:])
+    sd3 = gdro.family_record("sd3")
+    conds = [gdro.encode_prompt(pipe, sd3, p)[0] for p in prompts]
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    _, uncond = gdro.encode_prompt(pipe, sd3, prompts[0])  # the empty prompt, as CFG uses
+    train_text_transformer(pipe, x0, cond, uncond, r, state_file)
+    return pipe
+
+
 def build_text_model(folder, recipe=None):
     """The pretrained text model in `folder` (a diffusers folder: DiffusionPipeline.from_pretrained(folder) loads it),
     built once: a folder that already holds this recipe's model is reused. Returns the folder."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    from diffusers import AutoencoderKL
     r, folder = {**TEXT_RECIPE, **(recipe or {})}, Path(folder)
     record, done = model_record(r), folder / "text_model.json"
     if done.is_file():
@@ -204,31 +236,8 @@ def build_text_model(folder, recipe=None):
     else:
         vae = train_vae(pixels, r)
         vae.save_pretrained(work / "vae")
-    clip_tok, t5_tok = char_tokenizers(r["clip_length"], r["t5_length"])
-    clip, t5 = char_text_configs(clip_tok, t5_tok)
-    torch.manual_seed(r["seed"])
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=TEXT_RESOLUTION // 4, patch_size=2, in_channels=4,
-            out_channels=4, num_layers=r["layers"], attention_head_dim=r["head_dim"], num_attention_heads=r["heads"],
-            joint_attention_dim=t5.d_model, caption_projection_dim=r["heads"] * r["head_dim"],
-            pooled_projection_dim=2 * clip.projection_dim, pos_embed_max_size=TEXT_RESOLUTION // 8),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=r["shift"]), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
-        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
-        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
-    eval_mode(pipe)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-    # the latent normalisation SD3's pipeline applies: (z - shift) * scale has unit variance over the renders
-    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
-    x0 = ((z - vae.config.shift_factor) * vae.config.scaling_factor).view(len(train_strings), r["variants"],
-                                                                           *z.shape[1:])
-    sd3 = gdro.family_record("sd3")
-    conds = [gdro.encode_prompt(pipe, sd3, TEXT_PROMPT.format(s))[0] for s in train_strings]
-    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-    _, uncond = gdro.encode_prompt(pipe, sd3, TEXT_PROMPT.format(train_strings[0]))  # the empty prompt, as CFG uses
-    train_text_transformer(pipe, x0, cond, uncond, r, work / "transformer_state.pt")
+    prompts = [TEXT_PROMPT.format(s) for s in train_strings]
+    pipe = pretrain_sd3(vae, pixels, prompts, r, TEXT_RESOLUTION, work / "transformer_state.pt")
     pipe.save_pretrained(folder)
     write_text_prompts(folder, r)
     done.write_text(json.dumps({"record": record, "build_seconds": round(time.time() - t0)}, indent=2))
