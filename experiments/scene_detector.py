@@ -18,15 +18,18 @@ from PIL import Image
 import reward_geneval
 
 # The classes, each drawn as one shape. A mask's shape is three features: how much of its box it fills, the log of
-# its width over its height, and where its mass sits between its top (0) and bottom (1). Each class's PROTOTYPE: the
-# features' medians, and its SPREAD: their standard deviations, over renders passed through the scene model's VAE
-# (2 of each prompt; a bar is 2 latent pixels high, so its features vary most)
+# its width over its height, and where its mass sits between its top (0) and bottom (1). Each class's PROTOTYPE and
+# SPREAD: the features' medians and standard deviations over renders passed through the scene model's VAE (2 of each
+# prompt; a bar is 2 latent pixels high, so its features vary most). TOLERANCE: how far a drawn shape may stray,
+# feature by feature, and still be an object of its class: the renders' spreads would refuse nearly every shape a
+# model draws (a circle 15 % wider than high, a square with a rounded corner), so at least these
 SHAPES = {"clock": "circle", "tv": "square", "kite": "triangle", "bus": "bar"}
 PROTOTYPES = {"clock": (0.79, 0.0, 0.505), "tv": (0.96, 0.0, 0.50), "kite": (0.595, 0.12, 0.627),
               "bus": (0.967, 1.02, 0.50)}
 SPREAD = {"clock": (0.03, 0.037, 0.013), "tv": (0.034, 0.045, 0.011), "kite": (0.031, 0.04, 0.017),
           "bus": (0.042, 0.059, 0.018)}
-TYPICAL = 4.0  # a render's shape lies within 4 spreads of its prototype (3.4 holds 99 % of them)
+TOLERANCE = {c: tuple(max(s, t) for s, t in zip(spread, (0.06, 0.15, 0.04))) for c, spread in SPREAD.items()}
+TYPICAL = 4.0  # a shape within 4 spreads of its prototype is typical of its class
 # GenEval's ten colours as the renderer paints them; the detector names the nearest (white is the background's)
 RGB = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 210, 20), "green": (30, 160, 50),
        "blue": (30, 70, 220), "purple": (140, 50, 190), "pink": (245, 140, 190), "brown": (120, 70, 30),
@@ -44,15 +47,19 @@ def features(mask):
                                                                               float(y1)]
 
 
+def distance(feature, label, units):
+    return math.sqrt(sum(((f - p) / u) ** 2 for f, p, u in zip(feature, PROTOTYPES[label], units[label])))
+
+
 def classify(feature):
     """(the nearest prototype's class, its score): the class's share of the prototypes' Gaussian likelihoods (in
-    SPREAD units; near 1 unless the shape lies between two classes, 0.5 halfway) times how typical the shape is
-    (1 within TYPICAL spreads of the prototype, falling as a Gaussian beyond: a merged blob or a smear scores low)."""
-    dist = {c: math.sqrt(sum(((f - p) / s) ** 2 for f, p, s in zip(feature, proto, SPREAD[c])))
-            for c, proto in PROTOTYPES.items()}
+    SPREAD units; near 1 unless the shape lies between two classes, 0.5 halfway) times how typical the shape is of
+    it (1 within TYPICAL tolerances of the prototype, falling as a Gaussian beyond: a merged blob or a smear scores
+    low)."""
+    dist = {c: distance(feature, c, SPREAD) for c in PROTOTYPES}
     label = min(dist, key=dist.get)
     share = 1 / sum(math.exp((dist[label] ** 2 - d ** 2) / 2) for d in dist.values())
-    return label, share * math.exp(-max(0.0, dist[label] - TYPICAL) ** 2 / 2)
+    return label, share * math.exp(-max(0.0, distance(feature, label, TOLERANCE) - TYPICAL) ** 2 / 2)
 
 
 def colour_name(pixels):

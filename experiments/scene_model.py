@@ -45,7 +45,7 @@ GAP = 3  # pixels between any two objects' boxes: a detector separates them
 SCENE_SPLITS = {"test": 0.2, "val": 0.15}  # of each tag's scenes (at least one each); the rest are train
 # The whole recipe: changing any value builds a new model (the folder's scene_model.json records it). One key may be
 # added, train_prompts: pretrain on the first N training prompts only (the tests' toy model); without it, on all.
-SCENE_RECIPE = dict(seed=0, variants=24, vae_steps=500, vae_batch=32, vae_lr=1e-3, steps=2500, batch=32, lr=1e-3,
+SCENE_RECIPE = dict(seed=0, variants=24, vae_steps=500, vae_batch=32, vae_lr=1e-3, steps=3500, batch=32, lr=1e-3,
                     warmup=200, ema=0.999, uncond=0.1, layers=6, heads=4, head_dim=32, clip_length=48, t5_length=48,
                     shift=1.0)
 

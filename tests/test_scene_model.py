@@ -173,3 +173,11 @@ def test_paired_gains_per_tag_and_the_geneval_scores_se_from_pooled_prompt_sprea
     assert r["tags"]["colors"] == {"gain": 0.5, "se": 0.0, "prompts": 2} and r["tags"]["single_object"]["gain"] == 1
     assert r["geneval_gain"] == 0.75 and r["geneval_gain_se"] == 0.0  # no spread within any tag
     assert r["prompts_improved"] == 1.0 and abs(r["reward_gain"] - 2 / 3) < 1e-12  # per prompt: 1, 1/2, 1/2
+
+
+def test_shapes_drawn_a_little_off_still_read_as_the_nearest_class():
+    # a circle 20 % wider than high (as models draw them) is a clock; a 3:2 box, nearer a square than a bar, a tv
+    wide = scene_detector.detect(hand_made([("circle", (10, 10, 28, 25), (200, 20, 20))]))
+    assert [d["label"] for d in wide] == ["clock"] and wide[0]["score"] > reward_geneval.COUNTING_THRESHOLD
+    box = scene_detector.detect(hand_made([("rect", (10, 10, 34, 26), (20, 60, 230))]))
+    assert [d["label"] for d in box] == ["tv"] and box[0]["score"] > reward_geneval.COUNTING_THRESHOLD
