@@ -36,7 +36,6 @@ import gdro
 import reward_geneval
 from experiments import text_model
 from experiments.scene_detector import RGB, SHAPES, detect, scene_evaluate, scene_reward  # noqa: F401 (the reward)
-from families import char_text_configs, char_tokenizers, eval_mode
 
 SCENE_RESOLUTION = 64
 SCENE_COLOURS = ("red", "yellow", "green", "blue")  # the four of GenEval's ten the renders use
@@ -254,8 +253,6 @@ def scene_vae(work, pixels, r):
 def build_scene_model(folder, recipe=None):
     """The pretrained scene model in `folder` (a diffusers folder: DiffusionPipeline.from_pretrained(folder) loads it),
     built once: a folder that already holds this recipe's model is reused. Returns the folder."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
     r, folder = {**SCENE_RECIPE, **(recipe or {})}, Path(folder)
     record, done = model_record(r), folder / "scene_model.json"
     if done.is_file():
@@ -270,32 +267,10 @@ def build_scene_model(folder, recipe=None):
     t_vae = time.time()
     vae = scene_vae(work, pixels, r)
     t_vae = time.time() - t_vae
-    clip_tok, t5_tok = char_tokenizers(r["clip_length"], r["t5_length"])
-    clip, t5 = char_text_configs(clip_tok, t5_tok)
-    torch.manual_seed(r["seed"])
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=SCENE_RESOLUTION // 4, patch_size=2, in_channels=4,
-            out_channels=4, num_layers=r["layers"], attention_head_dim=r["head_dim"], num_attention_heads=r["heads"],
-            joint_attention_dim=t5.d_model, caption_projection_dim=r["heads"] * r["head_dim"],
-            pooled_projection_dim=2 * clip.projection_dim, pos_embed_max_size=SCENE_RESOLUTION // 8),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=r["shift"]), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tok,
-        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=clip_tok,
-        text_encoder_3=T5EncoderModel(t5), tokenizer_3=t5_tok)
-    eval_mode(pipe)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-    # the latent normalisation SD3's pipeline applies: (z - shift) * scale has unit variance over the renders
-    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
-    x0 = ((z - vae.config.shift_factor) * vae.config.scaling_factor).view(len(prompts), r["variants"], *z.shape[1:])
-    sd3 = gdro.family_record("sd3")
-    conds = [gdro.encode_prompt(pipe, sd3, p)[0] for p in prompts]
-    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-    _, uncond = gdro.encode_prompt(pipe, sd3, prompts[0])  # the empty prompt, as CFG uses
-    state, t_transformer = work / "transformer_state.pt", time.time()
+    state = work / "transformer_state.pt"
     resumed = torch.load(state, weights_only=True)["step"] if state.exists() else 0  # an interrupted build's steps
-    text_model.train_text_transformer(pipe, x0, cond, uncond, r, state)
+    t_transformer = time.time()  # the pipeline's pretraining (its few seconds of text encoding included)
+    pipe = text_model.pretrain_sd3(vae, pixels, prompts, r, SCENE_RESOLUTION, state)
     t_transformer = time.time() - t_transformer
     pipe.save_pretrained(folder)
     write_scene_prompts(folder, r)
