@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import gdro
-from reward_ocr import ocr_target
+from reward_ocr import has_ocr_target, ocr_target
 
 # ----------------------------------------------------------------------------- config
 
@@ -463,7 +463,8 @@ def draw_grid(path, images_dir, columns, scored, prompts, n, rows=8):
         draw.text((GRID_LABEL_W + c * tile + tile // 2, GRID_HEADER // 2), label, fill="black", font=head, anchor="mm")
     for i in range(rows):
         y = GRID_HEADER + i * (tile + GRID_CAPTION)
-        label = first[i * n]["tag"] if geneval else f'"{ocr_target(prompts[i])}"'
+        label = (first[i * n]["tag"] if geneval else  # a custom reward's prompt may quote nothing
+                 f'"{ocr_target(prompts[i])}"' if has_ocr_target(prompts[i]) else "")
         target = fit_lines(label, target_font, GRID_LABEL_W - 2 * pad, 2)
         prompt = fit_lines(prompts[i], prompt_font, GRID_LABEL_W - 2 * pad, 6)
         draw.multiline_text((pad, y + pad), "\n".join(target), fill="black", font=target_font)

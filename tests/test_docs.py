@@ -14,7 +14,8 @@ if str(ROOT) not in sys.path:
 
 MODULES = ("gdro", "families", "eval", "reward_ocr", "reward_geneval", "experiments.run", "experiments.text_model",
            "experiments.toy_reward", "experiments.bench", "experiments.flow_grpo", "experiments.compare",
-           "experiments.geneval_prompts")
+           "experiments.geneval_prompts", "experiments.scene_model", "experiments.scene_detector",
+           "experiments.scene_gdro")
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # A backticked span that is a name, a dotted name, or either called: `name`, `mod.name`, `name(...)`,

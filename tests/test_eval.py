@@ -477,3 +477,12 @@ def test_a_quantized_base_draws_images_close_to_the_fp32_bases_from_the_same_see
     for k in range(2):
         quantized, fp32 = (pixels(d / "images" / "base" / f"000{k}_0.png").astype(int) for d in (out, evaluated[1]))
         assert (quantized != fp32).any() and abs(quantized - fp32).mean() < 8, abs(quantized - fp32).mean()
+
+
+@pytest.mark.slow
+def test_a_custom_reward_on_prompts_that_quote_nothing_gets_its_report_and_grid(tmp_path):
+    (tmp_path / "p.txt").write_text("a red sky\na blue car\n")
+    reward = f"{HERE / 'experiments' / 'toy_reward.py'}:colour_reward"
+    report = gdro_eval.main(["--prompts", str(tmp_path / "p.txt"), "--tiny", "--reward", reward, "--judge", "none",
+                             "--out", str(tmp_path / "eval")])
+    assert report["base"]["n_images"] == 2 and (tmp_path / "eval" / "grid.png").is_file()
