@@ -713,7 +713,7 @@ def test_a_damaged_cache_shard_stops_training_in_one_line_naming_it_and_regenera
     assert rerun.code == 0, rerun.err
     assert_same_run(out, reference)
 
-# ----------------------------------------------------------------------------- the newer surfaces: trackers, rewards, hub
+# ----------------------------------------------------------------------------- trackers, rewards, the hub
 
 def test_wandb_online_without_credentials_is_refused_with_the_flags_before_the_cache(prompts, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -751,7 +751,8 @@ def test_a_gated_hub_model_is_refused_naming_its_page_and_the_login(prompts, tmp
 
     def gated(*args, **kwargs):  # the hub's error, made without an HTTP response
         error = GatedRepoError.__new__(GatedRepoError)
-        OSError.__init__(error, "401 Client Error. Access to model stabilityai/stable-diffusion-3.5-medium is restricted")
+        OSError.__init__(error, "401 Client Error. Access to model stabilityai/stable-diffusion-3.5-medium is "
+                                "restricted")
         raise error
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", gated)
     line = refused(["--prompts", str(prompts), "--reward", REWARD, "--out", str(tmp_path / "run")])

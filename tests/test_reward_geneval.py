@@ -368,7 +368,8 @@ def test_eval_scores_a_folder_per_tag_with_local_models(tiny_folders, tmp_path, 
         Image.new("RGB", (48, 48), (i * 60, 90, 90)).save(tmp_path / "images" / f"{i}.png")
     report = evaluate.main(["--images", str(tmp_path / "images"), "--prompts", str(tmp_path / "p.txt"),
                             "--reward", "geneval", "--geneval-detector", tiny_folders[0], "--geneval-clip",
-                            tiny_folders[1], "--images-per-prompt", "2", "--judge", "none", "--out", str(tmp_path / "e")])
+                            tiny_folders[1], "--images-per-prompt", "2", "--judge", "none",
+                            "--out", str(tmp_path / "e")])
     tags = report["images"]["tag_accuracy"]
     assert tags["single_object"] == 0.0 and tags["counting"] == 0.0 and tags["colors"] is None
     assert report["images"]["geneval_score"] == 0.0 and "GenEval" in capsys.readouterr().out
