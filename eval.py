@@ -79,7 +79,6 @@ def parse_args(argv=None):
 def check_args(args):
     """One rule a flag, in gdro.check_args' words ('--flag value: must be ...')."""
     value, factor = functools.partial(gdro.flag_value, args), gdro.RESOLUTION_FACTOR
-    path, _, name = args.reward.rpartition(":")
     rules = [("--resolution", args.resolution >= factor and args.resolution % factor == 0,
               f"a positive multiple of {factor} (the VAE's 8x and the 2x2 patches)"),
              ("--lora-scale", math.isfinite(args.lora_scale), "finite"),
@@ -90,8 +89,7 @@ def check_args(args):
              ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
              ("--seed", args.seed >= 0, ">= 0"),
              ("--quantize", args.quantize != "nf4" or torch.cuda.is_available(), "int8 without CUDA"),
-             ("--reward", args.reward in ("ocr", "geneval") or (path.endswith(".py") and name and os.path.isfile(path)),
-              "ocr, geneval or an existing FILE.py:FUNCTION")]
+             ("--reward", gdro.known_reward(args.reward), "ocr, geneval or an existing FILE.py:FUNCTION")]
     for flag, ok, must in rules:
         if not ok:
             raise gdro.BadInput(f"{flag} {value(flag)}: must be {must}")

@@ -1098,10 +1098,13 @@ def check_args(args, world):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
     if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
         raise BadInput("--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here")
-    path, _, name = args.reward.rpartition(":")
-    if args.reward not in ("ocr", "geneval") and not args.from_images and not (path.endswith(".py") and name and
-                                                                               os.path.isfile(path)):
+    if not args.from_images and not known_reward(args.reward):
         raise BadInput(f"--reward {args.reward!r}: expected ocr, geneval or an existing FILE.py:FUNCTION")
+
+def known_reward(spec):
+    """--reward names ocr, geneval, or an existing FILE.py:FUNCTION (gdro.py's and eval.py's one rule)."""
+    path, _, name = spec.rpartition(":")
+    return spec in ("ocr", "geneval") or (path.endswith(".py") and bool(name) and os.path.isfile(path))
 
 def read_inputs(args):
     """(prompts, the image folder's groups or None, each prompt's group size), every line checked."""
