@@ -268,6 +268,21 @@ OCR_ABLATIONS = [  # (row label, changes to OCR_GDRO); the first row is the main
 ]
 
 
+def ablation_chains(out, seeds, changes, train, evaluate):
+    """Per seed, the commands of an ablation table: each row after the first (changes[1:], settings changed from the
+    main run's) trained by train(folder, seed, change) on a copy of the seed's main cache (the same rollouts, the same
+    rewards), then evaluate(every row's LoRA, OUT/ablations/eval_seedS) scoring them all beside the base."""
+    chains = []
+    for s in seeds:
+        rows = [out / f"seed{s}"] + [out / "ablations" / f"seed{s}" / f"row{i}" for i in range(1, len(changes))]
+        for folder in rows[1:]:
+            if not (folder / "cache").is_dir():
+                shutil.copytree(rows[0] / "cache", folder / "cache")
+        chains.append([train(folder, s, change) for folder, change in zip(rows[1:], changes[1:])]
+                      + [evaluate([r / "lora" for r in rows], out / "ablations" / f"eval_seed{s}")])
+    return chains
+
+
 def run_chains(chains, log_names):
     """Run each chain (a list of commands, in order) in its own process line, the chains side by side, one CPU thread
     each; output to the log files. A failed command stops with one line naming its log."""
@@ -386,17 +401,10 @@ def ocr_ablations(args):
     out = Path(args.out)
     main_results = json.loads((out / "results.json").read_text())
     model_dir, heldout, settings = main_results["model_dir"], main_results["heldout_prompts"], main_results["settings"]
-    chains = []
-    for s in args.seeds:
-        rows = [out / f"seed{s}"] + [out / "ablations" / f"seed{s}" / f"row{i}" for i in range(1, len(OCR_ABLATIONS))]
-        chain = []
-        for folder, (_, change) in list(zip(rows, OCR_ABLATIONS))[1:]:
-            if not (folder / "cache").is_dir():  # the same rollouts, the same rewards
-                shutil.copytree(out / f"seed{s}" / "cache", folder / "cache")
-            chain.append(gdro_command(model_dir, main_results["train_prompts"], folder, s, {**settings, **change}))
-        chain.append(eval_command(model_dir, heldout, [r / "lora" for r in rows], out / "ablations" / f"eval_seed{s}",
-                                  settings["guidance"], OCR_ABLATION_IMAGES))
-        chains.append(chain)
+    chains = ablation_chains(out, args.seeds, [change for _, change in OCR_ABLATIONS], lambda folder, s, change:
+                             gdro_command(model_dir, main_results["train_prompts"], folder, s, {**settings, **change}),
+                             lambda loras, eval_dir: eval_command(model_dir, heldout, loras, eval_dir,
+                                                                  settings["guidance"], OCR_ABLATION_IMAGES))
     run_chains(chains, [out / f"ablations_seed{s}.log" for s in args.seeds])
     table = ["| setting | held-out OCR reward (seed " + " / ".join(map(str, args.seeds)) + ") | gain +- se "
              "| exact matches | prompts improved | large text | reward of the large text |", "|" + " --- |" * 7]

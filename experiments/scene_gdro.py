@@ -11,7 +11,6 @@ per-tag figures: the paired gains per prompt, per tag and overall, with standard
 Results: OUT/results.json and OUT/ablations.json (+ .md).
 """
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import experiments
 import gdro
 import reward_geneval
 from experiments import scene_model
-from experiments.run import flags, run_chains
+from experiments.run import ablation_chains, flags, run_chains
 from experiments.scene_detector import scene_evaluate
 
 MODEL_DIR = "runs/scene_model"  # built there when it holds no model
@@ -161,17 +160,10 @@ def ablations(args):
     out = Path(args.out)
     main_run = json.loads((out / "results.json").read_text())
     model_dir, settings = main_run["model_dir"], main_run["settings"]
-    chains = []
-    for s in args.seeds:
-        rows = [out / f"seed{s}"] + [out / "ablations" / f"seed{s}" / f"row{i}" for i in range(1, len(ABLATIONS))]
-        chain = []
-        for folder, (_, change) in list(zip(rows, ABLATIONS))[1:]:
-            if not (folder / "cache").is_dir():  # the same rollouts, the same rewards
-                shutil.copytree(out / f"seed{s}" / "cache", folder / "cache")
-            chain.append(gdro_command(model_dir, main_run["train_prompts"], folder, s, {**settings, **change}))
-        chain.append(eval_command(model_dir, main_run["heldout_prompts"], [r / "lora" for r in rows],
-                                  out / "ablations" / f"eval_seed{s}", settings, args.ablation_images))
-        chains.append(chain)
+    chains = ablation_chains(out, args.seeds, [change for _, change in ABLATIONS], lambda folder, s, change:
+                             gdro_command(model_dir, main_run["train_prompts"], folder, s, {**settings, **change}),
+                             lambda loras, eval_dir: eval_command(model_dir, main_run["heldout_prompts"], loras,
+                                                                  eval_dir, settings, args.ablation_images))
     run_chains(chains, [out / f"ablations_seed{s}.log" for s in args.seeds])
     found = {s: verdicts(out / "ablations" / f"eval_seed{s}") for s in args.seeds}
     rows = {label: [paired_gain(found[s], f"lora{i + 1}") for s in args.seeds] for i, (label, _) in
