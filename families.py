@@ -437,20 +437,18 @@ def build_tiny_pipeline(record, seed=0):
 
 
 # --tiny shrinks the run for a CPU (flags given explicitly win)
-COCO_DETECTOR_NAMES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}  # cfg's
-
-
 def tiny_geneval_reward(folder):
     """--tiny --reward geneval: reward_geneval's GenevalReward on save_tiny_geneval_models' random models (folder)."""
     import reward_geneval
-    detector, clip = save_tiny_geneval_models(folder, reward_geneval.COCO_CLASSES)
+    detector, clip = save_tiny_geneval_models(folder)
     return reward_geneval.GenevalReward(detector, clip, side=64)  # the tiny detector's own input side
 
 
-def save_tiny_geneval_models(folder, classes):
+def save_tiny_geneval_models(folder):
     """--tiny --reward geneval: a random Mask2Former (a tiny Swin, COCO's 80 labels as detector configs name them) and
     a random CLIP (a character vocabulary), saved with save_pretrained in folder/detector and folder/clip like a
-    user's local copies; returns their two folders. classes: GenEval's 80 names (reward_geneval.COCO_CLASSES)."""
+    user's local copies; returns their two folders."""
+    import reward_geneval
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
                               Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
                               SwinConfig)
@@ -459,7 +457,8 @@ def save_tiny_geneval_models(folder, classes):
     torch.manual_seed(0)
     swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                       window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    labels = dict(enumerate(COCO_DETECTOR_NAMES.get(c, c) for c in classes))
+    config_name = {geneval: name for name, geneval in reward_geneval.DETECTOR_ALIASES.items()}  # "mouse", ...
+    labels = dict(enumerate(config_name.get(c, c) for c in reward_geneval.COCO_CLASSES))
     config = Mask2FormerConfig(backbone_config=swin, num_queries=8, hidden_dim=32, mask_feature_size=32,
                                feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
                                dim_feedforward=32, encoder_feedforward_dim=32, num_labels=len(labels), id2label=labels)

@@ -290,7 +290,7 @@ def test_colour_crop_pastes_the_mask_on_grey_and_crops_to_the_box():
 def tiny_folders(tmp_path_factory):
     """(detector, clip): a random Mask2Former (tiny Swin) and a random CLIP (a character vocabulary), saved with
     save_pretrained as a user's local copies would be (what --tiny --reward geneval uses)."""
-    return families.save_tiny_geneval_models(tmp_path_factory.mktemp("geneval_models"), rg.COCO_CLASSES)
+    return families.save_tiny_geneval_models(tmp_path_factory.mktemp("geneval_models"))
 
 
 @pytest.fixture(scope="module")
