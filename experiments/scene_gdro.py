@@ -3,12 +3,14 @@ through the real commands: gdro.py --model DIR --reward experiments/scene_detect
 training prompts (each cached with 16 images), eval.py on the val prompts for every checkpoint (the step chosen
 there by GenEval score), then eval.py on the held-out test prompts from held-out seeds, base and the chosen LoRA from
 the same seeds. Every image eval.py saves is scored again here by GenEval's rules on the scene detector, for the
-per-tag figures: the paired gains per prompt, per tag and overall, with standard errors.
+per-tag figures: the paired gains per prompt, per tag and overall, with standard errors. Then the ablations (beta 4,
+beta 0, k = 2) on each seed's cache, each at its last step, scored beside the base on the held-out prompts.
 
     python -m experiments.scene_gdro                  # the model (once), two seeds side by side: JSON on the last line
-    python -m experiments.scene_gdro --ablations      # beta 4, beta 0, k = 2 on the same caches, beside the base
+    python -m experiments.scene_gdro --ablations      # only the ablations, on an earlier run's caches
 
-Results: OUT/results.json and OUT/ablations.json (+ .md).
+A rerun continues: gdro.py resumes its checkpoints and an evaluation that wrote its report is not run again.
+Results: OUT/results.json (every figure, also the last line printed), OUT/ablations.json and .md, OUT/grid.png.
 """
 import json
 import sys
@@ -21,6 +23,7 @@ from PIL import Image
 import experiments
 import gdro
 import reward_geneval
+import eval as evaluate
 from experiments import scene_model
 from experiments.run import ablation_chains, flags, run_chains
 from experiments.scene_detector import scene_evaluate
@@ -49,7 +52,10 @@ def gdro_command(model_dir, prompts, out, seed, settings):
 
 
 def eval_command(model_dir, prompts, loras, out, settings, images, checkpoints=None):
-    """eval.py's command line: base vs each LoRA folder in loras, or vs every checkpoint in checkpoints."""
+    """eval.py's command line: base vs each LoRA folder in loras, or vs every checkpoint in checkpoints; None where
+    out holds its report already (a rerun does not evaluate again)."""
+    if (Path(out) / "report.json").is_file():
+        return None
     sets = ["--checkpoints", str(checkpoints)] if checkpoints else ["--lora", *map(str, loras)]
     return [sys.executable, "eval.py", "--model", str(model_dir), "--prompts", str(prompts), "--judge", "none",
             "--reward", REWARD, *sets, "--out", str(out), "--guidance", str(settings["guidance"]),
@@ -57,10 +63,11 @@ def eval_command(model_dir, prompts, loras, out, settings, images, checkpoints=N
 
 
 def verdicts(eval_dir):
-    """{set: {prompt index: [explain's verdict of each image]}} of eval.py's saved images, scored again here."""
+    """{set: {prompt index: [explain's verdict of each image, in seed order]}} of eval.py's saved images, scored
+    again here."""
     found = {}
-    for line in (Path(eval_dir) / "scores.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    rows = [json.loads(line) for line in (Path(eval_dir) / "scores.jsonl").read_text().splitlines()]
+    for row in sorted(rows, key=lambda r: (r["set"], r["prompt_index"], r["seed"])):
         with Image.open(Path(eval_dir) / row["image"]) as img:
             verdict = scene_evaluate([img.convert("RGB")], [row["prompt"]])[0]
         found.setdefault(row["set"], {}).setdefault(row["prompt_index"], []).append(verdict)
@@ -118,31 +125,74 @@ def prompt_files(out, model_dir, max_prompts):
     return out / "train_prompts.txt", Path(model_dir) / "val.txt", Path(model_dir) / "test.txt"
 
 
+def todo(chains):
+    """The chains without their steps already done (eval_command's None)."""
+    return [[cmd for cmd in chain if cmd] for chain in chains]
+
+
+def measured(out, model_dir):
+    """The detector's accuracy on the model's VAE renders and the base on val (scene_model's measurements), made
+    once into OUT."""
+    found = {}
+    for name, flag in (("detector_accuracy", "--detector-accuracy"), ("base_on_val", "--base-on-val")):
+        if not (out / f"{name}.json").is_file():
+            scene_model.main(["--out", str(model_dir), flag, "--json", str(out / f"{name}.json")])
+        found[name] = json.loads((out / f"{name}.json").read_text())
+    return found
+
+
+def draw_grid(path, eval_dir, prompts_file, images, step):
+    """eval.py's grid of the held-out images (base | chosen LoRA, the first image of the first 8 prompts) with the
+    scene detector's kept detections, GenEval's verdict and the check that failed under each."""
+    found = verdicts(eval_dir)
+    scored = {name: [v for i in sorted(found[name]) for v in found[name][i]] for name in ("base", "lora")}
+    prompts = Path(prompts_file).read_text().splitlines()
+    evaluate.draw_grid(path, Path(eval_dir) / "images", {"base": "base", "lora": f"GDRO, step {step}"}, scored,
+                       prompts, images)
+    with Image.open(path) as grid:  # 256 colours, not dithered (a pixel off by 1.7 of 255 on average): 350 -> 70 KB
+        grid.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path)
+
+
 def experiment(args, settings):
-    """Per seed gdro.py, the step chosen on val, the chosen checkpoint against the base on the test prompts."""
+    """Per seed gdro.py, the step chosen on val, the chosen checkpoint against the base on the test prompts; then
+    the ablations. Every figure in OUT/results.json and on the last line printed."""
     t0, out, model_dir = time.time(), Path(args.out), Path(args.model_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not (model_dir / "scene_model.json").is_file():
         scene_model.build_scene_model(model_dir)
+    before = measured(out, model_dir)
     train, val, test = prompt_files(out, model_dir, args.max_prompts)
     dirs, logs = {s: out / f"seed{s}" for s in args.seeds}, [out / f"seed{s}.log" for s in args.seeds]
-    run_chains([[gdro_command(model_dir, train, d, s, settings),
-                 eval_command(model_dir, val, [], d / "eval_val", settings, args.val_images,
-                              checkpoints=d / "checkpoints")] for s, d in dirs.items()], logs)
+    run_chains(todo([[gdro_command(model_dir, train, d, s, settings),
+                      eval_command(model_dir, val, [], d / "eval_val", settings, args.val_images,
+                                   checkpoints=d / "checkpoints")] for s, d in dirs.items()]), logs)
     chosen = {s: best_on_val(d) for s, d in dirs.items()}
-    run_chains([[eval_command(model_dir, test, [chosen[s]["checkpoint"]], d / "eval_test", settings, args.test_images)]
-                for s, d in dirs.items()], logs)
-    runs = [{"seed": s, **chosen[s], **paired_gain(verdicts(d / "eval_test"), "lora")} for s, d in dirs.items()]
+    run_chains(todo([[eval_command(model_dir, test, [chosen[s]["checkpoint"]], d / "eval_test", settings,
+                                   args.test_images)] for s, d in dirs.items()]), logs)
+    runs = [{"seed": s, **chosen[s], "training": training_time(d), **paired_gain(verdicts(d / "eval_test"), "lora")}
+            for s, d in dirs.items()]
+    first = args.seeds[0]
+    draw_grid(out / "grid.png", dirs[first] / "eval_test", test, args.test_images, chosen[first]["step"])
     result = {"model_dir": str(model_dir), "train_prompts": str(train), "val_prompts": str(val),
-              "heldout_prompts": str(test), "settings": settings, "test_images": args.test_images,
-              "seconds": round(time.time() - t0), "runs": runs}
+              "heldout_prompts": str(test), "settings": settings, "val_images": args.val_images,
+              "test_images": args.test_images, **before, "seconds": round(time.time() - t0), "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     for r in runs:
         print(f"seed {r['seed']}: step {r['step']} (best on val); held-out GenEval score "
               f"{r['base']['geneval_score']:.4f} -> {r['lora']['geneval_score']:.4f} ({r['geneval_gain']:+.4f} +- "
               f"{r['geneval_gain_se']:.4f}), reward {r['reward_gain']:+.4f} +- {r['reward_gain_se']:.4f}")
+    t1 = time.time()
+    result["ablations"] = ablations(args)
+    result["ablation_seconds"] = round(time.time() - t1)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return result
+
+
+def training_time(run_dir):
+    """gdro.py's training time of a run (its metrics' last time_s) and its rate, steps a second."""
+    last = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"seconds": last["time_s"], "steps": last["step"], "steps_per_s": round(last["step"] / last["time_s"], 3)}
 
 
 def seeds(res, name, key):
@@ -164,7 +214,7 @@ def ablations(args):
                              gdro_command(model_dir, main_run["train_prompts"], folder, s, {**settings, **change}),
                              lambda loras, eval_dir: eval_command(model_dir, main_run["heldout_prompts"], loras,
                                                                   eval_dir, settings, args.ablation_images))
-    run_chains(chains, [out / f"ablations_seed{s}.log" for s in args.seeds])
+    run_chains(todo(chains), [out / f"ablations_seed{s}.log" for s in args.seeds])
     found = {s: verdicts(out / "ablations" / f"eval_seed{s}") for s in args.seeds}
     rows = {label: [paired_gain(found[s], f"lora{i + 1}") for s in args.seeds] for i, (label, _) in
             enumerate(ABLATIONS)}
@@ -178,7 +228,6 @@ def ablations(args):
     (out / "ablations.json").write_text(json.dumps(rows, indent=2))
     (out / "ablations.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
-    print(json.dumps(rows))
     return rows
 
 
@@ -189,9 +238,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one GDRO run per seed, side by side")
     p.add_argument("--max-prompts", type=int, default=None, help="train on the first N training prompts (default all)")
     p.add_argument("--val-images", type=int, default=4, help="images per val prompt for each checkpoint")
-    p.add_argument("--test-images", type=int, default=8, help="images per held-out prompt, base and LoRA")
-    p.add_argument("--ablation-images", type=int, default=4, help="--ablations: images per held-out prompt")
-    p.add_argument("--ablations", action="store_true", help="beta 4, beta 0, k = 2 on the main run's caches")
+    p.add_argument("--test-images", type=int, default=32, help="images per held-out prompt, base and LoRA")
+    p.add_argument("--ablation-images", type=int, default=16, help="images per held-out prompt in the ablations")
+    p.add_argument("--ablations", action="store_true", help="only beta 4, beta 0, k = 2 on an earlier run's caches")
     p.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE", help="change a GDRO flag, e.g. max-steps=50")
     args = p.parse_args(argv)
     experiments.check_out(args.out)
@@ -207,7 +256,9 @@ def main(argv=None):
         if not (Path(args.out) / "results.json").is_file():
             raise gdro.BadInput(f"--ablations: {Path(args.out) / 'results.json'} not found; they train on the main "
                                 f"run's caches: run python -m experiments.scene_gdro --out {args.out} first")
-        return ablations(args)
+        rows = ablations(args)
+        print(json.dumps(rows))
+        return rows
     return experiment(args, {**GDRO, **experiments.key_values("--set", args.set, GDRO, {})})
 
 
