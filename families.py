@@ -520,12 +520,12 @@ def encode_images(pipe, record, images, resolution, batch=8):
 MAX_REWARD = 1e6  # |reward| bound: the loss divides rewards by --tau, and a softmax of 1e308 / 0.05 is NaN
 
 
-def read_image_folder(folder, lines, group_size):
+def read_image_folder(folder, lines, group_size, say=True):
     """--from-images: DIR/metadata.jsonl's lines [(line number, text)] (Hugging Face "imagefolder": one JSON object
     per image with file_name, prompt, reward; gdro.py reads the text as strictly as a prompts file) -> (prompts,
-    groups, skipped): each prompt's images in order of first appearance, as [(file, reward)]; prompts with fewer than
-    group_size images are skipped and counted. Every line and image is checked (each image decoded whole) before any
-    model loads: a fault is a ValueError naming the line."""
+    groups): each prompt's images in order of first appearance, as [(file, reward)]; prompts with fewer than
+    group_size images are skipped (said if say). Every line and image is checked (each image decoded whole) before
+    any model loads: a fault is a ValueError naming the line."""
     from PIL import Image
     folder, groups, seen = Path(folder).resolve(), {}, {}
     meta = folder / "metadata.jsonl"
@@ -556,7 +556,10 @@ def read_image_folder(folder, lines, group_size):
     kept = {p: g for p, g in groups.items() if len(g) >= group_size}
     if not kept:
         raise ValueError(f"--from-images: no prompt in {meta} has --group-size {group_size} images or more")
-    return list(kept), list(kept.values()), len(groups) - len(kept)
+    if say and len(kept) < len(groups):
+        print(f"--from-images: skipped {len(groups) - len(kept)} of {len(groups)} prompts with fewer than --group-size "
+              f"{group_size} images")
+    return list(kept), list(kept.values())
 
 
 # ============================================================================= extras

@@ -57,8 +57,7 @@ def image_seed(seed, i, j, n):
     return seed + i * n + j
 
 def add_model_flags(p):
-    """The flags gdro.py and eval.py share: the model, the reward, the prompts used, how it draws (settle_model fills
-    defaults)."""
+    """The flags gdro.py and eval.py share: model, reward, prompts, how it draws (settle_model fills defaults)."""
     arg, d = p.add_argument, " (default: %(default)s)"
     arg("--model", default="stabilityai/stable-diffusion-3.5-medium", help="hub id or local folder of a pipeline" + d)
     arg("--reward", default="ocr", help="ocr, geneval (reward_*.py) or FILE.py:FUNCTION, fn(images, prompts)" + d)
@@ -1111,18 +1110,15 @@ def read_inputs(args):
     if not args.from_images:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
         return prompts, None, [args.images_per_prompt] * len(prompts)
-    read_image_folder, meta = companion("--from-images").read_image_folder, Path(args.from_images) / "metadata.jsonl"
+    meta = Path(args.from_images) / "metadata.jsonl"
     if not meta.is_file():
         raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    try:
-        prompts, groups, skipped = read_image_folder(meta.parent, read_lines(meta, "--from-images"), args.group_size)
-    except ValueError as e:  # a line or an image at fault, named
+    try:  # every line and image checked; a fault names its line
+        prompts, groups = companion("--from-images").read_image_folder(
+            meta.parent, read_lines(meta, "--from-images"), args.group_size, say=is_main_process())
+    except ValueError as e:
         raise BadInput(str(e))
-    if skipped and is_main_process():
-        print(f"--from-images: skipped {skipped} of {len(prompts) + skipped} prompts with fewer than --group-size "
-              f"{args.group_size} images")
-    prompts, groups = prompts[:args.max_prompts], groups[:args.max_prompts]
-    return prompts, groups, [len(g) for g in groups]
+    return prompts[:args.max_prompts], groups[:args.max_prompts], [len(g) for g in groups[:args.max_prompts]]
 
 def main(argv=None):
     """The whole run: python gdro.py ARGS, or gdro.main([ARGS...]) from Python; returns the LoRA folder."""
