@@ -75,11 +75,14 @@ def verdicts(eval_dir):
 
 
 def figures(per_prompt):
-    """A set's GenEval score (the tags' mean of the share correct), per-tag accuracy and mean reward."""
+    """A set's GenEval score (the tags' mean of the share correct), per-tag accuracy, mean reward, and how many
+    objects its images hold (kept detections: GenEval accepts extra objects except in counting)."""
     tags = {t: [v for vs in per_prompt.values() for v in vs if v["tag"] == t] for t in reward_geneval.TAGS}
     accuracy = {t: float(np.mean([v["correct"] for v in vs])) for t, vs in tags.items() if vs}
+    found = [len(v["detections"]) for vs in per_prompt.values() for v in vs]
     return {"geneval_score": float(np.mean(list(accuracy.values()))), "tag_accuracy": accuracy,
-            "reward": float(np.mean([v["reward"] for vs in per_prompt.values() for v in vs]))}
+            "reward": float(np.mean([v["reward"] for vs in per_prompt.values() for v in vs])),
+            "objects_per_image": float(np.mean(found)), "images_with_3_or_more": float(np.mean(np.array(found) >= 3))}
 
 
 def paired_gain(found, name):

@@ -162,7 +162,8 @@ def test_gdro_trains_on_the_toy_scene_model_with_the_scene_reward(scene_model, t
 
 def test_paired_gains_per_tag_and_the_geneval_scores_se_from_pooled_prompt_spread():
     from experiments import scene_gdro
-    verdict = lambda tag, correct: {"tag": tag, "correct": correct, "reward": float(correct)}
+    verdict = lambda tag, correct: {"tag": tag, "correct": correct, "reward": float(correct),
+                                    "detections": [{"label": "clock"}] * correct}  # one object where correct
     # prompt 0 single_object, prompts 1-2 colors; two images each, the same seeds for base and LoRA
     base = {0: [verdict("single_object", 0)] * 2, 1: [verdict("colors", 0)] * 2,
             2: [verdict("colors", 1), verdict("colors", 0)]}
@@ -173,6 +174,7 @@ def test_paired_gains_per_tag_and_the_geneval_scores_se_from_pooled_prompt_sprea
     assert r["tags"]["colors"] == {"gain": 0.5, "se": 0.0, "prompts": 2} and r["tags"]["single_object"]["gain"] == 1
     assert r["geneval_gain"] == 0.75 and r["geneval_gain_se"] == 0.0  # no spread within any tag
     assert r["prompts_improved"] == 1.0 and abs(r["reward_gain"] - 2 / 3) < 1e-12  # per prompt: 1, 1/2, 1/2
+    assert r["base"]["objects_per_image"] == 1 / 6 and r["lora"]["objects_per_image"] == 5 / 6
 
 
 def test_shapes_drawn_a_little_off_still_read_as_the_nearest_class():
