@@ -1110,12 +1110,12 @@ def read_inputs(args):
     if not args.from_images:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
         return prompts, None, [args.images_per_prompt] * len(prompts)
-    meta = Path(args.from_images) / "metadata.jsonl"
+    read_image_folder, meta = companion("--from-images").read_image_folder, Path(args.from_images) / "metadata.jsonl"
     if not meta.is_file():
         raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
     try:  # every line and image checked; a fault names its line
-        prompts, groups = companion("--from-images").read_image_folder(
-            meta.parent, read_lines(meta, "--from-images"), args.group_size, say=is_main_process())
+        prompts, groups = read_image_folder(meta.parent, read_lines(meta, "--from-images"), args.group_size,
+                                            say=is_main_process())
     except ValueError as e:
         raise BadInput(str(e))
     return prompts[:args.max_prompts], groups[:args.max_prompts], [len(g) for g in groups[:args.max_prompts]]
