@@ -183,3 +183,40 @@ def test_shapes_drawn_a_little_off_still_read_as_the_nearest_class():
     assert [d["label"] for d in wide] == ["clock"] and wide[0]["score"] > reward_geneval.COUNTING_THRESHOLD
     box = scene_detector.detect(hand_made([("rect", (10, 10, 34, 26), (20, 60, 230))]))
     assert [d["label"] for d in box] == ["tv"] and box[0]["score"] > reward_geneval.COUNTING_THRESHOLD
+
+
+def fake_eval(folder, prompts, images):
+    """An eval.py output folder as scene_gdro reads it: images/SET/PPPP_J.png and scores.jsonl, rows out of order."""
+    rows = []
+    for name, draws in images.items():
+        (folder / "images" / name).mkdir(parents=True, exist_ok=True)
+        for i, per_prompt in enumerate(draws):
+            for j, shapes in enumerate(per_prompt):
+                hand_made(shapes).save(folder / "images" / name / f"{i:04d}_{j}.png")
+                rows.append({"set": name, "prompt_index": i, "seed": 100 + j, "prompt": prompts[i],
+                             "image": f"images/{name}/{i:04d}_{j}.png"})
+    (folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+
+
+def test_the_grid_shows_each_prompts_first_seed_with_its_verdict_in_a_palette_image_under_300_kb(tmp_path):
+    from experiments import scene_gdro
+    prompts = ["a photo of a clock", "a photo of a red tv"]
+    clock, red_tv = ("circle", (20, 20, 36, 36), (20, 60, 230)), ("rect", (20, 20, 36, 36), (200, 20, 20))
+    fake_eval(tmp_path / "eval", prompts, {"base": [[(), (clock,)], [(), ()]],  # the first seed: nothing drawn
+                                           "lora": [[(clock,), ()], [(red_tv,), ()]]})
+    (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
+    found = scene_gdro.verdicts(tmp_path / "eval")  # in seed order, whatever the file's order
+    assert [v["correct"] for v in found["base"][0]] == [False, True] and found["lora"][1][0]["correct"]
+    scene_gdro.draw_grid(tmp_path / "grid.png", tmp_path / "eval", tmp_path / "test.txt", 2, 75)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.mode == "P" and grid.height > 2 * 256  # a row a prompt
+    assert (tmp_path / "grid.png").stat().st_size < 300_000
+
+
+def test_a_rerun_skips_an_evaluation_that_wrote_its_report(tmp_path):
+    from experiments import scene_gdro
+    cmd = lambda: scene_gdro.eval_command("m", "p.txt", ["l"], tmp_path / "eval", scene_gdro.GDRO, 4)
+    assert cmd() is not None
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text("{}")
+    assert cmd() is None and scene_gdro.todo([[["train"], cmd()], [cmd()]]) == [[["train"]], []]
