@@ -144,10 +144,9 @@ def measured(out, model_dir):
     return found
 
 
-def draw_grid(path, eval_dir, prompts_file, images, step):
-    """eval.py's grid of the held-out images (base | chosen LoRA, the first image of the first 8 prompts) with the
-    scene detector's kept detections, GenEval's verdict and the check that failed under each."""
-    found = verdicts(eval_dir)
+def draw_grid(path, eval_dir, found, prompts_file, images, step):
+    """eval.py's grid of the held-out images in eval_dir (base | chosen LoRA, the first image of the first 8 prompts),
+    with their verdicts `found` (verdicts'): the scene detector's kept detections, the check that failed."""
     scored = {name: [v for i in sorted(found[name]) for v in found[name][i]] for name in ("base", "lora")}
     prompts = Path(prompts_file).read_text().splitlines()
     evaluate.draw_grid(path, Path(eval_dir) / "images", {"base": "base", "lora": f"GDRO, step {step}"}, scored,
@@ -172,10 +171,11 @@ def experiment(args, settings):
     chosen = {s: best_on_val(d) for s, d in dirs.items()}
     run_chains(todo([[eval_command(model_dir, test, [chosen[s]["checkpoint"]], d / "eval_test", settings,
                                    args.test_images)] for s, d in dirs.items()]), logs)
-    runs = [{"seed": s, **chosen[s], "training": training_time(d), **paired_gain(verdicts(d / "eval_test"), "lora")}
+    found = {s: verdicts(d / "eval_test") for s, d in dirs.items()}  # every held-out image scored once, here
+    runs = [{"seed": s, **chosen[s], "training": training_time(d), **paired_gain(found[s], "lora")}
             for s, d in dirs.items()]
     first = args.seeds[0]
-    draw_grid(out / "grid.png", dirs[first] / "eval_test", test, args.test_images, chosen[first]["step"])
+    draw_grid(out / "grid.png", dirs[first] / "eval_test", found[first], test, args.test_images, chosen[first]["step"])
     result = {"model_dir": str(model_dir), "train_prompts": str(train), "val_prompts": str(val),
               "heldout_prompts": str(test), "settings": settings, "val_images": args.val_images,
               "test_images": args.test_images, **before, "seconds": round(time.time() - t0), "runs": runs}

@@ -207,7 +207,7 @@ def test_the_grid_shows_each_prompts_first_seed_with_its_verdict_in_a_palette_im
     (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
     found = scene_gdro.verdicts(tmp_path / "eval")  # in seed order, whatever the file's order
     assert [v["correct"] for v in found["base"][0]] == [False, True] and found["lora"][1][0]["correct"]
-    scene_gdro.draw_grid(tmp_path / "grid.png", tmp_path / "eval", tmp_path / "test.txt", 2, 75)
+    scene_gdro.draw_grid(tmp_path / "grid.png", tmp_path / "eval", found, tmp_path / "test.txt", 2, 75)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.mode == "P" and grid.height > 2 * 256  # a row a prompt
     assert (tmp_path / "grid.png").stat().st_size < 300_000
