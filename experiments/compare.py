@@ -58,6 +58,7 @@ FLOW_BUDGET = 2.0  # Flow-GRPO runs to twice GDRO's whole cost
 FLOW_CHOICES = (0.5, 1.0, 2.0)  # Flow-GRPO's budgets, in units of C: one choice on val within each
 RULE = {"z": 1.645, "margin": 0.02, "fail_se": 2.0}  # the lower 90 % bound of d above -margin; fails at > 2 se
 LANES = 2  # processes side by side: the 2 cores the comparison was sized for
+PART = 8  # LoRAs an eval.py call scores: what an interruption loses
 CACHES = {"euler": {"sampler": "euler"}, "unipc": {"sampler": "unipc", "steps": 5}}
 METHODS = {  # name -> (label, its cache or None for online, changes to run.OCR_GDRO, in the decision rule)
     "gdro": ("GDRO", "euler", {}),
@@ -331,16 +332,19 @@ def read_scores(scores_file):
 
 def score_jobs(ctx, prompts, loras, folder, strings, images, log):
     """eval.py on the first `strings` prompts x `images` images, the base and every LoRA of loras, from the same seeds,
-    split into LANES calls (each draws the base too): (jobs, read) where read() gives {lora or "base": per string}."""
-    parts = [loras[i::LANES] for i in range(min(LANES, len(loras)))] or [[]]
+    in calls of at most PART LoRAs (each draws the base too), so that an interruption loses one call's work, not the
+    stage's: (jobs, read) where read() gives {lora or "base": per string}."""
+    parts = [loras[i:i + PART] for i in range(0, len(loras), PART)] or [[]]
 
     def job(i):
         part = Path(folder) / f"part{i}"
-        if not (part / "scores.jsonl").is_file():
+        names = list(map(str, parts[i]))
+        if not ((part / "scores.jsonl").is_file() and (part / "clock.json").is_file()
+                and read_clock(part).get("loras") == names):
             shutil.rmtree(part, ignore_errors=True)
             cmd = run.eval_command(ctx["model_dir"], prompts, parts[i], part, run.OCR_GDRO["guidance"], images)
             clock = clocked(cmd + ["--max-prompts", strings, "--steps", ctx["scale"]["steps"]], log)
-            write_clock(part, {**clock, "sets": 1 + len(parts[i]), "images_per_set": strings * images})
+            write_clock(part, {**clock, "loras": names, "sets": 1 + len(names), "images_per_set": strings * images})
 
     def read():
         found = {}

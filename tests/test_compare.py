@@ -6,6 +6,7 @@ end on the toy text model is marked slow."""
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,36 @@ def test_a_runs_cpu_seconds_are_its_whole_processes_and_each_checkpoints_as_it_a
     assert printed["end"] <= clock["cpu_seconds"] + 0.02 and clock["steps"][2] <= clock["cpu_seconds"]
     with pytest.raises(SystemExit, match="run.log"):  # a failure names its log
         compare.clocked([sys.executable, "-c", CHILD, tmp_path / "again", 3], log)
+
+
+def test_scoring_is_split_into_calls_of_part_loras_and_a_rerun_redoes_only_the_unfinished_ones(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_eval(cmd, log):  # eval.py's scores.jsonl: each set's reward, the LoRAs named lora1.. in order
+        out, loras = Path(cmd[cmd.index("--out") + 1]), cmd[cmd.index("--lora") + 1:cmd.index("--out")]
+        calls.append(loras)
+        out.mkdir(parents=True)
+        sets = {"base": 0.0, **{f"lora{j + 1}" if len(loras) > 1 else "lora": float(name) for j, name in
+                                enumerate(loras)}}
+        (out / "scores.jsonl").write_text("".join(json.dumps({"set": s, "prompt_index": 0, "ocr_reward": r}) + "\n"
+                                                  for s, r in sets.items()))
+        return {"cpu_seconds": 1.0, "steps": {}}
+
+    monkeypatch.setattr(compare, "clocked", fake_eval)
+    ctx = {"model_dir": tmp_path, "scale": {"steps": 2}}
+    loras = [str(i) for i in range(2 * compare.PART + 1)]
+    jobs, read = compare.score_jobs(ctx, tmp_path / "val.txt", loras, tmp_path / "eval", 1, 1, tmp_path / "log")
+    compare.side_by_side(jobs)
+    assert sorted(map(len, calls)) == [1, compare.PART, compare.PART] and sorted(sum(calls, [])) == sorted(loras)
+    assert read() == {"base": {0: 0.0}, **{name: {0: float(name)} for name in loras}}
+    assert compare.eval_cost(tmp_path / "eval")["images"] == len(loras) + 3  # each call draws the base too
+    (tmp_path / "eval" / "part1" / "clock.json").unlink()  # killed after its scores, before its clock
+    calls.clear()
+    compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", loras, tmp_path / "eval", 1, 1, "log")[0])
+    assert calls == [loras[compare.PART:2 * compare.PART]]
+    calls.clear()  # the same folder asked for other LoRAs: every part is redone
+    compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", loras[1:], tmp_path / "eval", 1, 1, "log")[0])
+    assert sorted(sum(calls, [])) == sorted(loras[1:])
 
 
 def fake_model(folder):
