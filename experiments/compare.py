@@ -333,8 +333,9 @@ def read_scores(scores_file):
 def score_jobs(ctx, prompts, loras, folder, strings, images, log):
     """eval.py on the first `strings` prompts x `images` images, the base and every LoRA of loras, from the same seeds,
     in calls of at most PART LoRAs (each draws the base too), so that an interruption loses one call's work, not the
-    stage's: (jobs, read) where read() gives {lora or "base": per string}."""
-    parts = [loras[i:i + PART] for i in range(0, len(loras), PART)] or [[]]
+    stage's, and at least one a lane: (jobs, read) where read() gives {lora or "base": per string}."""
+    n = max(min(LANES, len(loras)), math.ceil(len(loras) / PART))
+    parts = [loras[i::n] for i in range(n)] or [[]]
 
     def job(i):
         part = Path(folder) / f"part{i}"
