@@ -4,7 +4,7 @@ at a fraction of its compute, each method tuned on val alike?
     python -m experiments.compare                  # the mode text model (built once), seeds 0 and 1
     python -m experiments.compare --seeds 1        # one seed; OUT/seed_0.json, if there, is read and decided with it
     python -m experiments.compare --recipe binding # the binding model (4 digits, all large; runs/text_binding)
-    python -m experiments.compare --plot-only --plot docs/compare.png   # redraw the figure from OUT/results.json
+    python -m experiments.compare --plot-only --plot docs/compare.png   # redraw the figure from OUT/seed_*.json
 
 Per seed, on the same training strings (a fixed draw from the model's train split):
   gdro        GDRO, the paper's loss (k = 6 of 16, beta 12, tau 0.05, gamma 0.5), on a cache of 16 images a string
@@ -557,8 +557,8 @@ def check_inputs(args):
     experiments.check(("--plot", plot, (lambda x: x.suffix.lower() in (".png", ".svg", ".pdf") and not x.is_dir(),
                                         "a .png, .svg or .pdf file")))
     if args.plot_only:
-        if not (Path(args.out) / "results.json").is_file():
-            raise gdro.BadInput(f"--plot-only: {Path(args.out) / 'results.json'} not found; run the comparison first "
+        if not any(Path(args.out).glob("seed_*.json")):
+            raise gdro.BadInput(f"--plot-only: no seed_*.json in {args.out}; run the comparison first "
                                 "(or give the --out it wrote)")
         return None, plot
     if not Path("/proc/self/stat").is_file():
@@ -621,12 +621,12 @@ def main(argv=None):
                    help="change a SCALE value, e.g. gdro_steps=100")
     p.add_argument("--plot", help="the figure (default: OUT/compare.png)")
     p.add_argument("--plot-only", action="store_true",
-                   help="redraw the figure and print the table from OUT/results.json")
+                   help="redraw the figure and print the table from OUT/seed_*.json")
     args = p.parse_args(argv)
     scale, plot = check_inputs(args)
     out = Path(args.out)
     if args.plot_only:
-        seeds = {int(s): d for s, d in json.loads((out / "results.json").read_text())["per_seed_results"].items()}
+        seeds = read_seeds(out)  # what results.json's per_seed_results holds, read from the seeds' own files
         plot_results(seeds, plot)
         return print(table(seeds))
     settings = settings_of(args, scale)
