@@ -134,7 +134,7 @@ def bad_inputs():
         ("compare", ["--out", "TMP/c", "--scale", "heldout_strings=500"], "heldout_strings=500: must be at most 100"),
         ("compare", ["--out", "TMP/c", "--seeds", "0", "0"], "--seeds [0, 0]: must be distinct"),
         ("compare", ["--out", "TMP/c", "--plot", "TMP/c.txt"], "must be a .png, .svg or .pdf file"),
-        ("compare", ["--out", "TMP/c", "--plot-only"], "results.json not found"),
+        ("compare", ["--out", "TMP/c", "--plot-only"], "no seed_*.json in TMP/c"),
         ("compare", ["--out", "TMP/note.txt"], "--out TMP/note.txt is a file, not a folder"),
         ("run", ["--out", "TMP/r", "--set", "lr=0"], "--set: --lr 0.0: must be finite and > 0"),
         ("run", ["--out", "TMP/r", "--set", "max-steps=ten"], "--set max-steps=ten: max-steps takes int"),
