@@ -68,8 +68,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tiny:
         tiny = gdro.companion("--tiny")
-        shrunk = tiny.shrink_if_tiny(args, argv, {k: v for k, v in tiny.TINY_RUN.items() if k in TINY_EVAL})
-        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
+        tiny.shrink_if_tiny(args, argv, {k: v for k, v in tiny.TINY_RUN.items() if k in TINY_EVAL})
     return gdro.settle_model(args)
 
 

@@ -485,14 +485,16 @@ TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, grou
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
 
 
-def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=()):
-    """--tiny shrinks the run for CPU (settings but those in skip); every flag given explicitly still wins. Returns
-    what it shrank, for the caller to say."""
+def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=(), say=True):
+    """--tiny shrinks the run for CPU (settings but those in skip); every flag given explicitly still wins. Says what
+    it shrank (if say) and returns it."""
     if not args.tiny:
         return {}
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     shrunk = {k: v for k, v in settings.items() if k not in skip and "--" + k.replace("_", "-") not in given}
     vars(args).update(shrunk)
+    if shrunk and say:
+        print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
     return shrunk
 
 # ============================================================================= your own images (--from-images)

@@ -47,9 +47,8 @@ MEASURED = {"stabilityai/stable-diffusion-3.5-medium": dict(rollout_16x10=3.39, 
                                                  gib={"none": 28.4, "int8": 17.3, "nf4": 12.4})}
 # --sampler: name -> (diffusers scheduler, its settings; families.make_scheduler), solvers of the same flow-matching
 # ODE. GDRO does not care which drew the cache: a second-order one is free speed (docs/cost.md: distance to 200 steps)
-SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
-            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
-            "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
+SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2))}
 QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantize (families.py): the package it needs
 
 def image_seed(seed, i, j, n):
@@ -101,7 +100,8 @@ def parse_args(argv=None):
     arg("--lr", type=float, default=3e-4, help="AdamW learning rate" + d)
     arg("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm" + d)
     arg("--lora-rank", type=int, default=32, help="LoRA rank on the transformer's attention projections" + d)
-    arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="(default: on with CUDA)")
+    arg("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+        help="recompute activations in the backward: a second forward for memory a GPU lacks (default: on with CUDA)")
     arg("--compile", action="store_true", help="torch.compile the transformer's blocks (CUDA only)")
     arg("--quantize", default="none", choices=QUANTIZE, help="frozen base's weights in training: torchao int8, NF4" + d)
     arg("--quantize-rollouts", action="store_true", help="the cache drawn by the quantized base too (not the default)")
@@ -114,11 +114,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tiny:  # a run shrunk for a CPU; an image folder samples nothing
         skip = ("images_per_prompt", "steps") if args.from_images else ()
-        shrunk = companion("--tiny").shrink_if_tiny(args, argv, skip=skip)
-        if shrunk and is_main_process():
-            print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
-    if args.grad_checkpointing is None:
-        args.grad_checkpointing = torch.cuda.is_available()  # it trades a second forward for memory a GPU lacks
+        companion("--tiny").shrink_if_tiny(args, argv, skip=skip, say=is_main_process())
     return args
 
 def flag_value(args, flag):
