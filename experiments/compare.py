@@ -336,6 +336,9 @@ def score_jobs(ctx, prompts, loras, folder, strings, images, log):
     stage's, and at least one a lane: (jobs, read) where read() gives {lora or "base": per string}."""
     n = max(min(LANES, len(loras)), math.ceil(len(loras) / PART))
     parts = [loras[i::n] for i in range(n)] or [[]]
+    for stale in Path(folder).glob("part*"):  # an earlier, longer split's: not this scoring's cost
+        if stale.name not in {f"part{i}" for i in range(n)}:
+            shutil.rmtree(stale)
 
     def job(i):
         part = Path(folder) / f"part{i}"

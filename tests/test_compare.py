@@ -180,6 +180,9 @@ def test_scoring_is_split_into_calls_of_part_loras_and_a_rerun_redoes_only_the_u
     calls.clear()  # the same folder asked for other LoRAs: every part is redone
     compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", loras[1:], tmp_path / "eval", 1, 1, "log")[0])
     assert sorted(sum(calls, [])) == sorted(loras[1:])
+    calls.clear()  # fewer LoRAs in the same folder: fewer parts, and the cost counts only this scoring's calls
+    compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", loras[:2], tmp_path / "eval", 1, 1, "log")[0])
+    assert sorted(sum(calls, [])) == loras[:2] and compare.eval_cost(tmp_path / "eval")["calls"] == 2
     calls.clear()  # fewer LoRAs than PART: still one call a lane
     compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", loras[:3], tmp_path / "few", 1, 1, "log")[0])
     assert sorted(map(len, calls)) == [1, 2]
