@@ -47,7 +47,7 @@ MEASURED = {"stabilityai/stable-diffusion-3.5-medium": dict(rollout_16x10=3.39, 
                                                  gib={"none": 28.4, "int8": 17.3, "nf4": 12.4})}
 # --sampler: name -> (diffusers scheduler, its settings; families.make_scheduler), solvers of the same flow-matching
 # ODE. GDRO does not care which drew the cache: a second-order one is free speed (docs/cost.md: distance to 200 steps)
-SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
             "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2))}
 QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantize (families.py): the package it needs
 
@@ -226,7 +226,7 @@ class Family:
     pack, unpack = staticmethod(pack_latents), staticmethod(unpack_latents)
 
     def sampler_inputs(self, cond, uncond, guidance):
-        return {**cond, "guidance_scale": guidance}
+        return {**cond, **{"negative_" + k: v for k, v in uncond.items()}, "guidance_scale": guidance}
 
     def sampler_latents(self, pipe, latents):
         return latents  # most pipelines return output_type="latent" in the cached layout
@@ -261,9 +261,6 @@ class SD3(Family):
                                                             max_sequence_length=length)
         return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
                 {"prompt_embeds": neg_pe, "pooled_prompt_embeds": neg_pooled})
-
-    def sampler_inputs(self, cond, uncond, guidance):
-        return {**cond, **{"negative_" + k: v for k, v in uncond.items()}, "guidance_scale": guidance}
 
     def velocity(self, transformer, x_t, t, cond, guidance=None):
         return transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
