@@ -239,14 +239,7 @@ class Family:
             return c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
         return math.log(c["shift"])
 
-    def encode_pixels(self, pipe, pixels):
-        """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents (decode's inverse)."""
-        c = pipe.vae.config
-        z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-        z = (z - c.shift_factor) * c.scaling_factor
-        return self.pack(z) if self.packed else z
-
-    def decode_latents(self, pipe, latents):
+    def decode_latents(self, pipe, latents):  # families.encode_pixels is its inverse (--from-images)
         c, z = pipe.vae.config, self.unpack(latents) if self.packed else latents
         return pipe.vae.decode(z.to(pipe.vae.dtype) / c.scaling_factor + c.shift_factor).sample
 
