@@ -203,8 +203,7 @@ def gdro_loss(err_policy, err_ref, rewards, beta=12.0, tau=0.05, gamma=0.5, norm
     return (l_gdro + gamma * l_reg).mean()  # Eq. 9 (m.7), averaged over groups
 
 # ============================================================================= 3. models
-# What differs between model families (prompts, the latent layout the cache holds, the VAE, the transformer's call)
-# is in one record per family; the functions below call it.
+# One record per model family holds what differs: prompts, the cached latent layout, the VAE, the transformer's call.
 
 def pack_latents(z):
     """FLUX's layout: [N, C, H, W] VAE latents -> [N, H/2 * W/2, 4C], one token per 2x2 patch (as FluxPipeline)."""
@@ -411,9 +410,8 @@ def cache_manifest(args, cache_dir):
     return manifest
 
 def load_reward(spec, geneval_detector=None, geneval_clip=None, tiny_in=None):
-    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward() with that detector and CLIP (hub
-    ids or folders; None: GenEval's; with tiny_in and neither given, tiny random ones of the same classes saved
-    there, as --tiny's pipeline); 'FILE.py:FUNCTION' -> that function. Each is fn(images, prompts)."""
+    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward(detector, clip) (None: GenEval's),
+    or, neither given, --tiny's random ones in tiny_in; 'FILE.py:FUNCTION' -> FUNCTION; each is fn(images, prompts)."""
     if spec == "ocr":
         return companion("--reward ocr", "reward_ocr").OcrReward()
     if spec == "geneval" and tiny_in and not (geneval_detector or geneval_clip):
@@ -448,8 +446,7 @@ def score(reward_fn, spec, images, prompt, i):
 
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     """Phase 1: the frozen base draws each prompt's images with --sampler once, the reward scores them; prompt i is
-    scored and written in a thread while i+1 generates (OCR would idle the GPU about as long). Under torchrun each
-    process takes its share of the missing prompts."""
+    scored and written in a thread while i+1 generates (OCR would idle the GPU about as long)."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
@@ -1166,7 +1163,6 @@ def main(argv=None):
     if rank == 0:
         print(f"LoRA saved to {lora_dir} (load with pipe.load_lora_weights({str(lora_dir)!r}))")
     return lora_dir
-
 
 if __name__ == "__main__":
     cli(main)
