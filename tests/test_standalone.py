@@ -71,6 +71,12 @@ def test_no_module_that_gdro_imports_imports_gdro_back():
         assert "gdro" not in imported_modules(ROOT / f"{name}.py"), f"{name}.py imports gdro: an import circle"
 
 
+def test_no_line_of_the_project_s_python_is_over_120_characters():
+    files = [f for folder in (ROOT, ROOT / "experiments", ROOT / "tests") for f in sorted(folder.glob("*.py"))]
+    long = [f"{f.name}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1) if len(line) > 120]
+    assert len(files) > 10 and not long, long
+
+
 @pytest.mark.slow
 def test_copied_alone_gdro_answers_help_and_dry_run_and_exports_the_method(tmp_path):
     folder = alone(tmp_path)
