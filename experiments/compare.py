@@ -336,8 +336,9 @@ def score_jobs(ctx, prompts, loras, folder, strings, images, log):
     stage's, and at least one a lane: (jobs, read) where read() gives {lora or "base": per string}."""
     n = max(min(LANES, len(loras)), math.ceil(len(loras) / PART))
     parts = [loras[i::n] for i in range(n)] or [[]]
+    kept = {f"part{i}" for i in range(len(parts))}
     for stale in Path(folder).glob("part*"):  # an earlier, longer split's: not this scoring's cost
-        if stale.name not in {f"part{i}" for i in range(n)}:
+        if stale.name not in kept:
             shutil.rmtree(stale)
 
     def job(i):

@@ -156,7 +156,8 @@ def test_scoring_is_split_into_calls_of_part_loras_and_a_rerun_redoes_only_the_u
     calls = []
 
     def fake_eval(cmd, log):  # eval.py's scores.jsonl: each set's reward, the LoRAs named lora1.. in order
-        out, loras = Path(cmd[cmd.index("--out") + 1]), cmd[cmd.index("--lora") + 1:cmd.index("--out")]
+        out = Path(cmd[cmd.index("--out") + 1])
+        loras = cmd[cmd.index("--lora") + 1:cmd.index("--out")] if "--lora" in cmd else []  # [] : the base alone
         calls.append(loras)
         out.mkdir(parents=True)
         sets = {"base": 0.0, **{f"lora{j + 1}" if len(loras) > 1 else "lora": float(name) for j, name in
@@ -186,6 +187,10 @@ def test_scoring_is_split_into_calls_of_part_loras_and_a_rerun_redoes_only_the_u
     calls.clear()  # fewer LoRAs than PART: still one call a lane
     compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", loras[:3], tmp_path / "few", 1, 1, "log")[0])
     assert sorted(map(len, calls)) == [1, 2]
+    calls.clear()  # the base alone: one call, kept when done
+    for _ in range(2):
+        compare.side_by_side(compare.score_jobs(ctx, tmp_path / "val.txt", [], tmp_path / "base", 1, 1, "log")[0])
+    assert calls == [[]]
 
 
 def fake_model(folder):
