@@ -500,23 +500,11 @@ def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=(), say=True):
 # ============================================================================= your own images (--from-images)
 
 
-def encode_pixels(pipe, record, pixels):
-    """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents (the record's decode_latents'
-    inverse): the record's own encode_pixels (Qwen-Image, FLUX.2), else the VAE's shift and scale (SD3, FLUX.1,
-    Z-Image)."""
-    if hasattr(record, "encode_pixels"):
-        return record.encode_pixels(pipe, pixels)
-    c = pipe.vae.config
-    z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-    z = (z - c.shift_factor) * c.scaling_factor
-    return record.pack(z) if record.packed else z
-
-
 @torch.no_grad()
 def encode_images(pipe, record, images, resolution, batch=8):
     """--from-images: images (PIL images or files) -> clean latents in the cache's layout, each resized so its short
-    side is `resolution` and centre-cropped, then encoded `batch` at a time by the family's VAE step (encode_pixels:
-    gdro.decode's inverse)."""
+    side is `resolution` and centre-cropped, then encoded `batch` at a time by the family record's VAE step
+    (gdro.decode's inverse)."""
     from PIL import Image
     squares = []
     for image in images:
@@ -527,7 +515,7 @@ def encode_images(pipe, record, images, resolution, batch=8):
         image = image.resize((w, h), resample=Image.BICUBIC)
         squares.append(image.crop((left, top, left + resolution, top + resolution)))
     preprocess = lambda part: pipe.image_processor.preprocess(part, height=resolution, width=resolution)
-    return torch.cat([encode_pixels(pipe, record, preprocess(squares[j:j + batch]))
+    return torch.cat([record.encode_pixels(pipe, preprocess(squares[j:j + batch]))
                       for j in range(0, len(squares), batch)])
 
 

@@ -47,8 +47,9 @@ MEASURED = {"stabilityai/stable-diffusion-3.5-medium": dict(rollout_16x10=3.39, 
                                                  gib={"none": 28.4, "int8": 17.3, "nf4": 12.4})}
 # --sampler: name -> (diffusers scheduler, its settings; families.make_scheduler), solvers of the same flow-matching
 # ODE. GDRO does not care which drew the cache: a second-order one is free speed (docs/cost.md: distance to 200 steps)
-SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
-            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2))}
+SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
+            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+            "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
 QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantize (families.py): the package it needs
 
 def image_seed(seed, i, j, n):
@@ -238,7 +239,14 @@ class Family:
             return c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
         return math.log(c["shift"])
 
-    def decode_latents(self, pipe, latents):  # families.encode_pixels is its inverse (--from-images)
+    def encode_pixels(self, pipe, pixels):
+        """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents (decode's inverse)."""
+        c = pipe.vae.config
+        z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
+        z = (z - c.shift_factor) * c.scaling_factor
+        return self.pack(z) if self.packed else z
+
+    def decode_latents(self, pipe, latents):
         c, z = pipe.vae.config, self.unpack(latents) if self.packed else latents
         return pipe.vae.decode(z.to(pipe.vae.dtype) / c.scaling_factor + c.shift_factor).sample
 
@@ -410,8 +418,9 @@ def cache_manifest(args, cache_dir):
     return manifest
 
 def load_reward(spec, geneval_detector=None, geneval_clip=None, tiny_in=None):
-    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward(detector, clip) (None: GenEval's),
-    or, neither given, --tiny's random ones in tiny_in; 'FILE.py:FUNCTION' -> FUNCTION; each is fn(images, prompts)."""
+    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward(detector, clip) (None: GenEval's;
+    with tiny_in and neither given, --tiny's random ones saved there); 'FILE.py:FUNCTION' -> that function. Each is
+    fn(images, prompts)."""
     if spec == "ocr":
         return companion("--reward ocr", "reward_ocr").OcrReward()
     if spec == "geneval" and tiny_in and not (geneval_detector or geneval_clip):
