@@ -453,9 +453,10 @@ def score(reward_fn, spec, images, prompt, i):
                          f"expected {n} finite numbers; {rerun}")
     return rewards
 
-def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
+def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=None):
     """Phase 1: the frozen base draws each prompt's images with --sampler once, the reward scores them; prompt i is
-    scored and written in a thread while i+1 generates (OCR would idle the GPU about as long)."""
+    scored and written in a thread while i+1 generates (OCR would idle the GPU about as long). With image_groups
+    (--from-images), each prompt's image files are encoded by the VAE instead and keep their given rewards."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
@@ -468,10 +469,17 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
         companion("--compile").compile_transformer(pipe.transformer)
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = None
-        for i in progress(my_missing_shards(cache_dir, len(prompts)), "rollout cache", "prompt"):
+        for i in progress(my_missing_shards(cache_dir, len(prompts)), "cache", "prompt"):
             if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated is scored and written below, then stop
                 break
             cond, uncond = encode_prompt(pipe, family, prompts[i])
+            if image_groups:  # your own images, not drawn: encoded by the VAE, scored as metadata.jsonl says
+                files, rewards = zip(*image_groups[i])
+                x0 = companion("--from-images").encode_images(pipe, family, files, args.resolution)
+                write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor(rewards),
+                                                       **{k: v[0] for k, v in cond.items()}},
+                            files=json.dumps([f.name for f in files]))
+                continue
             seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
             x0 = torch.cat([generate(pipe, family, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
                                      args.resolution) for j in range(0, n, batch)])
@@ -484,17 +492,6 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args):
     if stop.is_set():
         raise cache_interrupted(cache_dir, prompts)
     pipe.scheduler = base_scheduler
-    barrier()
-
-def build_cache_from_images(pipe, family, prompts, groups, cache_dir, args):
-    """Phase 1 from your own images: encoded by the model's VAE into ordinary shards with their given rewards."""
-    encode_images = companion("--from-images").encode_images
-    for i in progress(my_missing_shards(cache_dir, len(prompts)), "encode images", "prompt"):
-        cond, _ = encode_prompt(pipe, family, prompts[i])
-        x0 = encode_images(pipe, family, [file for file, _ in groups[i]], args.resolution)
-        write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor([r for _, r in groups[i]]),
-                                               **{k: v[0] for k, v in cond.items()}},
-                    files=json.dumps([f.name for f, _ in groups[i]]))
     barrier()
 
 # ============================================================================= 5. phase 2: training
@@ -1150,10 +1147,7 @@ def main(argv=None):
         pipe.transformer = companion("--quantize").quantize(pipe.transformer, args.quantize, model, device)
     if not cache_complete:
         try:
-            if args.from_images:
-                build_cache_from_images(pipe, family, prompts, image_groups, cache_dir, args)
-            else:
-                build_cache(pipe, family, prompts, reward_fn, cache_dir, args)
+            build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups)
         except KeyboardInterrupt:  # a second Ctrl-C: the prompts in flight are dropped
             raise cache_interrupted(cache_dir, prompts)
     sizes, mean_reward = check_cache(cache_dir, prompts)
