@@ -218,8 +218,7 @@ def unpack_latents(x):
     return x.view(n, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, 2 * side, 2 * side)
 
 class Family:
-    """A model family's record (docs/models.md): pipeline, names, defaults, schedule, LoRA targets, packed latents or
-    not; prompt encoding, sampler inputs, the velocity call (v = eps - x0), the shift of t, the VAE; shared defaults."""
+    """A model family's record (docs/models.md); its defaults here are shared, and velocity() returns v = eps - x0."""
     name, pipeline, hub_names = None, None, ()
     guidance, steps, scheduler, packed = None, 10, {}, False
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -447,11 +446,10 @@ def score(reward_fn, spec, images, prompt, i):
         raise SystemExit(f"error: the reward {spec} failed on prompt {i + 1} ({type(e).__name__}: {e}); {rerun}\n"
                          + "".join(traceback.format_exception(e)[1:]))
     real = all(isinstance(r, numbers.Real) or (torch.is_tensor(r) and r.numel() == 1) for r in returned)
-    rewards = [float(r) for r in returned] if real else None  # never parse strings as rewards
-    if rewards is None or len(rewards) != n or not all(math.isfinite(r) for r in rewards):
+    if not real or len(returned) != n or not all(math.isfinite(r) for r in returned):  # never parse strings as rewards
         raise SystemExit(f"error: the reward {spec} returned {returned[:8]!r} for the {n} images of prompt {i + 1}; "
                          f"expected {n} finite numbers; {rerun}")
-    return rewards
+    return [float(r) for r in returned]
 
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=None):
     """Phase 1: the frozen base draws each prompt's images with --sampler once, the reward scores them; prompt i is
