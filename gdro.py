@@ -826,10 +826,8 @@ def damaged_file(folder, names):
         hashes = json.loads(record.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return record
-    for path in (Path(folder) / name for name in names if name in hashes):
-        if not path.is_file() or file_sha256(path) != hashes[path.name]:
-            return path
-    return None
+    paths = (Path(folder) / name for name in names if name in hashes)
+    return next((p for p in paths if not p.is_file() or file_sha256(p) != hashes[p.name]), None)
 
 # ------------------------------------------------------------------------------ input files: each line checked
 
@@ -933,7 +931,7 @@ def cache_interrupted(cache_dir, prompts):
     done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
     return SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to continue")
 
-# ------------------------------------------------------------------------------ checkpoints and resume
+# ------------------------------------------------------------------------------ the run folder: checkpoints, resume
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_lora_weights(folder) reads
 
@@ -991,8 +989,6 @@ def start_or_resume(args, transformer, optimizer):
         write_atomic(out / "metrics.jsonl", "".join(f"{line}\n" for line in kept).encode())
     return start, last_ckpt
 
-# ------------------------------------------------------------------------------ the run folder
-
 def check_out(out, args):
     """--out: a writable folder (or none yet) in no other run's use; a run in it continues only with --resume.
     Returns lock_out's lock when OUT exists already (else main takes it once the other checks pass)."""
@@ -1018,11 +1014,9 @@ def check_out(out, args):
                        f"saved); delete {found[-1]} and rerun {then}")
     return lock
 
-# config.json records every setting; these do not shape what is learned (how long, how often to log and save, how
-# fast), and these cannot change on --resume (the checkpoint is of that model's layers)
 NOT_SHAPING = {"out", "resume", "max_steps", "log_every", "save_every", "dry_run", "compile", "rollout_batch",
-               "grad_checkpointing", "report_to"}
-CANNOT_CHANGE = {"model", "tiny", "family", "resolution", "lora_rank"}
+               "grad_checkpointing", "report_to"}  # not what is learned: how long, how often to log or save, how fast
+CANNOT_CHANGE = {"model", "tiny", "family", "resolution", "lora_rank"}  # fixed on --resume: the checkpoint's layers
 
 def run_config(args, out, world):
     """config.json: the settings; on --resume the first run's, this resume and its changes added under "resumes"."""
