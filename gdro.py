@@ -852,20 +852,13 @@ def read_lines(path, flag, what="one prompt per line"):
     return [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()]
 
 def read_prompts(path, reward, max_prompts=None):
-    """Non-blank lines of the prompt file. With the OCR reward every prompt needs a quoted target."""
+    """Non-blank lines of the prompt file; --reward ocr or geneval checks each reads as its prompts must."""
     lines = read_lines(path, "--prompts")[:max_prompts]
     if not lines:
         raise BadInput(f"--prompts {path} has no prompts")
-    if reward == "ocr":
-        has_ocr_target = companion("--reward ocr", "reward_ocr").has_ocr_target
-        bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
-        if bad:
-            raise BadInput(f"--prompts {path}: line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward")
-    if reward == "geneval":  # GenEval reads a prompt's objects, counts, colours and places from its fixed grammar
-        bad = companion("--reward geneval", "reward_geneval").check_prompts([prompt for _, prompt in lines])
-        if bad:
-            raise BadInput(f"--prompts {path}: line {lines[bad[0][0]][0]} is not a GenEval prompt ({bad[0][1]})"
-                           + (f"; {len(bad) - 1} more lines too" if len(bad) > 1 else ""))
+    fault = reward in ("ocr", "geneval") and companion(f"--reward {reward}", f"reward_{reward}").bad_prompt_lines(lines)
+    if fault:
+        raise BadInput(f"--prompts {path}: {fault}")
     return [prompt for _, prompt in lines]
 
 # ------------------------------------------------------------------------------ cache shards (section 4's layout)

@@ -152,6 +152,15 @@ def check_prompts(prompts):
     return bad
 
 
+def bad_prompt_lines(lines):
+    """A prompt file's [(line number, prompt)] outside GenEval's grammar, said in one line; None if all are in it."""
+    bad = check_prompts([prompt for _, prompt in lines])
+    if bad:
+        return (f"line {lines[bad[0][0]][0]} is not a GenEval prompt ({bad[0][1]})"
+                + (f"; {len(bad) - 1} more lines too" if len(bad) > 1 else ""))
+    return None
+
+
 def relation(box_a, box_b):
     """GenEval's relations of box A to box B, a subset of POSITIONS; boxes [x0, y0, x1, y1] in pixels, y down.
     Each axis' centre offset shrinks by POSITION_MARGIN of the two boxes' summed sides; a relation holds when its

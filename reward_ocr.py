@@ -40,6 +40,12 @@ def has_ocr_target(prompt):
     return bool((m := _QUOTED.search(prompt)) and m.group(1).strip())
 
 
+def bad_prompt_lines(lines):
+    """A prompt file's [(line number, prompt)] without a quoted target, said in one line; None if every one has one."""
+    bad = [str(i) for i, prompt in lines if not has_ocr_target(prompt)]
+    return f"line(s) {', '.join(bad[:20])} have no quoted text for the OCR reward" if bad else None
+
+
 def _normalise(text):
     return "".join(text.lower().split())
 

@@ -83,6 +83,14 @@ def test_check_prompts_names_the_index_and_reason_of_each_bad_prompt():
     assert "dogg" in bad[0][1] and "start with" in bad[1][1]
 
 
+def test_a_prompt_file_s_first_bad_line_is_named_by_its_number_with_the_count_of_the_others():
+    lines = [(1, "a photo of a dog"), (4, "a photo of a dogg"), (7, "a dog"), (9, "a photo of a cat")]
+    fault = rg.bad_prompt_lines(lines)
+    assert fault.startswith("line 4 is not a GenEval prompt (") and "dogg" in fault
+    assert fault.endswith("; 1 more lines too")
+    assert rg.bad_prompt_lines(lines[:1] + lines[3:]) is None
+
+
 def test_every_prompt_of_both_files_round_trips_through_parse_prompt():
     for name in ("geneval.txt", "geneval_test.txt"):
         for line in lines(name):

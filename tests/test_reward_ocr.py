@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from reward_ocr import OcrReward, ocr_score, ocr_target, selfcheck
+from reward_ocr import OcrReward, bad_prompt_lines, ocr_score, ocr_target, selfcheck
 
 HERE = Path(__file__).resolve().parent.parent  # the repository
 
@@ -97,6 +97,12 @@ def test_clean_renderings_of_test_targets_score_high_and_mismatched_targets_low(
 
 def test_target_is_text_inside_first_pair_of_double_quotes():
     assert ocr_target('A neon sign "Open Late" next to a door marked "Staff"') == "Open Late"
+
+
+def test_a_prompt_file_s_lines_without_a_quoted_target_are_named_by_their_numbers():
+    lines = [(1, 'a sign "OPEN"'), (3, "a sign"), (4, 'a mug "" on a desk'), (6, "a \u201cCLOSED\u201d sign")]
+    assert bad_prompt_lines(lines) == "line(s) 3, 4 have no quoted text for the OCR reward"
+    assert bad_prompt_lines(lines[:1] + lines[3:]) is None
 
 
 def test_curly_quotes_work():
