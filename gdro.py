@@ -852,7 +852,7 @@ def read_lines(path, flag, what="one prompt per line"):
     return [(i, s.strip()) for i, s in enumerate(text.lstrip("\ufeff").splitlines(), 1) if s.strip()]
 
 def read_prompts(path, reward, max_prompts=None):
-    """Non-blank lines of the prompt file; --reward ocr or geneval checks each reads as its prompts must."""
+    """Non-blank lines of the prompt file, each checked by --reward ocr (a quoted target) or geneval (its grammar)."""
     lines = read_lines(path, "--prompts")[:max_prompts]
     if not lines:
         raise BadInput(f"--prompts {path} has no prompts")
