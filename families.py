@@ -10,17 +10,19 @@
   plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to. With --reward geneval, --tiny's random
   Mask2Former and CLIP of the real classes (tiny_geneval_reward).
 - read_image_folder, encode_images: --from-images' metadata.jsonl and images, every line checked; the images
-  resized, cropped and encoded with the family's VAE step.
-- make_scheduler, compile_transformer, quantize, check_report_to, report_to: --sampler's multistep solvers,
-  --compile's blocks, --quantize's frozen base with int8 or NF4 weights, --report-to's settings (checked with the
-  other flags) and its TensorBoard or W&B log; their packages (torchao, bitsandbytes, tensorboard, wandb) imported
-  only here, when asked for.
+  resized, cropped and encoded with the family's VAE step (encode_pixels).
+- check_extras, make_scheduler, compile_transformer, quantize, check_report_to, report_to: the extras' checks (with
+  the other flags), --sampler's multistep solvers, --compile's blocks, --quantize's frozen base with int8 or NF4
+  weights, --report-to's settings and its TensorBoard or W&B log; their packages (torchao, bitsandbytes,
+  tensorboard, wandb) imported only here, when asked for.
 """
 import contextlib
+import importlib.util
 import json
 import math
 import numbers
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -485,19 +487,31 @@ TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, grou
                 max_steps=20, lora_rank=8, log_every=5, save_every=10)
 
 
-def shrink_if_tiny(args, argv, settings=TINY_RUN, skip=(), say=True):
-    """--tiny shrinks the run for CPU (settings but those in skip); every flag given explicitly still wins. Says what
-    it shrank (if say) and returns it."""
+def shrink_if_tiny(args, argv, settings=TINY_RUN, say=True):
+    """--tiny shrinks the run for CPU to settings; every flag given explicitly still wins, and an image folder
+    (--from-images) keeps its own group sizes and draws nothing. Says what it shrank (if say) and returns it."""
     if not args.tiny:
         return {}
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    shrunk = {k: v for k, v in settings.items() if k not in skip and "--" + k.replace("_", "-") not in given}
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    own = ("images_per_prompt", "steps") if getattr(args, "from_images", None) else ()
+    shrunk = {k: v for k, v in settings.items() if k not in own and "--" + k.replace("_", "-") not in given}
     vars(args).update(shrunk)
     if shrunk and say:
         print("--tiny: " + ", ".join(f"{k}={v}" for k, v in shrunk.items()))
     return shrunk
 
 # ============================================================================= your own images (--from-images)
+
+
+def encode_pixels(record, pipe, pixels):
+    """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents: record.decode_latents'
+    inverse (a record whose VAE step differs, Qwen-Image's or FLUX.2's, has an encode_pixels of its own)."""
+    if hasattr(record, "encode_pixels"):
+        return record.encode_pixels(pipe, pixels)
+    c = pipe.vae.config
+    z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
+    z = (z - c.shift_factor) * c.scaling_factor
+    return record.pack(z) if record.packed else z
 
 
 @torch.no_grad()
@@ -515,22 +529,25 @@ def encode_images(pipe, record, images, resolution, batch=8):
         image = image.resize((w, h), resample=Image.BICUBIC)
         squares.append(image.crop((left, top, left + resolution, top + resolution)))
     preprocess = lambda part: pipe.image_processor.preprocess(part, height=resolution, width=resolution)
-    return torch.cat([record.encode_pixels(pipe, preprocess(squares[j:j + batch]))
+    return torch.cat([encode_pixels(record, pipe, preprocess(squares[j:j + batch]))
                       for j in range(0, len(squares), batch)])
 
 
 MAX_REWARD = 1e6  # |reward| bound: the loss divides rewards by --tau, and a softmax of 1e308 / 0.05 is NaN
 
 
-def read_image_folder(folder, lines, group_size, say=True):
-    """--from-images: DIR/metadata.jsonl's lines [(line number, text)] (Hugging Face "imagefolder": one JSON object
-    per image with file_name, prompt, reward; gdro.py reads the text as strictly as a prompts file) -> (prompts,
-    groups): each prompt's images in order of first appearance, as [(file, reward)]; prompts with fewer than
-    group_size images are skipped (said if say). Every line and image is checked (each image decoded whole) before
-    any model loads: a fault is a ValueError naming the line."""
+def read_image_folder(folder, read_lines, group_size, say=True):
+    """--from-images: DIR/metadata.jsonl (Hugging Face "imagefolder": one JSON object per image with file_name,
+    prompt, reward), its text read by read_lines (gdro.py's reader of prompt files, as strict) -> (prompts, groups):
+    each prompt's images in order of first appearance, as [(file, reward)]; prompts with fewer than group_size images
+    are skipped (said if say). Every line and image is checked (each image decoded whole) before any model loads: a
+    fault is a ValueError naming the line."""
     from PIL import Image
-    folder, groups, seen = Path(folder).resolve(), {}, {}
-    meta = folder / "metadata.jsonl"
+    meta = Path(folder) / "metadata.jsonl"
+    if not meta.is_file():
+        raise ValueError(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
+    lines, folder, groups, seen = read_lines(meta, "--from-images"), Path(folder).resolve(), {}, {}
+    meta = folder / "metadata.jsonl"  # resolved in the messages below
     for n, line in lines:
         try:
             row = json.loads(line)
@@ -567,12 +584,19 @@ def read_image_folder(folder, lines, group_size, say=True):
 # ============================================================================= extras
 # --sampler's multistep solvers, --compile's blocks, --quantize's base, --report-to's log
 
-def make_scheduler(sampler, config):
-    """--sampler's solver, sampler = gdro.SAMPLERS[name] (a diffusers scheduler class name, its settings), for a model
-    whose Euler scheduler has `config`: multistep solvers in diffusers' flow mode on the same shifted schedule, keeping
-    keys they do not know (FLUX's, read by its pipeline) in their config."""
+# --sampler: name -> (diffusers scheduler, its settings), solvers of the same flow-matching ODE. GDRO does not care
+# which drew the cache: a second-order one is free speed (docs/cost.md: distance to 200 steps)
+SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
+            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+            "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
+
+
+def make_scheduler(name, config):
+    """--sampler's solver SAMPLERS[name] for a model whose Euler scheduler has `config`: multistep solvers in
+    diffusers' flow mode on the same shifted schedule, keeping keys they do not know (FLUX's, read by its pipeline) in
+    their config."""
     import diffusers
-    cls, settings = sampler
+    cls, settings = SAMPLERS[name]
     if cls == "FlowMatchEulerDiscreteScheduler":
         return getattr(diffusers, cls).from_config(config)
     flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0),
@@ -607,6 +631,26 @@ def quantize(transformer, kind, model, device):
         quantized = cls.from_pretrained(model or tmp, subfolder=model and "transformer",
                                         quantization_config=config, torch_dtype=dtype)
     return quantized.to(device) if kind == "int8" else quantized  # bitsandbytes puts it on the GPU itself
+
+
+def check_extras(args, quantize_package):
+    """gdro.check_args' checks of the extras asked for: None if they can run here, else the refusal's line. --sampler
+    names a solver; --quantize-rollouts needs --quantize, NF4 and --compile a CUDA GPU (--compile Triton too);
+    --quantize and --report-to their packages (a --dry-run's plan needs none), W&B online its login and server."""
+    if args.sampler not in SAMPLERS:
+        return f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}"
+    if args.quantize_rollouts and args.quantize == "none":
+        return "--quantize-rollouts True: must be with --quantize int8/nf4"
+    if args.quantize == "nf4" and not args.dry_run and not torch.cuda.is_available():
+        return "--quantize nf4: must be int8 without CUDA"
+    if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
+        return "--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here"
+    packages = {"--quantize": (args.quantize, quantize_package), "--report-to": (args.report_to, args.report_to)}
+    for flag, (value, package) in packages.items():
+        if package not in (None, "none") and not args.dry_run and not importlib.util.find_spec(package):
+            return f"{flag} {value} needs {package}: pip install {package}"
+    problem = not args.dry_run and check_report_to(args.report_to)
+    return f"--report-to {args.report_to}: {problem}" if problem else None
 
 
 WANDB_OFFLINE = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no account or network

@@ -32,24 +32,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load as safetensors_load, load_file, save as safetensors_bytes
+from safetensors.torch import load_file, save as safetensors_bytes
 from tqdm import tqdm
 
 # ============================================================================= 1. settings
 
 RESOLUTION_FACTOR = 16  # every family: the VAE downsamples 8x and the transformer takes 2x2 patches
 PAPER_RESOLUTION = 512  # the paper's image side; a smaller local model (the CPU text model) draws at its own size
-# --dry-run's estimates, 512 px, bf16, one H200 (docs/cost.md says when and how they were measured): seconds of a
-# prompt's rollout group (16 images, 10 Euler steps), of a k = 6 group's step with checkpointing; its GiB (bench.py)
+# --dry-run's estimates at 512 px, bf16, one H200 (docs/cost.md: how): s of 16 images x 10 steps, of a k = 6 group
 MEASURED = {"stabilityai/stable-diffusion-3.5-medium": dict(rollout_16x10=3.39, group_step=0.46,
                                                             gib={"none": 7.1, "int8": 5.0, "nf4": 4.1}),
             "black-forest-labs/FLUX.1-dev": dict(rollout_16x10=9.00, group_step=1.70,
                                                  gib={"none": 28.4, "int8": 17.3, "nf4": 12.4})}
-# --sampler: name -> (diffusers scheduler, its settings; families.make_scheduler), solvers of the same flow-matching
-# ODE. GDRO does not care which drew the cache: a second-order one is free speed (docs/cost.md: distance to 200 steps)
-SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
-            "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
-            "unipc": ("UniPCMultistepScheduler", dict(solver_order=2))}
 QUANTIZE = {"none": None, "int8": "torchao", "nf4": "bitsandbytes"}  # --quantize (families.py): the package it needs
 
 def image_seed(seed, i, j, n):
@@ -85,7 +79,7 @@ def parse_args(argv=None):
     # phase 1: rollout cache
     arg("--images-per-prompt", type=int, default=16, help="images the frozen base draws per prompt, once" + d)
     arg("--steps", type=int, help="ODE sampler steps per rollout (default: 10, a step-distilled model's own)")
-    arg("--sampler", default="euler", choices=list(SAMPLERS), help="rollout ODE solver (default: euler, the model's)")
+    arg("--sampler", default="euler", help="rollout ODE solver: euler (the model's; default), dpm++2m or unipc")
     arg("--rollout-batch", type=int, help="images per pipeline call (default: a whole prompt group)")
     # the loss (Eqs. 5-9)
     arg("--beta", type=float, default=12.0, help="implicit-reward scale, Eq. 5; OCR 12, GenEval 6" + d)
@@ -111,11 +105,9 @@ def parse_args(argv=None):
     arg("--save-every", type=int, default=50, help="steps between checkpoints" + d)
     arg("--resume", action="store_true", help="continue training from the newest checkpoint in OUT/checkpoints")
     arg("--seed", type=int, default=0, help="seed of rollouts (image_seed) and of training's draws" + d)
-    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.tiny:  # a run shrunk for a CPU; an image folder samples nothing
-        skip = ("images_per_prompt", "steps") if args.from_images else ()
-        companion("--tiny").shrink_if_tiny(args, argv, skip=skip, say=is_main_process())
+    if args.tiny:  # a run shrunk for a CPU
+        companion("--tiny").shrink_if_tiny(args, argv, say=is_main_process())
     return args
 
 def flag_value(args, flag):
@@ -238,13 +230,6 @@ class Family:
             return c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
         return math.log(c["shift"])
 
-    def encode_pixels(self, pipe, pixels):
-        """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents (decode's inverse)."""
-        c = pipe.vae.config
-        z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-        z = (z - c.shift_factor) * c.scaling_factor
-        return self.pack(z) if self.packed else z
-
     def decode_latents(self, pipe, latents):
         c, z = pipe.vae.config, self.unpack(latents) if self.packed else latents
         return pipe.vae.decode(z.to(pipe.vae.dtype) / c.scaling_factor + c.shift_factor).sample
@@ -352,16 +337,13 @@ def load_pipeline(model, tiny=False, family="sd3", device="cpu", dtype=torch.flo
                                "with your account, then log in here with `hf auth login`")
             raise SystemExit(f"error: cannot load model {model!r}: {str(e).splitlines()[0]}")
     found = family_name(pipeline=type(pipe).__name__)
-    if found is None:
-        raise BadInput(f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
     if found != family:  # settle_model went by the name: the guidance, steps and plan were another family's
-        raise BadInput(f"--model {model} is a {found} model, not {family}; pass --family {found}")
+        raise BadInput(f"--model {model} is a {found} model, not {family}; pass --family {found}" if found else
+                       f"--model {model}: a {type(pipe).__name__}; GDRO here supports {supported()}")
     if torch.device(device).type == "cpu" and not tiny and is_main_process():
         print("note: no CUDA GPU, running on the CPU: fine for a small local model; the real models need a GPU")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), FAMILIES[found]  # from_pretrained already cast to dtype; the tiny model stays fp32
-
-# The functions below take the family's record (load_pipeline's, or family_record(name)).
 
 def schedule_mu(family, scheduler_config, latent_shape, steps):
     """mu of the shift of t (sample_t) for a cached latent of latent_shape drawn in `steps` steps (FLUX.2's)."""
@@ -417,9 +399,8 @@ def cache_manifest(args, cache_dir):
     return manifest
 
 def load_reward(spec, geneval_detector=None, geneval_clip=None, tiny_in=None):
-    """'ocr' -> reward_ocr.OcrReward(); 'geneval' -> reward_geneval.GenevalReward(detector, clip) (None: GenEval's;
-    with tiny_in and neither given, --tiny's random ones saved there); 'FILE.py:FUNCTION' -> that function. Each is
-    fn(images, prompts)."""
+    """fn(images, prompts) of 'ocr', 'geneval' (detector and clip None: GenEval's; with tiny_in and neither given,
+    --tiny's random ones saved there) or 'FILE.py:FUNCTION'."""
     if spec == "ocr":
         return companion("--reward ocr", "reward_ocr").OcrReward()
     if spec == "geneval" and tiny_in and not (geneval_detector or geneval_clip):
@@ -452,9 +433,8 @@ def score(reward_fn, spec, images, prompt, i):
     return [float(r) for r in returned]
 
 def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=None):
-    """Phase 1: the frozen base draws each prompt's images with --sampler once, the reward scores them; prompt i is
-    scored and written in a thread while i+1 generates (OCR would idle the GPU about as long). With image_groups
-    (--from-images), each prompt's image files are encoded by the VAE instead and keep their given rewards."""
+    """Phase 1: the frozen base draws each prompt's images with --sampler once (or image_groups' are encoded), the
+    reward scores them; prompt i is scored and written in a thread while i+1 generates (else OCR idles the GPU)."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
@@ -462,11 +442,11 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=
                                                "seeds": torch.tensor(seeds), **{k: v[0] for k, v in cond.items()}})
     base_scheduler = pipe.scheduler  # the model's own: Euler, on the schedule training's t follows
     if args.sampler != "euler":
-        pipe.scheduler = companion("--sampler").make_scheduler(SAMPLERS[args.sampler], base_scheduler.config)
+        pipe.scheduler = companion("--sampler").make_scheduler(args.sampler, base_scheduler.config)
     if args.compile:
         companion("--compile").compile_transformer(pipe.transformer)
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
-        scoring = None
+        scoring = scorer.submit(int)  # "the prompt before the first", done at once
         for i in progress(my_missing_shards(cache_dir, len(prompts)), "cache", "prompt"):
             if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated is scored and written below, then stop
                 break
@@ -482,11 +462,9 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=
             x0 = torch.cat([generate(pipe, family, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
                                      args.resolution) for j in range(0, n, batch)])
             images = decode(pipe, family, x0)
-            if scoring is not None:
-                scoring.result()  # at most one prompt in flight; re-raises the worker's error here
+            scoring.result()  # at most one prompt in flight; re-raises the worker's error here
             scoring = scorer.submit(score_and_save, i, x0, seeds, cond, images)
-        if scoring is not None:
-            scoring.result()
+        scoring.result()
     if stop.is_set():
         raise cache_interrupted(cache_dir, prompts)
     pipe.scheduler = base_scheduler
@@ -631,7 +609,9 @@ def train(transformer, run):
     model = DDP(transformer, broadcast_buffers=False) if world > 1 else transformer
     out, ckpt_dir, window, t0, step = Path(args.out), Path(args.out) / "checkpoints", [], time.time(), start
     bar = progress(range(start, args.max_steps), "GDRO training", "step", initial=start, total=args.max_steps)
-    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker(args, start) as report:
+    tracker = (companion("--report-to").report_to(args.report_to, out, start) if args.report_to != "none" and rank == 0
+               else contextlib.nullcontext(lambda line: None))  # --report-to's TensorBoard or W&B: report(line)
+    with bar, stop_when_done("finishing this step and saving a checkpoint") as stop, tracker as report:
         try:
             for step in bar:
                 sums = train_step(model, run, step)
@@ -679,8 +659,7 @@ class BadInput(SystemExit):
         self.args = (message,)  # str(e) is the message; e.code stays 2
 
 def cli(main):
-    """How every script of the project ends: a refused input, one line and exit code 2; a failure (SystemExit("error:
-    ...")), one line and exit 1, finished work kept; a Ctrl-C that reached here, exit 130."""
+    """How every script of the project ends: the exit codes of this file's docstring, and no traceback on a refusal."""
     try:
         main()
     except BadInput as e:
@@ -727,12 +706,6 @@ def progress(iterable, desc, unit, **kwargs):
         bar, kwargs = LogBar, {"miniters": max(1, total // 20), "maxinterval": math.inf, **kwargs}
     return bar(iterable, desc=desc, unit=unit, **{"disable": not is_main_process(), **kwargs})
 
-def tracker(args, start):
-    """--report-to's TensorBoard or W&B log (families.py) on the main process: report(line) in a context."""
-    if args.report_to == "none" or not is_main_process():
-        return contextlib.nullcontext(lambda line: None)
-    return companion("--report-to").report_to(args.report_to, args.out, start)
-
 @contextlib.contextmanager
 def stop_when_done(doing):
     """A first Ctrl-C, SIGTERM or SIGUSR1 sets the yielded Event (finish, save, stop); a second interrupts at once."""
@@ -762,9 +735,10 @@ def write_failed(path, e):
                       "command: finished cache shards and the last complete checkpoint are kept")
 
 def write_atomic(path, data):
-    """Write bytes to path so that a kill at any moment leaves the old file or the new one, never a torn one."""
+    """Write bytes to path, making its folder: a kill at any moment leaves the old file or the new, never a torn one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -869,7 +843,6 @@ def shard_path(cache_dir, i):
 def write_shard(cache_dir, i, prompt, tensors, **metadata):
     """A safetensors file whose header records the prompt and the SHA-256 of the tensors' bytes (what follows the
     header): serialised once, then the header rewritten with the hash (the tensors' offsets do not change)."""
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     data = safetensors_bytes(tensors, metadata={"prompt": prompt, **metadata})
     header_end = 8 + int.from_bytes(data[:8], "little")
@@ -879,37 +852,29 @@ def write_shard(cache_dir, i, prompt, tensors, **metadata):
     header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
     write_atomic(shard_path(cache_dir, i), len(header).to_bytes(8, "little") + header + data[header_end:])
 
-VERIFIED_SHARDS = set()  # (path, size, mtime) of shards whose hash read_shard checked in this process
-
 def read_shard(cache_dir, i):
-    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors. The first read of a shard in a process
-    checks its recorded SHA-256 (7 ms for a 10 MB SD3.5 shard: once per shard, not at every visit of a group)."""
-    path = shard_path(cache_dir, i)
-    data, stat = path.read_bytes(), path.stat()
-    header_end = 8 + int.from_bytes(data[:8], "little")  # a readable header: check_cache read it before training
-    recorded = json.loads(data[8:header_end]).get("__metadata__", {}).get("sha256")
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if recorded and key not in VERIFIED_SHARDS and hashlib.sha256(data[header_end:]).hexdigest() != recorded:
-        raise SystemExit(f"error: cache shard {path} is damaged (its tensors differ from the SHA-256 written with "
-                         "them); delete it and rerun the same command (with --resume once training has started) to "
-                         "regenerate it")
-    VERIFIED_SHARDS.add(key)
-    return safetensors_load(data)
+    """One prompt's group: {x0, rewards, prompt_embeds, ...} as CPU tensors (check_cache checked its SHA-256)."""
+    return load_file(shard_path(cache_dir, i))
 
 def check_cache(cache_dir, prompts):
-    """([P] group sizes, mean reward) from every shard's header and rewards; checks each one's prompt."""
-    sizes, total = [], 0.0
+    """([P] group sizes, mean reward) from every shard's header and rewards; checks each one's prompt, and this
+    process's share of the shards whole against the SHA-256 written with them: once a run, not at each read."""
+    (rank, world), sizes, total = rank_and_world(), [], 0.0
     for i, prompt in enumerate(progress(prompts, "check cache", "shard", disable=len(prompts) < 1000)):
         path = shard_path(cache_dir, i)
         try:
             with safe_open(path, "pt") as f:
-                found, rewards = f.metadata().get("prompt"), f.get_tensor("rewards")
+                found, rewards = f.metadata(), f.get_tensor("rewards")
         except Exception as e:
             raise SystemExit(f"error: cache shard {path} is unreadable ({str(e).splitlines()[0]}); delete it and rerun "
                              "the same command to regenerate it")
-        if found != prompt:
-            raise SystemExit(f"error: cache shard {path} holds prompt {found!r} but line {i + 1} of the prompts is "
-                             f"{prompt!r}; use another --out or delete {cache_dir}")
+        if found.get("prompt") != prompt:
+            raise SystemExit(f"error: cache shard {path} holds prompt {found.get('prompt')!r} but line {i + 1} of the "
+                             f"prompts is {prompt!r}; use another --out or delete {cache_dir}")
+        data = path.read_bytes() if i % world == rank and "sha256" in found else None  # 7 ms for a 10 MB SD3.5 shard
+        if data and hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest() != found["sha256"]:
+            raise SystemExit(f"error: cache shard {path} is damaged (not the SHA-256 written with it); delete it and "
+                             "rerun the same command (with --resume once training has started) to regenerate it")
         sizes.append(len(rewards))
         total += float(rewards.sum())
     return sizes, total / sum(sizes)
@@ -931,7 +896,6 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the file diffusers' pipe.load_
 def save_lora(pipeline_class, transformer, folder):
     """folder/pytorch_lora_weights.safetensors in diffusers' format, and folder/sha256.json."""
     from peft.utils import get_peft_model_state_dict
-    Path(folder).mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
                                      weight_name=LORA_FILE, save_function=lambda weights, path: write_atomic(
                                          path, safetensors_bytes(weights, metadata={"format": "pt"})))
@@ -973,7 +937,6 @@ def start_or_resume(args, transformer, optimizer):
         if is_main_process():
             print(f"resumed from {last_ckpt} (step {start} of {args.max_steps})")
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
         kept = []
         for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
             with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
@@ -1053,24 +1016,17 @@ def check_args(args, world):
              *[(f, flag_value(args, f) >= 1, "at least 1")
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
              *[(f, flag_value(args, f) >= 0, ">= 0") for f in ("--max-steps", "--seed")],
-             ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1"),
-             ("--quantize", args.quantize != "nf4" or args.dry_run or torch.cuda.is_available(), "int8 without CUDA"),
-             ("--quantize-rollouts", not args.quantize_rollouts or args.quantize != "none", "with --quantize int8/nf4")]
+             ("--max-prompts", args.max_prompts is None or args.max_prompts >= 1, "at least 1")]
     for flag, ok, must in rules:
         if not ok:
             raise BadInput(f"{flag} {flag_value(args, flag)}: must be {must}")
-    for flag, package in [("--quantize", QUANTIZE[args.quantize]), ("--report-to", args.report_to),
-                          ("--sampler", args.sampler != "euler" and "diffusers")]:  # families.py's extras
-        needed = package not in (None, "none", False) and companion(flag) and not args.dry_run  # a plan: no package
-        if needed and not importlib.util.find_spec(package):
-            raise BadInput(f"{flag} {flag_value(args, flag)} needs {package}: pip install {package}")
-    problem = args.report_to != "none" and not args.dry_run and companion("--report-to").check_report_to(args.report_to)
+    extras = ("--quantize", "--quantize-rollouts", "--report-to", "--sampler", "--compile")  # families.py's checks
+    asked = [flag for flag in extras if flag_value(args, flag) not in ("none", "euler", False)]
+    problem = asked and companion(asked[0]).check_extras(args, QUANTIZE[args.quantize])
     if problem:
-        raise BadInput(f"--report-to {args.report_to}: {problem}")
+        raise BadInput(problem)
     if (args.prompts is None) == (args.from_images is None):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
-    if args.compile and not (torch.cuda.is_available() and importlib.util.find_spec("triton")):
-        raise BadInput("--compile needs a CUDA GPU with Triton (torch.compile's GPU backend); drop the flag here")
     if not args.from_images and not known_reward(args.reward):
         raise BadInput(f"--reward {args.reward!r}: expected ocr, geneval or an existing FILE.py:FUNCTION")
 
@@ -1084,12 +1040,9 @@ def read_inputs(args):
     if not args.from_images:
         prompts = read_prompts(args.prompts, args.reward, args.max_prompts)
         return prompts, None, [args.images_per_prompt] * len(prompts)
-    read_image_folder, meta = companion("--from-images").read_image_folder, Path(args.from_images) / "metadata.jsonl"
-    if not meta.is_file():
-        raise BadInput(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    try:  # every line and image checked; a fault names its line
-        prompts, groups = read_image_folder(meta.parent, read_lines(meta, "--from-images"), args.group_size,
-                                            say=is_main_process())
+    read_image_folder = companion("--from-images").read_image_folder
+    try:  # DIR/metadata.jsonl read as strictly as a prompts file, and every image: a fault names its line
+        prompts, groups = read_image_folder(args.from_images, read_lines, args.group_size, say=is_main_process())
     except ValueError as e:
         raise BadInput(str(e))
     return prompts[:args.max_prompts], groups[:args.max_prompts], [len(g) for g in groups[:args.max_prompts]]
@@ -1120,7 +1073,6 @@ def main(argv=None):
     config = run_config(args, out, world)
     lock = lock or lock_out(out)  # held until main returns
     if rank == 0:  # the manifest and config describe the run on disk
-        cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(cache_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
         write_atomic(out / "config.json", json.dumps(config, indent=2).encode())
     barrier()

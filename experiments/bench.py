@@ -320,7 +320,7 @@ def distance_to_reference(family, prompts, seeds, reference_steps):
     encoded = [gdro.encode_prompt(pipe, record, prompt) for prompt in prompts]
 
     def solve(sampler, n):
-        pipe.scheduler = families.make_scheduler(gdro.SAMPLERS[sampler], config)
+        pipe.scheduler = families.make_scheduler(sampler, config)
         return torch.cat([gdro.generate(pipe, record, cond, uncond, seeds, n, guidance, families.TINY_RUN["resolution"])
                           for cond, uncond in encoded])
 
@@ -328,7 +328,7 @@ def distance_to_reference(family, prompts, seeds, reference_steps):
     return lambda sampler, n: relative_rms(solve(sampler, n), reference)
 
 
-def sampler_distances(family, samplers=tuple(gdro.SAMPLERS), steps=SAMPLER_STEPS, reference_steps=REFERENCE_STEPS,
+def sampler_distances(family, samplers=tuple(families.SAMPLERS), steps=SAMPLER_STEPS, reference_steps=REFERENCE_STEPS,
                       prompts=SAMPLER_PROMPTS, seeds=SAMPLER_SEEDS):
     """{sampler: {steps: distance}} on the tiny model of the family (distance_to_reference)."""
     distance, found = distance_to_reference(family, tuple(prompts), tuple(seeds), reference_steps), {}
@@ -344,7 +344,7 @@ def equal_accuracy_steps(family, steps, reference_steps=REFERENCE_STEPS, prompts
     target = distance("euler", steps)
     return {sampler: steps if sampler == "euler" else next(
         (n for n in range(1, reference_steps) if distance(sampler, n) <= target), reference_steps)
-        for sampler in gdro.SAMPLERS}
+        for sampler in families.SAMPLERS}
 
 
 def samplers_report():

@@ -35,7 +35,7 @@ def test_quick_run_prints_every_figure_in_one_json_object_on_its_last_line():
         assert computed["params"] > 1e9 and computed["bf16_weight_gib"] > 1  # the real configs, on the meta device
         assert measured["small_config"] is (result["quick"] or result["device"] == "cpu")
         rollout_s = measured["rollout_s"]
-        assert set(rollout_s["eager"]) == set(rollout_s["steps"]) == set(gdro.SAMPLERS)
+        assert set(rollout_s["eager"]) == set(rollout_s["steps"]) == set(families.SAMPLERS)
         assert rollout_s["steps"]["euler"] == bench.SMALL_RUN["steps"]
         assert all(n >= 1 for n in rollout_s["steps"].values())
         assert all(positive(s) for s in rollout_s["eager"].values()), rollout_s
