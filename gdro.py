@@ -277,9 +277,8 @@ FAMILIES = {f.name: f for f in (SD3(), Flux())}  # the paper's models; families.
 def load_more_families():
     """FAMILIES, with families.py's records (Qwen-Image, FLUX.2, Z-Image) joined, completed with Family's defaults."""
     if importlib.util.find_spec("families"):
-        import families
-        FAMILIES.update({r.name: type(r.__name__, (r, Family), {})() for r in families.RECORDS
-                         if r.name not in FAMILIES})
+        from families import RECORDS
+        FAMILIES.update({r.name: type(r.__name__, (r, Family), {})() for r in RECORDS if r.name not in FAMILIES})
     return FAMILIES
 
 def family_record(name):
@@ -392,8 +391,7 @@ def cache_manifest(args, cache_dir):
             found = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BadInput(f"unreadable cache manifest {path}: {e}")
-        diff = [f"{k}={found.get(k)!r} (now {v!r})" for k, v in manifest.items() if found.get(k) != v]
-        if diff:
+        if diff := [f"{k}={found.get(k)!r} (now {v!r})" for k, v in manifest.items() if found.get(k) != v]:
             raise BadInput(f"the cache in {cache_dir} was built with {', '.join(diff)}; use another --out, or delete "
                            f"{cache_dir} to rebuild it")
     return manifest
@@ -436,10 +434,11 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=
     """Phase 1: the frozen base draws each prompt's images with --sampler once (or image_groups' are encoded), the
     reward scores them; prompt i is scored and written in a thread while i+1 generates (else OCR idles the GPU)."""
     n, batch = args.images_per_prompt, args.rollout_batch or args.images_per_prompt
+    def save(i, cond, tensors, **metadata):  # the prompt's conditioning stored as one row, not a batch of 1
+        write_shard(cache_dir, i, prompts[i], {**tensors, **{k: v[0] for k, v in cond.items()}}, **metadata)
     def score_and_save(i, x0, seeds, cond, images):
         rewards = score(reward_fn, args.reward, images, prompts[i], i)
-        write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor(rewards),
-                                               "seeds": torch.tensor(seeds), **{k: v[0] for k, v in cond.items()}})
+        save(i, cond, {"x0": x0, "rewards": torch.tensor(rewards), "seeds": torch.tensor(seeds)})
     base_scheduler = pipe.scheduler  # the model's own: Euler, on the schedule training's t follows
     if args.sampler != "euler":
         pipe.scheduler = companion("--sampler").make_scheduler(args.sampler, base_scheduler.config)
@@ -454,9 +453,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=
             if image_groups:  # your own images, not drawn: encoded by the VAE, scored as metadata.jsonl says
                 files, rewards = zip(*image_groups[i])
                 x0 = companion("--from-images").encode_images(pipe, family, files, args.resolution)
-                write_shard(cache_dir, i, prompts[i], {"x0": x0, "rewards": torch.tensor(rewards),
-                                                       **{k: v[0] for k, v in cond.items()}},
-                            files=json.dumps([f.name for f in files]))
+                save(i, cond, {"x0": x0, "rewards": torch.tensor(rewards)}, files=json.dumps([f.name for f in files]))
                 continue
             seeds = [image_seed(args.seed, i, j, n) for j in range(n)]
             x0 = torch.cat([generate(pipe, family, cond, uncond, seeds[j:j + batch], args.steps, args.guidance,
@@ -534,10 +531,9 @@ STATS = ("loss", "groups", "strict", "hits", "err_policy", "err_ref")  # group_s
 def group_stats(loss, err_policy, err_ref, rewards):
     """The log's sums over B groups, a [6] tensor in STATS' order: the loss times B, B, the groups with a strict best
     image, those of them whose implicit reward ranks it first (rank_acc), the mean velocity errors summed."""
-    s = -(err_policy - err_ref).detach()
     best = rewards.max(1, keepdim=True).values
     strict = (rewards == best).sum(1) == 1
-    hit = (rewards.gather(1, s.argmax(1, keepdim=True)) == best)[:, 0]
+    hit = (rewards.gather(1, (err_ref - err_policy).argmax(1, keepdim=True)) == best)[:, 0]  # the best by s, Eq. 5
     B = len(rewards)
     return torch.stack([loss.detach() * B, torch.tensor(float(B), device=loss.device), strict.float().sum(),
                         (hit & strict).float().sum(), err_policy.detach().mean(1).sum(), err_ref.mean(1).sum()])
@@ -920,8 +916,7 @@ def save_checkpoint(ckpt_dir, step, pipeline_class, transformer, optimizer):
 
 def checkpoints(ckpt_dir):
     """The checkpoints that --resume can start from (LoRA and state.pt), oldest first."""
-    return [d for d in sorted(Path(ckpt_dir).glob("step_*"))
-            if (d / "state.pt").is_file() and (d / LORA_FILE).is_file()]
+    return [s.parent for s in sorted(Path(ckpt_dir).glob("step_*/state.pt")) if (s.parent / LORA_FILE).is_file()]
 
 def start_or_resume(args, transformer, optimizer):
     """(first step, last checkpoint), the newest loaded with --resume; metrics.jsonl cut back to that step."""
@@ -962,8 +957,7 @@ def check_out(out, args):
     if not args.resume and found:
         raise BadInput(f"{out / 'checkpoints'} holds a run (newest {found[-1].name}); continue it with --resume, or "
                        "use another --out")
-    damaged = found and damaged_file(found[-1], [LORA_FILE, "state.pt"])
-    if damaged:
+    if found and (damaged := damaged_file(found[-1], [LORA_FILE, "state.pt"])):
         then = (f"with --resume to continue from {found[-2].name}" if len(found) > 1 else
                 "without --resume to train from the start (the cache is kept)")
         raise BadInput(f"checkpoint file {damaged} is damaged (not what its {SHA256_FILE} recorded when it was "
@@ -998,21 +992,19 @@ def run_config(args, out, world):
 
 def check_args(args, world):
     """One rule a flag, checked before anything loads or is written."""
-    finite = lambda x: x is not None and math.isfinite(x)
+    finite = lambda flag: flag_value(args, flag) is not None and math.isfinite(flag_value(args, flag))
     rules = [("--images-per-prompt", args.images_per_prompt >= 2, "at least 2"),
              ("--resolution", args.resolution >= RESOLUTION_FACTOR and args.resolution % RESOLUTION_FACTOR == 0,
               f"a positive multiple of {RESOLUTION_FACTOR} (the VAE's 8x and the 2x2 patches)"),
-             ("--guidance", args.guidance is None or (finite(args.guidance) and args.guidance >= 0), "finite and >= 0"),
+             ("--guidance", args.guidance is None or (finite("--guidance") and args.guidance >= 0), "finite and >= 0"),
              ("--rollout-batch", args.rollout_batch is None or args.rollout_batch >= 1, "at least 1"),
-             ("--beta", finite(args.beta) and args.beta >= 0, "finite and >= 0"),
-             ("--tau", finite(args.tau) and args.tau >= 0, "finite and >= 0 (0 = hard ranking)"),
-             ("--gamma", finite(args.gamma) and args.gamma >= 0, "finite and >= 0"),
+             *[(f, finite(f) and flag_value(args, f) >= 0, "finite and >= 0") for f in ("--beta", "--gamma")],
+             ("--tau", finite("--tau") and args.tau >= 0, "finite and >= 0 (0 = hard ranking)"),
              ("--group-size", 2 <= args.group_size and (args.from_images or args.group_size <= args.images_per_prompt),
               "at least 2 and at most --images-per-prompt"),
              ("--groups-per-step", args.groups_per_step >= 1 and args.groups_per_step % world == 0,
               f"at least 1 and a multiple of the {world} processes"),
-             ("--lr", finite(args.lr) and args.lr > 0, "finite and > 0"),
-             ("--max-grad-norm", finite(args.max_grad_norm) and args.max_grad_norm > 0, "finite and > 0"),
+             *[(f, finite(f) and flag_value(args, f) > 0, "finite and > 0") for f in ("--lr", "--max-grad-norm")],
              *[(f, flag_value(args, f) >= 1, "at least 1")
                for f in ("--steps", "--micro-batch", "--lora-rank", "--log-every", "--save-every")],
              *[(f, flag_value(args, f) >= 0, ">= 0") for f in ("--max-steps", "--seed")],
@@ -1022,8 +1014,7 @@ def check_args(args, world):
             raise BadInput(f"{flag} {flag_value(args, flag)}: must be {must}")
     extras = ("--quantize", "--quantize-rollouts", "--report-to", "--sampler", "--compile")  # families.py's checks
     asked = [flag for flag in extras if flag_value(args, flag) not in ("none", "euler", False)]
-    problem = asked and companion(asked[0]).check_extras(args, QUANTIZE[args.quantize])
-    if problem:
+    if asked and (problem := companion(asked[0]).check_extras(args, QUANTIZE[args.quantize])):
         raise BadInput(problem)
     if (args.prompts is None) == (args.from_images is None):
         raise BadInput("give --prompts FILE (sample a cache) or --from-images DIR (your own images), one of them")
