@@ -488,8 +488,9 @@ TINY_RUN = dict(resolution=64, max_prompts=4, images_per_prompt=8, steps=4, grou
 
 
 def shrink_if_tiny(args, argv, settings=TINY_RUN, say=True):
-    """--tiny shrinks the run for CPU to settings; every flag given explicitly still wins, and an image folder
-    (--from-images) keeps its own group sizes and draws nothing. Says what it shrank (if say) and returns it."""
+    """--tiny shrinks the run for CPU to settings; every flag given explicitly in argv (None: the command line's)
+    still wins, and an image folder (--from-images) keeps its own group sizes. Says what it shrank (if say), returns
+    it."""
     if not args.tiny:
         return {}
     given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}

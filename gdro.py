@@ -860,7 +860,7 @@ def check_cache(cache_dir, prompts):
         path = shard_path(cache_dir, i)
         try:
             with safe_open(path, "pt") as f:
-                found, rewards = f.metadata(), f.get_tensor("rewards")
+                found, rewards = f.metadata() or {}, f.get_tensor("rewards")
         except Exception as e:
             raise SystemExit(f"error: cache shard {path} is unreadable ({str(e).splitlines()[0]}); delete it and rerun "
                              "the same command to regenerate it")
