@@ -445,7 +445,7 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=
     if args.compile:
         companion("--compile").compile_transformer(pipe.transformer)
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
-        scoring = scorer.submit(int)  # "the prompt before the first", done at once
+        scoring = scorer.submit(int)  # stands for the prompt before the first: finished, nothing to wait for
         for i in progress(my_missing_shards(cache_dir, len(prompts)), "cache", "prompt"):
             if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated is scored and written below, then stop
                 break
