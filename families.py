@@ -10,7 +10,7 @@
   plumbing, not that anything learns. TINY_RUN: the run --tiny shrinks to. With --reward geneval, --tiny's random
   Mask2Former and CLIP of the real classes (tiny_geneval_reward).
 - read_image_folder, encode_images: --from-images' metadata.jsonl and images, every line checked; the images
-  resized, cropped and encoded with the family's VAE step (encode_pixels).
+  resized, cropped and encoded with the family's VAE step.
 - check_extras, make_scheduler, compile_transformer, quantize, check_report_to, report_to: the extras' checks (with
   the other flags), --sampler's multistep solvers, --compile's blocks, --quantize's frozen base with int8 or NF4
   weights, --report-to's settings and its TensorBoard or W&B log; their packages (torchao, bitsandbytes,
@@ -504,17 +504,6 @@ def shrink_if_tiny(args, argv, settings=TINY_RUN, say=True):
 # ============================================================================= your own images (--from-images)
 
 
-def encode_pixels(record, pipe, pixels):
-    """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents: record.decode_latents'
-    inverse (a record whose VAE step differs, Qwen-Image's or FLUX.2's, has an encode_pixels of its own)."""
-    if hasattr(record, "encode_pixels"):
-        return record.encode_pixels(pipe, pixels)
-    c = pipe.vae.config
-    z = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
-    z = (z - c.shift_factor) * c.scaling_factor
-    return record.pack(z) if record.packed else z
-
-
 @torch.no_grad()
 def encode_images(pipe, record, images, resolution, batch=8):
     """--from-images: images (PIL images or files) -> clean latents in the cache's layout, each resized so its short
@@ -530,7 +519,7 @@ def encode_images(pipe, record, images, resolution, batch=8):
         image = image.resize((w, h), resample=Image.BICUBIC)
         squares.append(image.crop((left, top, left + resolution, top + resolution)))
     preprocess = lambda part: pipe.image_processor.preprocess(part, height=resolution, width=resolution)
-    return torch.cat([encode_pixels(record, pipe, preprocess(squares[j:j + batch]))
+    return torch.cat([record.encode_pixels(pipe, preprocess(squares[j:j + batch]))
                       for j in range(0, len(squares), batch)])
 
 
@@ -544,12 +533,11 @@ def read_image_folder(folder, read_lines, group_size, say=True):
     are skipped (said if say). Every line and image is checked (each image decoded whole) before any model loads: a
     fault is a ValueError naming the line."""
     from PIL import Image
-    meta = Path(folder) / "metadata.jsonl"
+    folder, groups, seen = Path(folder).resolve(), {}, {}
+    meta = folder / "metadata.jsonl"
     if not meta.is_file():
         raise ValueError(f"--from-images: {meta} not found (one JSON line per image: file_name, prompt, reward)")
-    lines, folder, groups, seen = read_lines(meta, "--from-images"), Path(folder).resolve(), {}, {}
-    meta = folder / "metadata.jsonl"  # resolved in the messages below
-    for n, line in lines:
+    for n, line in read_lines(meta, "--from-images"):
         try:
             row = json.loads(line)
             name, prompt, reward = row["file_name"], row["prompt"], row["reward"]

@@ -230,6 +230,12 @@ class Family:
             return c["base_shift"] + slope * (tokens - c["base_image_seq_len"])
         return math.log(c["shift"])
 
+    def encode_pixels(self, pipe, pixels):
+        """Pixels in [-1, 1] -> the VAE posterior's MEAN, normalised as the sampler's latents (decode's inverse)."""
+        c, z = pipe.vae.config, pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mean
+        z = (z - c.shift_factor) * c.scaling_factor
+        return self.pack(z) if self.packed else z
+
     def decode_latents(self, pipe, latents):
         c, z = pipe.vae.config, self.unpack(latents) if self.packed else latents
         return pipe.vae.decode(z.to(pipe.vae.dtype) / c.scaling_factor + c.shift_factor).sample
@@ -444,9 +450,12 @@ def build_cache(pipe, family, prompts, reward_fn, cache_dir, args, image_groups=
         pipe.scheduler = companion("--sampler").make_scheduler(args.sampler, base_scheduler.config)
     if args.compile:
         companion("--compile").compile_transformer(pipe.transformer)
+    barrier()  # every process lists the prompts without a shard before any writes one, then takes its share
+    rank, world = rank_and_world()
+    mine = [i for i in range(len(prompts)) if not shard_path(cache_dir, i).exists()][rank::world]
     with ThreadPoolExecutor(max_workers=1) as scorer, stop_when_done("finishing the prompts in flight") as stop:
         scoring = scorer.submit(int)  # stands for the prompt before the first: finished, nothing to wait for
-        for i in progress(my_missing_shards(cache_dir, len(prompts)), "cache", "prompt"):
+        for i in progress(mine, "cache", "prompt"):
             if stop.is_set():  # a first Ctrl-C or SIGTERM: what is generated is scored and written below, then stop
                 break
             cond, uncond = encode_prompt(pipe, family, prompts[i])
@@ -645,8 +654,7 @@ def train(transformer, run):
     barrier()
     return out / "lora"
 
-# ============================================================================= 6. plumbing
-# ------------------------------------------------------------------------------ processes, signals
+# ============================================================================= 6. plumbing: processes, signals
 
 class BadInput(SystemExit):
     """A refused input: one line on stderr naming the flag, file or line, exit code 2 (argparse's convention)."""
@@ -875,12 +883,6 @@ def check_cache(cache_dir, prompts):
         total += float(rewards.sum())
     return sizes, total / sum(sizes)
 
-def my_missing_shards(cache_dir, n_prompts):
-    """This process's share of the prompts without a shard, listed by every process before any writes one."""
-    barrier()
-    rank, world = rank_and_world()
-    return [i for i in range(n_prompts) if not shard_path(cache_dir, i).exists()][rank::world]
-
 def cache_interrupted(cache_dir, prompts):
     done = sum(shard_path(cache_dir, i).exists() for i in range(len(prompts)))
     return SystemExit(f"interrupted; {done} of {len(prompts)} prompts are cached; rerun the same command to continue")
@@ -1082,10 +1084,9 @@ def main(argv=None):
     if rank == 0:
         print(f"cache: {len(prompts)} prompts, {sum(sizes)} images, mean reward {mean_reward:.4f}")
 
-    # training needs only the transformer: release the text encoders and the VAE
     run = Run(args, family, type(pipe), dict(pipe.scheduler.config), cache_dir, sizes, device)
     transformer = pipe.transformer
-    del pipe
+    del pipe  # training needs only the transformer: the text encoders and the VAE are released
     if args.quantize != "none" and not args.quantize_rollouts:  # the cache is the base's own; training's base is not
         transformer = companion("--quantize").quantize(transformer, args.quantize, model, device)
     gc.collect()
